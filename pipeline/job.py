@@ -1,0 +1,183 @@
+"""A job: what to generate (model, dataset, configurations) and how (batching, sharding, workers).
+
+Jobs live in `jobs/*.toml`; command-line flags override single fields. Everything is checked here,
+before any run folder is touched, and a bad field becomes one ValueError line naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from pipeline.configs import FAMILIES, SkipConfig
+from pipeline.data import DatasetSpec
+from pipeline.engine import DEFAULT_MAX_ROWS, PREFILL_POLICIES
+from pipeline.models import DTYPES, EMBEDDED_MODEL
+
+JOBS_DIR = Path(__file__).resolve().parents[1] / "jobs"
+DEVICES = ("auto", "cpu", "cuda")
+_DATASET_FIELDS = {f.name for f in dataclasses.fields(DatasetSpec)}
+# Fields that change what a run's rows mean; two runs may share a folder only if these agree.
+# Batching, workers and where the data files sit change speed, not results.
+_IDENTITY = ("model", "dtype", "prefill", "max_new_tokens", "shard_size", "families", "rls_seeds", "config_ids")
+_DATASET_IDENTITY = tuple(sorted(_DATASET_FIELDS - {"data_dir"}))
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One resolved job. `out` is the run folder (default outputs/<name>)."""
+
+    name: str
+    dataset: DatasetSpec
+    model: str = EMBEDDED_MODEL
+    dtype: str = "bfloat16"
+    device: str = "auto"  # auto: a GPU per worker when the cluster has GPUs, else CPU
+    families: tuple[str, ...] = FAMILIES
+    rls_seeds: tuple[int, ...] = (0,)
+    config_ids: tuple[str, ...] = ()  # empty: every configuration of `families`; `full` is always kept
+    max_new_tokens: int = 64
+    prefill: str = "full"
+    batch_size: int = 8  # prompts per engine call
+    max_rows: int = DEFAULT_MAX_ROWS  # engine rows (prompt x layer set) decoded together
+    shard_size: int = 64  # examples per shard file, the unit of work and of resume
+    workers: int | None = None  # None: one per GPU, or one CPU worker
+    out: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.out:
+            object.__setattr__(self, "out", str(Path("outputs") / self.name))
+        _validate(self)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide the rows' content, as run.json stores them (lists, not tuples)."""
+        ident = {key: getattr(self, key) for key in _IDENTITY}
+        for key in ("families", "rls_seeds", "config_ids"):  # order does not change the rows
+            ident[key] = sorted(ident[key])
+        ident["dataset"] = {key: getattr(self.dataset, key) for key in _DATASET_IDENTITY}
+        return ident
+
+    def select_configs(self, configs: list[SkipConfig]) -> list[SkipConfig]:
+        """Restrict built configurations to `config_ids` (keeping `full`, which fidelity needs)."""
+        if not self.config_ids:
+            return configs
+        known = {cfg.config_id for cfg in configs}
+        unknown = [c for c in self.config_ids if c not in known]
+        if unknown:
+            raise ValueError(f"unknown config id {', '.join(unknown)} for this model and families "
+                             f"(see `dynoracle configs --layers L`)")
+        wanted = set(self.config_ids)
+        return [cfg for cfg in configs if cfg.family == "full" or cfg.config_id in wanted]
+
+
+def _validate(spec: JobSpec) -> None:
+    if not spec.name or "/" in spec.name:
+        raise ValueError(f"job name {spec.name!r} must be non-empty and contain no '/'")
+    if not isinstance(spec.model, str) or not spec.model:
+        raise ValueError(f"model must be a hub id, a local folder, a GGUF file or {EMBEDDED_MODEL}, got {spec.model!r}")
+    if spec.dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {spec.dtype!r}; choose from {', '.join(DTYPES)}")
+    if spec.device not in DEVICES:
+        raise ValueError(f"unknown device {spec.device!r}; choose from {', '.join(DEVICES)}")
+    if spec.prefill not in PREFILL_POLICIES:
+        raise ValueError(f"unknown prefill {spec.prefill!r}; choose from {', '.join(PREFILL_POLICIES)}")
+    if not spec.families:
+        raise ValueError("families is empty; choose from " + ", ".join(FAMILIES))
+    bad = [f for f in spec.families if f not in FAMILIES]
+    if bad:
+        raise ValueError(f"unknown family {', '.join(map(str, bad))}; choose from {', '.join(FAMILIES)}")
+    if any(not isinstance(s, int) or s < 0 for s in spec.rls_seeds):
+        raise ValueError(f"rls_seeds must be non-negative integers, got {list(spec.rls_seeds)}")
+    for key in ("max_new_tokens", "batch_size", "max_rows", "shard_size"):
+        value = getattr(spec, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    if spec.workers is not None and (not isinstance(spec.workers, int) or spec.workers < 1):
+        raise ValueError(f"workers must be a positive integer, got {spec.workers!r}")
+    limit = spec.dataset.limit
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"dataset.limit must be a positive integer, got {limit!r}")
+    budget = spec.dataset.prompt_budget
+    if budget is not None and (not isinstance(budget, int) or budget < 1):
+        raise ValueError(f"dataset.prompt_budget must be a positive integer, got {budget!r}")
+
+
+def _merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with the non-None values of `overrides`, tables merged key by key."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping):
+            merged[key] = _merge(merged.get(key) or {}, value)
+        elif value is not None:
+            merged[key] = value
+    return merged
+
+
+def job_from_dict(raw: Mapping[str, Any]) -> JobSpec:
+    """Build a JobSpec from TOML-shaped data; unknown or mistyped fields are errors."""
+    known = {f.name for f in dataclasses.fields(JobSpec)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"unknown job field {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    data = dict(raw)
+    dataset = data.get("dataset")
+    if not isinstance(dataset, Mapping) or "name" not in dataset:
+        raise ValueError("the job needs a [dataset] table with a name")
+    unknown = sorted(set(dataset) - _DATASET_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown dataset field {', '.join(unknown)}; known: {', '.join(sorted(_DATASET_FIELDS))}")
+    data["dataset"] = DatasetSpec(**dataset)
+    data.setdefault("name", data["dataset"].name)
+    for key in ("families", "rls_seeds", "config_ids"):
+        if key in data:
+            value = data[key]
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"{key} must be a list, got {value!r}")
+            data[key] = tuple(value)
+    return JobSpec(**data)
+
+
+def load_job(path: str | Path | None = None, dataset: str | None = None,
+             overrides: Mapping[str, Any] | None = None) -> JobSpec:
+    """A job from a TOML file, or the default job of a dataset (jobs/<dataset>.toml when it exists).
+
+    `overrides` is TOML-shaped (`{"dataset": {"limit": 8}, "workers": 2}`); None values are ignored.
+    Renaming a job without a new `out` moves it to outputs/<new name>.
+    """
+    if path is not None and dataset is not None:
+        raise ValueError("give either a job file or a dataset name, not both")
+    if path is None and dataset is None:
+        raise ValueError("give a job file (--job) or a dataset name (--dataset)")
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"job file {path} does not exist")
+        raw = _read_toml(path)
+    else:
+        default = JOBS_DIR / f"{dataset}.toml"
+        raw = _read_toml(default) if default.is_file() else {"dataset": {"name": dataset}}
+    if isinstance(raw.get("dataset"), str):
+        raw["dataset"] = {"name": raw["dataset"]}
+    overrides = dict(overrides or {})
+    if overrides.get("name") and not overrides.get("out"):
+        raw.pop("out", None)
+    return job_from_dict(_merge(raw, overrides))
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: {exc}") from None

@@ -1,0 +1,264 @@
+"""The reducer: from a run's generations to the oracle frontier, allocations and minimal matching budget.
+
+The I/O edge around `pipeline.oracle`: reads `generations/*.parquet` and `configs.parquet`, pivots one
+metric into the sequences x configurations matrix, and writes `oracle/<metric>/{frontier.parquet,
+allocations.parquet, summary.json}` (columns as in DESIGN.md; the report reads them). Everything is
+checked and computed before the first file is written, and each file is renamed into place whole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.configs import FAMILIES, FULL_ID
+from pipeline.oracle import Frontier, allocate, build_frontier, min_budget_to_match
+
+METRICS = ("rougeL", "rougeLsum", "rouge1", "rouge2", "fidelity")
+COST_MODES = ("nominal", "measured")
+GRID_STEP = 0.25  # layers between grid budgets: fine enough to plot the frontier
+
+SHARES_TYPE = pa.list_(pa.struct([("config_id", pa.string()), ("share", pa.float64())]))
+FRONTIER_SCHEMA = pa.schema(
+    [
+        ("budget", pa.float64()),
+        ("value", pa.float64()),
+        ("lp_bound", pa.float64()),
+        ("gap", pa.float64()),
+        ("kind", pa.string()),
+        ("shares", SHARES_TYPE),
+    ]
+)
+ALLOCATIONS_SCHEMA = pa.schema([("budget", pa.float64()), ("seq_id", pa.string()), ("config_id", pa.string())])
+
+
+@dataclass(frozen=True)
+class FrontierRow:
+    """One budget of frontier.parquet; shares lists only configurations that some sequence uses."""
+
+    budget: float
+    value: float
+    lp_bound: float
+    gap: float
+    kind: str  # "grid", "requested" or "match_full"
+    shares: list[tuple[str, float]]
+
+
+@dataclass(frozen=True)
+class ReduceResult:
+    out_dir: Path
+    summary: dict
+    rows: list[FrontierRow]
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """One metric pivoted to sequences x configurations, with each configuration's cost."""
+
+    seq_ids: np.ndarray  # (N,) str
+    config_ids: list[str]  # (K,), `full` first
+    families: list[str]
+    scores: np.ndarray  # (N, K)
+    costs: np.ndarray  # (K,)
+    num_layers: int  # nominal depth L (cost of `full` in configs.parquet)
+
+
+def reduce_run(
+    run_dir: str | Path,
+    metric: str = "rougeL",
+    families: tuple[str, ...] | list[str] | None = None,
+    budgets: tuple[float, ...] | list[float] = (),
+    match_full: bool = True,
+    cost: str = "nominal",
+    tolerance: float = 0.0,
+) -> ReduceResult:
+    """Solve the oracle for one metric of a run and write its three files; returns what was written."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
+    if cost not in COST_MODES:
+        raise ValueError(f"unknown cost mode '{cost}'; choose from {', '.join(COST_MODES)}")
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance}")
+    run_dir = Path(run_dir)
+    matrix = load_matrix(run_dir, metric, families, cost)
+    frontier = build_frontier(matrix.scores, matrix.costs)
+    full_mean = float(matrix.scores[:, 0].mean())
+    full_cost = float(matrix.costs[0])
+
+    requested = list(dict.fromkeys(float(b) for b in budgets))  # once each, in the order asked
+    for b in requested:
+        if not math.isfinite(b):
+            raise ValueError(f"budget {b} is not a finite number")
+    match = min_budget_to_match(frontier, full_mean, tolerance) if match_full else None
+
+    planned = [(b, "grid") for b in budget_grid(frontier.min_budget, float(matrix.costs.max()))]
+    planned += [(b, "requested") for b in requested]
+    planned += [(match, "match_full")] if match is not None else []
+    planned.sort(key=lambda item: item[0])  # stable: equal budgets keep grid, requested, match_full order
+    rows = [frontier_row(frontier, matrix.config_ids, b, kind) for b, kind in planned]
+
+    integers = [float(b) for b in range(1, matrix.num_layers + 1) if b >= frontier.min_budget]
+    allocation_budgets = sorted({*requested, *integers, *([match] if match is not None else [])})
+    summary = {
+        "metric": metric,
+        "families": matrix.families,
+        "cost_mode": cost,
+        "num_sequences": int(matrix.scores.shape[0]),
+        "num_configs": int(matrix.scores.shape[1]),
+        "num_layers": full_cost,
+        "full_mean": full_mean,
+        "min_budget_to_match": match,
+        "min_budget_fraction": None if match is None else match / full_cost,
+        "tolerance": tolerance,
+        "budgets": [
+            {"budget": r.budget, "value": r.value, "lp_bound": r.lp_bound, "gap": r.gap}
+            for r in rows
+            if r.kind == "requested"
+        ],
+    }
+    tables = {
+        "frontier.parquet": frontier_table(rows),
+        "allocations.parquet": allocations_table(frontier, matrix, allocation_budgets),
+    }
+    out_dir = run_dir / "oracle" / metric
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, table in tables.items():
+        write_atomic(out_dir / name, lambda tmp, table=table: pq.write_table(table, tmp))
+    text = json.dumps(summary, indent=1) + "\n"
+    write_atomic(out_dir / "summary.json", lambda tmp: tmp.write_text(text))
+    return ReduceResult(out_dir, summary, rows)
+
+
+def load_matrix(run_dir: Path, metric: str, families: tuple[str, ...] | list[str] | None, cost: str) -> Matrix:
+    """Read configs and generations, keep `full` plus the chosen families, pivot one metric to N x K."""
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {run_dir} does not exist")
+    configs_path = run_dir / "configs.parquet"
+    if not configs_path.is_file():
+        raise FileNotFoundError(f"{configs_path} is missing")
+    shards = sorted((run_dir / "generations").glob("*.parquet"))
+    if not shards:
+        raise FileNotFoundError(f"no generations in {run_dir / 'generations'}")
+
+    configs = pq.read_table(configs_path, columns=["config_id", "family", "cost"]).to_pandas()
+    present = [f for f in FAMILIES if f in set(configs["family"])]
+    chosen = present if families is None else [f for f in families if f != FULL_ID]
+    unknown = sorted(set(chosen) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"unknown family {', '.join(unknown)}; choose from {', '.join(FAMILIES)}")
+    absent = [f for f in chosen if f not in present]
+    if absent:
+        raise ValueError(f"this run has no configurations of family {', '.join(absent)}")
+    full = configs[configs["config_id"] == FULL_ID]
+    if len(full) != 1:
+        raise ValueError(f"{configs_path} must list the '{FULL_ID}' configuration exactly once")
+    selected = pd.concat([full, configs[configs["family"].isin(chosen)]])
+    config_ids = selected["config_id"].tolist()
+
+    wanted = ["seq_id", "config_id", metric, "gen_tokens", "layers_per_token"]
+    gens = pa.concat_tables([pq.read_table(p, columns=wanted) for p in shards]).to_pandas()
+    gens = gens[gens["config_id"].isin(config_ids)]
+    seq_codes, seq_ids = pd.factorize(gens["seq_id"].astype(str), sort=True)
+    cfg_codes = pd.Categorical(gens["config_id"], categories=config_ids).codes.astype(np.intp)
+    n, k = len(seq_ids), len(config_ids)
+    if n == 0:
+        raise ValueError(f"no generations of the selected configurations in {run_dir / 'generations'}")
+    cell = seq_codes * k + cfg_codes
+    counts = np.bincount(cell, minlength=n * k)
+    if (counts > 1).any():
+        raise ValueError(
+            f"{int((counts > 1).sum())} of {n} x {k} (sequence, configuration) pairs appear more than once"
+        )
+    if (counts == 0).any():
+        raise ValueError(f"{int((counts == 0).sum())} of {n} x {k} (sequence, configuration) pairs are missing")
+    values = gens[metric].to_numpy(dtype=np.float64, na_value=np.nan)
+    if np.isnan(values).any():
+        raise ValueError(f"{int(np.isnan(values).sum())} generations have no {metric} score")
+    scores = np.empty(n * k)
+    scores[cell] = values
+
+    if cost == "nominal":
+        costs = selected["cost"].to_numpy(dtype=np.float64)
+    else:
+        costs = measured_costs(gens, cfg_codes, k)
+    return Matrix(
+        seq_ids=np.asarray(seq_ids, dtype=object),
+        config_ids=config_ids,
+        families=[FULL_ID, *chosen],
+        scores=scores.reshape(n, k),
+        costs=costs,
+        num_layers=int(full["cost"].iloc[0]),
+    )
+
+
+def measured_costs(gens: pd.DataFrame, cfg_codes: np.ndarray, k: int) -> np.ndarray:
+    """Mean executed layers per generated token of each configuration, over all its tokens."""
+    per_token = gens["layers_per_token"].to_numpy(dtype=np.float64, na_value=np.nan)
+    tokens = gens["gen_tokens"].to_numpy(dtype=np.float64, na_value=np.nan)
+    if np.isnan(per_token).any() or np.isnan(tokens).any():
+        raise ValueError("measured cost needs layers_per_token and gen_tokens on every generation")
+    weight = np.bincount(cfg_codes, weights=tokens, minlength=k)
+    weighted = np.bincount(cfg_codes, weights=per_token * tokens, minlength=k)
+    plain = np.bincount(cfg_codes, weights=per_token, minlength=k) / np.bincount(cfg_codes, minlength=k)
+    return np.where(weight > 0, weighted / np.where(weight > 0, weight, 1.0), plain)
+
+
+def budget_grid(cheapest: float, dearest: float) -> list[float]:
+    """Budgets every GRID_STEP layers from the cheapest configuration's cost up to the dearest's."""
+    steps = int(math.floor((dearest - cheapest) / GRID_STEP + 1e-9))
+    grid = [cheapest + GRID_STEP * i for i in range(steps + 1)]
+    return grid + ([dearest] if grid[-1] < dearest else [])
+
+
+def frontier_row(frontier: Frontier, config_ids: list[str], budget: float, kind: str) -> FrontierRow:
+    a = allocate(frontier, budget)
+    shares = [(config_ids[i], float(a.shares[i])) for i in np.flatnonzero(a.shares)]
+    return FrontierRow(a.budget, a.value, a.lp_bound, a.gap, kind, shares)
+
+
+def frontier_table(rows: list[FrontierRow]) -> pa.Table:
+    return pa.table(
+        {
+            "budget": [r.budget for r in rows],
+            "value": [r.value for r in rows],
+            "lp_bound": [r.lp_bound for r in rows],
+            "gap": [r.gap for r in rows],
+            "kind": [r.kind for r in rows],
+            "shares": [[{"config_id": c, "share": s} for c, s in r.shares] for r in rows],
+        },
+        schema=FRONTIER_SCHEMA,
+    )
+
+
+def allocations_table(frontier: Frontier, matrix: Matrix, budgets: list[float]) -> pa.Table:
+    """Every sequence's configuration at each budget, one row per (budget, sequence)."""
+    n = len(matrix.seq_ids)
+    ids = np.asarray(matrix.config_ids, dtype=object)
+    choices = [allocate(frontier, b).choice for b in budgets]
+    return pa.table(
+        {
+            "budget": np.repeat(np.asarray(budgets, dtype=np.float64), n),
+            "seq_id": np.tile(matrix.seq_ids, len(budgets)),
+            "config_id": ids[np.concatenate(choices)] if choices else np.zeros(0, dtype=object),
+        },
+        schema=ALLOCATIONS_SCHEMA,
+    )
+
+
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Write through `write` to a temporary name, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,180 @@
+"""One run = one folder (DESIGN.md, Parquet contract): the lock, run.json, configs.parquet and the shard files.
+
+A shard file is the completion marker of its unit of work: it is written under a temporary name in the
+same folder, fsynced, then renamed into place, so a file that exists is whole. A rerun trusts a shard
+only after reading it back (page checksums on) and finding exactly the expected (seq_id, config_id)
+rows; anything else is deleted and computed again. Only the driver writes here, under the lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.configs import SkipConfig
+from pipeline.data import Example
+from pipeline.engine import Generation
+from pipeline.scoring import SCORE_COLUMNS
+
+GENERATIONS_SCHEMA = pa.schema([
+    ("seq_id", pa.string()),
+    ("shard", pa.int32()),
+    ("config_id", pa.string()),
+    ("family", pa.string()),
+    ("cost", pa.int16()),
+    ("prompt_tokens", pa.int32()),
+    ("prompt_truncated", pa.bool_()),
+    ("gen_tokens", pa.int32()),
+    ("finish_reason", pa.string()),
+    ("output", pa.string()),
+    ("reference", pa.string()),
+    *((name, pa.float64()) for name in SCORE_COLUMNS),
+    ("layers_per_token", pa.float64()),
+])
+CONFIGS_SCHEMA = pa.schema([
+    ("config_id", pa.string()),
+    ("family", pa.string()),
+    ("budget", pa.int16()),
+    ("layers", pa.list_(pa.int16())),
+    ("cost", pa.int16()),
+])
+
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+class RunLocked(RuntimeError):
+    """Another live process holds the run folder."""
+
+
+def shard_table(shard: int, examples: list[Example], configs: list[SkipConfig],
+                generations: list[list[Generation]], scores: dict[str, list[float]]) -> pa.Table:
+    """The rows of one shard, example-major then in configuration order; `scores` is flat in that order."""
+    rows = [(ex, cfg, gen) for ex, per_cfg in zip(examples, generations) for cfg, gen in zip(configs, per_cfg)]
+    columns = {
+        "seq_id": [ex.seq_id for ex, _, _ in rows],
+        "shard": [shard] * len(rows),
+        "config_id": [cfg.config_id for _, cfg, _ in rows],
+        "family": [cfg.family for _, cfg, _ in rows],
+        "cost": [cfg.cost for _, cfg, _ in rows],
+        "prompt_tokens": [ex.prompt_tokens for ex, _, _ in rows],
+        "prompt_truncated": [ex.prompt_truncated for ex, _, _ in rows],
+        "gen_tokens": [gen.gen_tokens for _, _, gen in rows],
+        "finish_reason": [gen.finish_reason for _, _, gen in rows],
+        "output": [gen.text for _, _, gen in rows],
+        "reference": [ex.reference for ex, _, _ in rows],
+        **{name: scores[name] for name in SCORE_COLUMNS},
+        "layers_per_token": [gen.layers_per_token for _, _, gen in rows],
+    }
+    return pa.Table.from_pydict(columns, schema=GENERATIONS_SCHEMA)
+
+
+def configs_table(configs: list[SkipConfig]) -> pa.Table:
+    return pa.Table.from_pylist([cfg.to_dict() for cfg in configs], schema=CONFIGS_SCHEMA)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    """Write via `write(temp_path)` to a temporary file beside `path`, fsync, then rename into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are for everyone the umask allows
+    os.close(fd)
+    try:
+        write(temp)
+        with open(temp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_parquet(table: pa.Table, path: Path) -> None:
+    """Atomically write a Parquet file with page checksums, so later corruption is detectable on read."""
+    _write_atomic(path, lambda temp: pq.write_table(table, temp, write_page_checksum=True))
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    _write_atomic(path, lambda temp: Path(temp).write_text(json.dumps(data, indent=1, default=str) + "\n"))
+
+
+class RunDir:
+    """The files of one run folder, and the checks that make reruns safe."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.generations = self.root / "generations"
+        self.run_json = self.root / "run.json"
+        self.configs = self.root / "configs.parquet"
+
+    def shard_path(self, shard: int) -> Path:
+        return self.generations / f"shard={shard:05d}.parquet"
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold an exclusive flock on `.lock` while a run writes here; the OS drops it if the process dies."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                raise RunLocked(f"run folder {self.root} is in use by another dynoracle run (pid {holder})") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)
+
+    def read_run_json(self) -> dict[str, Any] | None:
+        if not self.run_json.is_file():
+            return None
+        try:
+            return json.loads(self.run_json.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{self.run_json} is unreadable ({exc}); remove it or choose another --out") from None
+
+    def remove_stale_temp_files(self) -> int:
+        """Delete half-written files a killed run left behind (safe: we hold the lock)."""
+        stale = [p for folder in (self.root, self.generations) if folder.is_dir() for p in folder.glob(".*.tmp")]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return len(stale)
+
+    def shard_problem(self, shard: int, examples: list[Example], configs: list[SkipConfig]) -> str | None:
+        """Why the shard's file cannot be trusted ('missing', 'unreadable: ...', ...), or None when it is whole."""
+        path = self.shard_path(shard)
+        if not path.is_file():
+            return "missing"
+        try:
+            table = pq.read_table(path, page_checksum_verification=True)
+        except (OSError, pa.ArrowException) as exc:
+            return f"unreadable: {str(exc).splitlines()[0][:120]}"
+        if not table.schema.equals(GENERATIONS_SCHEMA, check_metadata=False):
+            return "unexpected columns or types"
+        if table.num_rows != len(examples) * len(configs):
+            return f"{table.num_rows} rows, expected {len(examples) * len(configs)}"
+        expected = {(ex.seq_id, cfg.config_id) for ex in examples for cfg in configs}
+        found = set(zip(table.column("seq_id").to_pylist(), table.column("config_id").to_pylist()))
+        if found != expected or set(table.column("shard").to_pylist()) != {shard}:
+            return "rows of other sequences or configurations"
+        return None

@@ -1,0 +1,169 @@
+"""The engine against Hugging Face `generate` and against the masked (identity-layer) reference, in float32."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import OPTConfig, OPTForCausalLM
+
+from pipeline.configs import build_configs, configs_by_id, full_config
+from pipeline.engine import generate, left_pad
+from pipeline.models import LoadedModel, decoder_layers, load_model, load_tokenizer
+from pipeline.reference import masked_generate
+
+NEW_TOKENS = 6
+TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+            "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+def _data_dir() -> Path:
+    return Path(os.environ.get("DYNORACLE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture(scope="module")
+def smol() -> LoadedModel:
+    return load_model(dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def prompts(smol: LoadedModel) -> list[list[int]]:
+    """Eight real Alpaca prompts, all of different token lengths, so one batch needs left padding."""
+    chosen: dict[int, list[int]] = {}
+    for line in (_data_dir() / "alpaca" / "alpaca_sample.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["input"]:
+            continue
+        ids = smol.tokenizer(TEMPLATE.format(**row))["input_ids"]
+        chosen.setdefault(len(ids), ids)
+        if len(chosen) == 8:
+            break
+    return list(chosen.values())
+
+
+@pytest.fixture(scope="module")
+def tiny_opt() -> LoadedModel:
+    """A small randomly initialised OPT (the study's architecture) speaking the embedded tokenizer's ids."""
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer()
+    tokenizer.padding_side = "left"
+    tokenizer.pad_token = tokenizer.eos_token
+    config = OPTConfig(vocab_size=len(tokenizer), hidden_size=64, ffn_dim=128, num_hidden_layers=6,
+                       num_attention_heads=4, word_embed_proj_dim=64, max_position_embeddings=512,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    model = OPTForCausalLM(config).eval()
+    return LoadedModel(name="tiny-opt", model=model, tokenizer=tokenizer, dtype="float32")
+
+
+def _hf_generate(lm: LoadedModel, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Hugging Face greedy `generate`, each row cut after its first EOS (the rest is padding)."""
+    input_ids, attention_mask = left_pad(prompts, lm.tokenizer.pad_token_id, lm.device)
+    out = lm.model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                            max_new_tokens=new_tokens, pad_token_id=lm.tokenizer.pad_token_id)
+    eos = lm.model.generation_config.eos_token_id
+    stops = set(eos if isinstance(eos, list) else [eos])
+    rows = []
+    for row in out[:, input_ids.shape[1]:].tolist():
+        ends = [i for i, t in enumerate(row) if t in stops]
+        rows.append(row[: ends[0] + 1] if ends else row)
+    return rows
+
+
+@pytest.mark.parametrize("model_fixture", ["smol", "tiny_opt"])
+def test_full_configuration_equals_hf_generate(model_fixture, prompts, request):
+    lm = request.getfixturevalue(model_fixture)
+    assert len({len(p) for p in prompts}) == 8
+    expected = _hf_generate(lm, prompts, NEW_TOKENS)
+    for prefill in ("full", "skip"):
+        got = generate(lm, prompts, [full_config(lm.num_layers)], NEW_TOKENS, prefill=prefill)
+        assert [row[0].token_ids for row in got] == expected
+
+
+SKIP_IDS = ["uls-5", "uls-12", "uls-20", "uls-29", "ee-3", "ee-18", "rls-7-s0", "rls-22-s1"]
+
+
+@pytest.mark.parametrize("prefill", ["full", "skip"])
+def test_skipping_equals_identity_layer_reference(smol, prompts, prefill):
+    configs = [configs_by_id(build_configs(smol.num_layers, rls_seeds=(0, 1)))[i] for i in SKIP_IDS]
+    got = generate(smol, prompts, configs, NEW_TOKENS, prefill=prefill)
+    for k, cfg in enumerate(configs):
+        expected = masked_generate(smol, prompts, cfg, NEW_TOKENS, prefill=prefill)
+        assert [row[k].token_ids for row in got] == expected, cfg.config_id
+
+
+@pytest.mark.parametrize("prefill", ["full", "skip"])
+def test_skipping_on_opt_equals_reference(tiny_opt, prompts, prefill):
+    configs = [c for c in build_configs(tiny_opt.num_layers) if c.budget in (2, 4)]
+    got = generate(tiny_opt, prompts, configs, NEW_TOKENS, prefill=prefill)
+    for k, cfg in enumerate(configs):
+        expected = masked_generate(tiny_opt, prompts, cfg, NEW_TOKENS, prefill=prefill)
+        assert [row[k].token_ids for row in got] == expected, cfg.config_id
+
+
+@pytest.mark.parametrize("prefill", ["full", "skip"])
+def test_cached_decoding_equals_uncached_recomputation(smol, prompts, prefill):
+    configs = [configs_by_id(build_configs(smol.num_layers))[i] for i in ("uls-9", "ee-14", "rls-25-s0")]
+    got = generate(smol, prompts[:4], configs, NEW_TOKENS, prefill=prefill)
+    for k, cfg in enumerate(configs):
+        expected = masked_generate(smol, prompts[:4], cfg, NEW_TOKENS, prefill=prefill, use_cache=False)
+        assert [row[k].token_ids for row in got] == expected, cfg.config_id
+
+
+def test_finished_rows_stop_costing_compute(smol, prompts):
+    """Make one row's second token an EOS: later steps run on a smaller batch and other rows are unchanged."""
+    configs = [full_config(smol.num_layers), configs_by_id(build_configs(smol.num_layers))["uls-15"]]
+    before = generate(smol, prompts, configs, NEW_TOKENS, ignore_eos=True)
+    stopper = before[0][0].token_ids[1]
+    generation_config = smol.model.generation_config
+    original_eos = generation_config.eos_token_id
+    batch_sizes: list[int] = []
+    hook = smol.model.get_input_embeddings().register_forward_hook(
+        lambda _module, args, _out: batch_sizes.append(args[0].shape[0]))
+    try:
+        generation_config.eos_token_id = [stopper]
+        after = generate(smol, prompts, configs, NEW_TOKENS)
+    finally:
+        hook.remove()
+        generation_config.eos_token_id = original_eos
+    assert after[0][0].token_ids == before[0][0].token_ids[:2]
+    assert after[0][0].finish_reason == "eos"
+    # One forward per step: the shared prefill on the prompts, then decode steps on the rows still live.
+    finished_at = [g.gen_tokens - 1 for row in after for g in row if g.finish_reason == "eos"]
+    rows = len(prompts) * len(configs)
+    expected = [len(prompts)] + [rows - sum(1 for f in finished_at if f < step) for step in range(1, NEW_TOKENS)]
+    assert batch_sizes == expected
+    assert expected[-1] < rows
+    for i, row in enumerate(after):
+        for k, g in enumerate(row):
+            full_row = before[i][k].token_ids
+            cut = full_row.index(stopper) + 1 if stopper in full_row else len(full_row)
+            assert g.token_ids == full_row[:cut]
+            assert g.finish_reason == ("eos" if stopper in full_row else "length")
+
+
+@pytest.mark.parametrize("prefill", ["full", "skip"])
+def test_layers_per_token_counts_executed_layers(smol, prompts, prefill):
+    configs = [configs_by_id(build_configs(smol.num_layers))[i] for i in ("uls-4", "ee-11")]
+    got = generate(smol, prompts[:2], configs, NEW_TOKENS, prefill=prefill, ignore_eos=True)
+    L = smol.num_layers
+    for row in got:
+        for cfg, g in zip(configs, row):
+            first = L if prefill == "full" else cfg.cost  # the prompt pass makes the first token
+            assert g.gen_tokens == NEW_TOKENS
+            assert g.layers_per_token == pytest.approx((first + cfg.cost * (NEW_TOKENS - 1)) / NEW_TOKENS)
+
+
+def test_layers_are_restored_and_errors_are_clear(smol, prompts):
+    stack = decoder_layers(smol.model)
+    originals = list(stack)
+    generate(smol, prompts[:1], [full_config(smol.num_layers)], 1)
+    assert list(decoder_layers(smol.model)) == originals
+    with pytest.raises(ValueError, match="prefill"):
+        generate(smol, prompts[:1], [full_config(smol.num_layers)], 1, prefill="half")
+    with pytest.raises(ValueError, match="does not fit"):
+        generate(smol, prompts[:1], [full_config(smol.num_layers + 1)], 1)
+    assert list(decoder_layers(smol.model)) == originals

@@ -1,0 +1,182 @@
+"""`dynoracle run` with real Ray on a tiny slice: rows, faults (a worker, the driver), resume, lock, corruption.
+
+Every run here is the same job (6 Alpaca sequences, 4 configurations, 6 new tokens, 3 shards of 2, two
+CPU workers, float32), so every run folder must end up with exactly the reference run's rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from pipeline.configs import full_config
+from pipeline.data import load_examples, shard_examples
+from pipeline.engine import generate
+from pipeline.job import load_job
+from pipeline.models import load_model
+from pipeline.rundir import GENERATIONS_SCHEMA, RunDir
+from pipeline.runner import run_job
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("DYNORACLE_DATA_DIR") or REPO.parent / "shared" / "data")
+CLI = [sys.executable, "-m", "pipeline.cli", "run"]
+CONFIG_IDS = ("full", "uls-15", "ee-10", "rls-8-s0")
+SEQUENCES, SHARDS = 6, 3
+JOB = f"""
+name = "tiny"
+dtype = "float32"
+families = ["uls", "ee", "rls"]
+config_ids = ["uls-15", "ee-10", "rls-8-s0"]
+max_new_tokens = 6
+batch_size = 2
+shard_size = 2
+workers = 2
+
+[dataset]
+name = "alpaca"
+limit = {SEQUENCES}
+data_dir = "{DATA}"
+"""
+
+
+@pytest.fixture(scope="module")
+def job_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("jobs") / "tiny.toml"
+    path.write_text(JOB)
+    return path
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the in-process runs of this module (the CLI runs start their own)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    table = pq.read_table(run_dir / "generations")
+    assert table.schema.equals(GENERATIONS_SCHEMA, check_metadata=False)
+    return sorted(table.to_pylist(), key=lambda row: (row["seq_id"], row["config_id"]))
+
+
+@pytest.fixture(scope="module")
+def reference(local_ray, job_file, tmp_path_factory) -> tuple[Path, list[dict]]:
+    """One undisturbed run that every other run is compared with."""
+    out = tmp_path_factory.mktemp("runs") / "reference"
+    summary = run_job(load_job(job_file, overrides={"out": str(out)}))
+    assert (summary.shards, summary.computed, summary.skipped) == (SHARDS, SHARDS, 0)
+    return out, read_rows(out)
+
+
+def test_rows_match_engine(reference, job_file):
+    out, rows = reference
+    assert len(rows) == SEQUENCES * len(CONFIG_IDS)
+    pairs = {(row["seq_id"], row["config_id"]) for row in rows}
+    assert len(pairs) == len(rows)
+    assert {config for _, config in pairs} == set(CONFIG_IDS)
+    assert sorted(pq.read_table(out / "configs.parquet").column("config_id").to_pylist()) == sorted(CONFIG_IDS)
+    record = json.loads((out / "run.json").read_text())
+    assert record["finished"] and record["rows"] == len(rows) and record["shards"] == SHARDS
+
+    spec = load_job(job_file)
+    lm = load_model(spec.model, "float32", "cpu")
+    shards = shard_examples(load_examples(spec.dataset, lm.tokenizer), spec.shard_size)
+    full = {row["seq_id"]: row for row in rows if row["config_id"] == "full"}
+    for index, examples in enumerate(shards):
+        direct = generate(lm, [list(ex.prompt_ids) for ex in examples], [full_config(lm.num_layers)],
+                          spec.max_new_tokens)
+        for ex, (gen,) in zip(examples, direct):
+            row = full[ex.seq_id]
+            assert (row["output"], row["gen_tokens"], row["finish_reason"], row["shard"]) == (
+                gen.text, gen.gen_tokens, gen.finish_reason, index)
+            assert row["fidelity"] == 1.0 and row["cost"] == lm.num_layers and row["reference"] == ex.reference
+
+
+def test_worker_killed_mid_shard(reference, job_file, tmp_path, capsys):
+    killed: list[int] = []
+
+    def kill_newest_shard_worker(dispatcher) -> None:
+        busy = dispatcher.busy()
+        if not killed and busy:
+            killed.append(busy[max(busy)])
+            os.kill(killed[0], signal.SIGKILL)
+
+    summary = run_job(load_job(job_file, overrides={"out": str(tmp_path / "run")}), on_dispatch=kill_newest_shard_worker)
+    assert killed and "shard requeued" in capsys.readouterr().err
+    assert summary.computed == SHARDS
+    assert read_rows(tmp_path / "run") == reference[1]
+
+
+def _shard_files(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "generations").glob("shard=*.parquet"))
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_driver_killed_then_resumed_and_second_run_refused(reference, job_file, tmp_path):
+    out = tmp_path / "run"
+    command = [*CLI, "--job", str(job_file), "--out", str(out)]
+    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lock = out / ".lock"
+        _wait_for(lambda: lock.is_file() and lock.read_text().strip() == str(first.pid), 120, "the run to lock")
+        second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert second.returncode != 0
+        assert second.stderr.strip() == f"error: run folder {out} is in use by another dynoracle run (pid {first.pid})"
+        _wait_for(lambda: _shard_files(out) or first.poll() is not None, 180, "the first shard file")
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    present = len(_shard_files(out))  # only the driver writes shard files, so none can appear from now on
+    assert 1 <= present < SHARDS
+
+    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"shards: {present} of {SHARDS} already complete (skipped), computing {SHARDS - present}" in rerun.stderr
+    assert f"next: dynoracle reduce {out} --match-full" in rerun.stdout
+    assert read_rows(out) == reference[1]
+
+
+def test_corrupt_shards_regenerated_and_other_job_refused(reference, job_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(reference[0], out)
+    run = RunDir(out)
+    truncated, garbled = run.shard_path(1), run.shard_path(2)
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    data = bytearray(garbled.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    garbled.write_bytes(bytes(data))
+    (out / "generations" / ".shard=00000.parquet.x.tmp").write_bytes(b"half")
+
+    with pytest.raises(ValueError, match="holds a different job"):
+        run_job(load_job(job_file, overrides={"out": str(out), "max_new_tokens": 5}))
+    assert garbled.read_bytes() == bytes(data)  # a refused run touches nothing
+
+    summary = run_job(load_job(job_file, overrides={"out": str(out)}))
+    err = capsys.readouterr().err
+    assert "shard 00001: unreadable" in err and "shard 00002:" in err
+    assert (summary.skipped, summary.computed) == (1, 2)
+    assert not list((out / "generations").glob(".*.tmp"))
+    assert read_rows(out) == reference[1]
