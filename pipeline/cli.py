@@ -96,7 +96,7 @@ def run(
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Sequences per shard file."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Generator actors; default one per GPU, or 1."),
     prefill: Optional[str] = typer.Option(None, "--prefill", help="full (the study's) or skip."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto (bfloat16 where the hardware has bfloat16 units, else float32), float32, bfloat16 or float16."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Run folder; default outputs/<name>."),
     name: Optional[str] = typer.Option(None, "--name", help="Run name (and folder outputs/<name>)."),

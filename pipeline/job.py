@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from pipeline.configs import FAMILIES, SkipConfig
 from pipeline.data import DatasetSpec
 from pipeline.engine import DEFAULT_MAX_ROWS, PREFILL_POLICIES
-from pipeline.models import DTYPES, EMBEDDED_MODEL
+from pipeline.models import AUTO_DTYPE, DTYPES, EMBEDDED_MODEL
 
 JOBS_DIR = Path(__file__).resolve().parents[1] / "jobs"
 DEVICES = ("auto", "cpu", "cuda")
@@ -33,7 +33,7 @@ class JobSpec:
     name: str
     dataset: DatasetSpec
     model: str = EMBEDDED_MODEL
-    dtype: str = "bfloat16"
+    dtype: str = AUTO_DTYPE  # auto: bfloat16 on GPUs and CPUs with bfloat16 units, else float32 (per worker)
     device: str = "auto"  # auto: a GPU per worker when the cluster has GPUs, else CPU
     families: tuple[str, ...] = FAMILIES
     rls_seeds: tuple[int, ...] = (0,)
@@ -84,8 +84,8 @@ def _validate(spec: JobSpec) -> None:
         raise ValueError(f"job name {spec.name!r} must be non-empty and contain no '/'")
     if not isinstance(spec.model, str) or not spec.model:
         raise ValueError(f"model must be a hub id, a local folder, a GGUF file or {EMBEDDED_MODEL}, got {spec.model!r}")
-    if spec.dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {spec.dtype!r}; choose from {', '.join(DTYPES)}")
+    if spec.dtype != AUTO_DTYPE and spec.dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {spec.dtype!r}; choose from {AUTO_DTYPE}, {', '.join(DTYPES)}")
     if spec.device not in DEVICES:
         raise ValueError(f"unknown device {spec.device!r}; choose from {', '.join(DEVICES)}")
     if spec.prefill not in PREFILL_POLICIES:

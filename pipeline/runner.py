@@ -279,13 +279,18 @@ def run_job(spec: JobSpec, address: str | None = None,
         with _ray(address):
             plan = plan_workers(spec, ray.cluster_resources())
             log(f"{spec.name}: {len(examples)} sequences in {len(shards)} shards; starting {plan.describe()} "
-                f"with {spec.model} ({spec.dtype})")
+                f"with {spec.model} (dtype {spec.dtype})")
             with _generators(spec, plan) as (workers, infos):
-                num_layers, model_print = infos[0]["num_layers"], infos[0]["fingerprint"]
+                if len({(info["fingerprint"], info["dtype"]) for info in infos}) > 1:
+                    raise RunError("workers loaded different weights or dtypes (mixed hardware with dtype auto?); "
+                                   "set --dtype explicitly")
+                num_layers, model_print, dtype = infos[0]["num_layers"], infos[0]["fingerprint"], infos[0]["dtype"]
+                log(f"model loaded: {num_layers} layers, {dtype}")
+                _check_same(previous, "dtype", dtype, run.root)
                 _check_same(previous, "model_fingerprint", model_print, run.root)
                 configs = spec.select_configs(build_configs(num_layers, spec.families, spec.rls_seeds))
                 record = {"job": spec.to_dict(), "identity": spec.identity(), "model_fingerprint": model_print,
-                          "num_layers": num_layers, "dataset_fingerprint": data_print, "sequences": len(examples),
+                          "dtype": dtype, "num_layers": num_layers, "dataset_fingerprint": data_print, "sequences": len(examples),
                           "configs": len(configs), "shards": len(shards), "versions": _versions(),
                           "git_sha": _git_sha(), "started": _now(), "finished": None, "workers": infos}
                 write_parquet(configs_table(configs), run.configs)

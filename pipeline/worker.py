@@ -42,6 +42,7 @@ class ShardGenerator:
             "host": socket.gethostname(),
             "device": self.device,
             "threads": torch.get_num_threads(),
+            "dtype": self.lm.dtype,
             "num_layers": self.lm.num_layers,
             "fingerprint": self.lm.fingerprint(),
         }
