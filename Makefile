@@ -1,5 +1,6 @@
 # Two entry points, both self-contained on a fresh machine:
-#   make demo   install everything, then run the Alpaca job on the embedded model and local data
+#   make demo   install everything, then run the Alpaca job on the embedded model and local data,
+#               reduce it and write its report
 #   make test   install everything, then run the test suite
 PYTHON ?= python3
 VENV   := .venv
@@ -21,6 +22,7 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	DYNORACLE_DATA_DIR=$(DATA) $(BIN)/dynoracle run --dataset alpaca
 	$(BIN)/dynoracle reduce outputs/alpaca --match-full
+	$(BIN)/dynoracle report outputs/alpaca
 
 test: setup
 	DYNORACLE_DATA_DIR=$(DATA) $(BIN)/pytest -q

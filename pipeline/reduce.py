@@ -8,12 +8,9 @@ checked and computed before the first file is written, and each file is renamed 
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -22,6 +19,7 @@ import pyarrow.parquet as pq
 
 from pipeline.configs import FAMILIES, FULL_ID
 from pipeline.oracle import Frontier, allocate, build_frontier, min_budget_to_match
+from pipeline.rundir import write_json, write_parquet
 
 METRICS = ("rougeL", "rougeLsum", "rouge1", "rouge2", "fidelity")
 COST_MODES = ("nominal", "measured")
@@ -132,9 +130,8 @@ def reduce_run(
     out_dir = run_dir / "oracle" / metric
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():
-        write_atomic(out_dir / name, lambda tmp, table=table: pq.write_table(table, tmp))
-    text = json.dumps(summary, indent=1) + "\n"
-    write_atomic(out_dir / "summary.json", lambda tmp: tmp.write_text(text))
+        write_parquet(table, out_dir / name)
+    write_json(summary, out_dir / "summary.json")
     return ReduceResult(out_dir, summary, rows)
 
 
@@ -252,13 +249,3 @@ def allocations_table(frontier: Frontier, matrix: Matrix, budgets: list[float]) 
         },
         schema=ALLOCATIONS_SCHEMA,
     )
-
-
-def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through `write` to a temporary name, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

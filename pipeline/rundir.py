@@ -14,15 +14,17 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.configs import SkipConfig
-from pipeline.data import Example
-from pipeline.engine import Generation
 from pipeline.scoring import SCORE_COLUMNS
+
+if TYPE_CHECKING:  # the reducer and report use this module too, without loading torch
+    from pipeline.data import Example
+    from pipeline.engine import Generation
 
 GENERATIONS_SCHEMA = pa.schema([
     ("seq_id", pa.string()),
@@ -90,14 +92,15 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, write: Any) -> None:
-    """Write via `write(temp_path)` to a temporary file beside `path`, fsync, then rename into place."""
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Write via `write(temp_path)` to a temporary file beside `path`, fsync, then rename into place:
+    a reader never sees half a file, and a crash leaves at most a `.*.tmp` file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are for everyone the umask allows
     os.close(fd)
     try:
-        write(temp)
+        write(Path(temp))
         with open(temp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(temp, path)
@@ -109,11 +112,11 @@ def _write_atomic(path: Path, write: Any) -> None:
 
 def write_parquet(table: pa.Table, path: Path) -> None:
     """Atomically write a Parquet file with page checksums, so later corruption is detectable on read."""
-    _write_atomic(path, lambda temp: pq.write_table(table, temp, write_page_checksum=True))
+    write_atomic(path, lambda temp: pq.write_table(table, temp, write_page_checksum=True))
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:
-    _write_atomic(path, lambda temp: Path(temp).write_text(json.dumps(data, indent=1, default=str) + "\n"))
+    write_atomic(path, lambda temp: temp.write_text(json.dumps(data, indent=1, default=str) + "\n"))
 
 
 class RunDir:
