@@ -86,31 +86,31 @@ def test_full_configuration_equals_hf_generate(model_fixture, prompts, request):
 SKIP_IDS = ["uls-5", "uls-12", "uls-20", "uls-29", "ee-3", "ee-18", "rls-7-s0", "rls-22-s1"]
 
 
+def _assert_engine_equals_masked(lm: LoadedModel, prompts: list[list[int]], configs: list, prefill: str,
+                                 use_cache: bool = True) -> None:
+    """All configurations decoded together by the engine == each one alone in the masked reference."""
+    got = generate(lm, prompts, configs, NEW_TOKENS, prefill=prefill)
+    for k, cfg in enumerate(configs):
+        expected = masked_generate(lm, prompts, cfg, NEW_TOKENS, prefill=prefill, use_cache=use_cache)
+        assert [row[k].token_ids for row in got] == expected, cfg.config_id
+
+
 @pytest.mark.parametrize("prefill", ["full", "skip"])
 def test_skipping_equals_identity_layer_reference(smol, prompts, prefill):
     configs = [configs_by_id(build_configs(smol.num_layers, rls_seeds=(0, 1)))[i] for i in SKIP_IDS]
-    got = generate(smol, prompts, configs, NEW_TOKENS, prefill=prefill)
-    for k, cfg in enumerate(configs):
-        expected = masked_generate(smol, prompts, cfg, NEW_TOKENS, prefill=prefill)
-        assert [row[k].token_ids for row in got] == expected, cfg.config_id
+    _assert_engine_equals_masked(smol, prompts, configs, prefill)
 
 
 @pytest.mark.parametrize("prefill", ["full", "skip"])
 def test_skipping_on_opt_equals_reference(tiny_opt, prompts, prefill):
     configs = [c for c in build_configs(tiny_opt.num_layers) if c.budget in (2, 4)]
-    got = generate(tiny_opt, prompts, configs, NEW_TOKENS, prefill=prefill)
-    for k, cfg in enumerate(configs):
-        expected = masked_generate(tiny_opt, prompts, cfg, NEW_TOKENS, prefill=prefill)
-        assert [row[k].token_ids for row in got] == expected, cfg.config_id
+    _assert_engine_equals_masked(tiny_opt, prompts, configs, prefill)
 
 
 @pytest.mark.parametrize("prefill", ["full", "skip"])
 def test_cached_decoding_equals_uncached_recomputation(smol, prompts, prefill):
     configs = [configs_by_id(build_configs(smol.num_layers))[i] for i in ("uls-9", "ee-14", "rls-25-s0")]
-    got = generate(smol, prompts[:4], configs, NEW_TOKENS, prefill=prefill)
-    for k, cfg in enumerate(configs):
-        expected = masked_generate(smol, prompts[:4], cfg, NEW_TOKENS, prefill=prefill, use_cache=False)
-        assert [row[k].token_ids for row in got] == expected, cfg.config_id
+    _assert_engine_equals_masked(smol, prompts[:4], configs, prefill, use_cache=False)
 
 
 def test_finished_rows_stop_costing_compute(smol, prompts):
