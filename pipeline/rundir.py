@@ -12,7 +12,7 @@ import fcntl
 import json
 import os
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -133,9 +133,15 @@ class RunDir:
 
     @contextmanager
     def lock(self) -> Iterator[None]:
-        """Hold an exclusive flock on `.lock` while a run writes here; the OS drops it if the process dies."""
+        """Hold an exclusive flock on `.lock` while a run writes here; the OS drops it if the process dies.
+
+        A folder this call created is removed again if the run wrote nothing into it (it failed early,
+        say on reaching the cluster), so a failed first attempt leaves no empty run folder behind.
+        """
+        created = not self.root.exists()
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        lock = self.root / ".lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -144,7 +150,13 @@ class RunDir:
                 raise RunLocked(f"run folder {self.root} is in use by another dynoracle run (pid {holder})") from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            yield
+            try:
+                yield
+            finally:
+                if created and [p.name for p in self.root.iterdir()] == [lock.name]:
+                    lock.unlink()
+                    with suppress(OSError):  # another run may have just opened a new lock file here
+                        self.root.rmdir()
         finally:
             os.close(fd)
 

@@ -179,3 +179,17 @@ def test_corrupt_shards_regenerated_and_other_job_refused(reference, job_file, t
     assert (summary.skipped, summary.computed) == (1, 2)
     assert not list((out / "generations").glob(".*.tmp"))
     assert read_rows(out) == reference[1]
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path):
+    fresh, existing = RunDir(tmp_path / "fresh"), RunDir(tmp_path / "existing")
+    existing.root.mkdir()
+    for run in (fresh, existing):
+        with pytest.raises(RuntimeError, match="cluster unreachable"), run.lock():
+            raise RuntimeError("cluster unreachable")
+    assert not fresh.root.exists()
+    assert existing.root.is_dir()  # a folder the user had is never removed
+
+    with fresh.lock():
+        (fresh.root / "run.json").write_text("{}")
+    assert (fresh.root / "run.json").is_file()  # a folder the run wrote into stays
