@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from pipeline.configs import FAMILIES, FULL_ID
 from pipeline.oracle import Frontier, allocate, build_frontier, min_budget_to_match
-from pipeline.rundir import write_json, write_parquet
+from pipeline.atomic import write_json, write_parquet
 
 METRICS = ("rougeL", "rougeLsum", "rouge1", "rouge2", "fidelity")
 COST_MODES = ("nominal", "measured")

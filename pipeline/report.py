@@ -24,7 +24,7 @@ from matplotlib.ticker import PercentFormatter
 from pipeline.configs import FAMILIES, FULL_ID
 from pipeline.query import open_run
 from pipeline.reduce import reduce_run
-from pipeline.rundir import write_atomic
+from pipeline.atomic import write_atomic
 
 ORACLE_FILES = ("frontier.parquet", "allocations.parquet", "summary.json")
 HEADLINE_FRACTIONS = (0.25, 0.5, 0.75)

@@ -11,20 +11,17 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import tempfile
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.configs import SkipConfig
+from pipeline.data import Example
+from pipeline.engine import Generation
 from pipeline.scoring import SCORE_COLUMNS
-
-if TYPE_CHECKING:  # the reducer and report use this module too, without loading torch
-    from pipeline.data import Example
-    from pipeline.engine import Generation
 
 GENERATIONS_SCHEMA = pa.schema([
     ("seq_id", pa.string()),
@@ -48,10 +45,6 @@ CONFIGS_SCHEMA = pa.schema([
     ("layers", pa.list_(pa.int16())),
     ("cost", pa.int16()),
 ])
-
-
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 class RunLocked(RuntimeError):
@@ -82,41 +75,6 @@ def shard_table(shard: int, examples: list[Example], configs: list[SkipConfig],
 
 def configs_table(configs: list[SkipConfig]) -> pa.Table:
     return pa.Table.from_pylist([cfg.to_dict() for cfg in configs], schema=CONFIGS_SCHEMA)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Write via `write(temp_path)` to a temporary file beside `path`, fsync, then rename into place:
-    a reader never sees half a file, and a crash leaves at most a `.*.tmp` file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are for everyone the umask allows
-    os.close(fd)
-    try:
-        write(Path(temp))
-        with open(temp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def write_parquet(table: pa.Table, path: Path) -> None:
-    """Atomically write a Parquet file with page checksums, so later corruption is detectable on read."""
-    write_atomic(path, lambda temp: pq.write_table(table, temp, write_page_checksum=True))
-
-
-def write_json(data: dict[str, Any], path: Path) -> None:
-    write_atomic(path, lambda temp: temp.write_text(json.dumps(data, indent=1, default=str) + "\n"))
 
 
 class RunDir:

@@ -34,7 +34,8 @@ from pipeline.configs import SkipConfig, build_configs
 from pipeline.data import Example, load_examples, shard_examples
 from pipeline.job import JobSpec
 from pipeline.models import load_tokenizer
-from pipeline.rundir import RunDir, configs_table, write_json, write_parquet
+from pipeline.atomic import write_json, write_parquet
+from pipeline.rundir import RunDir, configs_table
 from pipeline.worker import ShardGenerator
 
 MAX_ATTEMPTS = 3
