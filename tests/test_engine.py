@@ -11,7 +11,7 @@ import torch
 from transformers import OPTConfig, OPTForCausalLM
 
 from pipeline.configs import build_configs, configs_by_id, full_config
-from pipeline.engine import generate, left_pad
+from pipeline.engine import _SharedPromptLayer, generate, left_pad
 from pipeline.models import LoadedModel, decoder_layers, load_model, load_tokenizer
 from pipeline.reference import masked_generate
 
@@ -160,10 +160,44 @@ def test_layers_per_token_counts_executed_layers(smol, prompts, prefill):
 def test_layers_are_restored_and_errors_are_clear(smol, prompts):
     stack = decoder_layers(smol.model)
     originals = list(stack)
-    generate(smol, prompts[:1], [full_config(smol.num_layers)], 1)
+    attention = smol.model.config._attn_implementation
+    generate(smol, prompts[:1], [full_config(smol.num_layers)], 2)
     assert list(decoder_layers(smol.model)) == originals
+    assert smol.model.config._attn_implementation == attention
     with pytest.raises(ValueError, match="prefill"):
         generate(smol, prompts[:1], [full_config(smol.num_layers)], 1, prefill="half")
     with pytest.raises(ValueError, match="does not fit"):
         generate(smol, prompts[:1], [full_config(smol.num_layers + 1)], 1)
     assert list(decoder_layers(smol.model)) == originals
+
+
+def test_shared_prompt_attention_equals_attention_over_per_row_copies():
+    """Rows of a prompt share its KV; with ragged rows per prompt, left padding and dropped rows, the result is
+    the attention of each row over its own copy of prompt + generated KV."""
+    torch.manual_seed(0)
+    prompts, kv_heads, group, dim, prompt_len, steps = 3, 2, 3, 8, 7, 4
+    keys, values = torch.randn(2, prompts, kv_heads, prompt_len, dim)
+    mask = torch.ones(prompts, prompt_len, dtype=torch.bool)
+    mask[1, :3] = False  # left padding
+    bias = torch.zeros(prompts, 1, 1, prompt_len).masked_fill_(~mask[:, None, None, :], float("-inf"))
+    prompt_of_row = torch.tensor([0, 1, 2, 0, 2, 0])
+    layer = _SharedPromptLayer(keys, values, bias, prompt_of_row, capacity=steps, kv_dtype=torch.float32)
+    gen_keys, gen_values = torch.randn(2, len(prompt_of_row), kv_heads, steps, dim)
+    for t in range(steps):
+        layer.update(gen_keys[:, :, t : t + 1], gen_values[:, :, t : t + 1])
+
+    def expected(rows: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        owner = prompt_of_row[rows]
+        k = torch.cat([keys[owner], gen_keys[rows]], 2).repeat_interleave(group, 1)
+        v = torch.cat([values[owner], gen_values[rows]], 2).repeat_interleave(group, 1)
+        allowed = torch.cat([mask[owner], torch.ones(len(rows), steps, dtype=torch.bool)], 1)[:, None, None, :]
+        out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=allowed, scale=0.3)
+        return out.transpose(1, 2)
+
+    query = torch.randn(len(prompt_of_row), kv_heads * group, 1, dim)
+    torch.testing.assert_close(layer.attend(query, 0.3), expected(torch.arange(6), query), atol=1e-5, rtol=1e-5)
+    keep = torch.tensor([True, False, True, False, True, True])  # prompt 1 loses its only row
+    layer.keep_rows(keep)
+    assert layer.get_seq_length() == prompt_len + steps
+    rows = keep.nonzero().squeeze(1)
+    torch.testing.assert_close(layer.attend(query[rows], 0.3), expected(rows, query[rows]), atol=1e-5, rtol=1e-5)
