@@ -189,12 +189,15 @@ def shared_prompt_attention(module: nn.Module, query: torch.Tensor, key: torch.T
     Hugging Face attention modules call it with their `layer_idx`; the cache passed as `prompt_cache`
     holds that layer's shared prompt KV and the rows' generated KV.
     """
-    for unsupported in ("sliding_window", "softcap", "s_aux"):
-        if kwargs.get(unsupported) is not None:
-            raise NotImplementedError(f"the engine's shared-prompt attention has no {unsupported}; use prefill='skip'")
     if prompt_cache is None or query.shape[2] != 1:
         raise ValueError("shared-prompt attention serves one-token decode steps with a prompt_cache")
     layer = prompt_cache.layers[module.layer_idx]
+    window = kwargs.get("sliding_window")
+    unsupported = [name for name in ("softcap", "s_aux") if kwargs.get(name) is not None]
+    if window is not None and window < layer.get_seq_length():
+        unsupported.append("sliding_window")
+    if unsupported:
+        raise NotImplementedError(f"the engine's shared-prompt attention has no {unsupported[0]}; use prefill='skip'")
     return layer.attend(query, scaling if scaling is not None else query.shape[-1] ** -0.5), None
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import OPTConfig, OPTForCausalLM
+from transformers import MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM
 
 from pipeline.configs import build_configs, configs_by_id, full_config
 from pipeline.engine import _SharedPromptLayer, generate, left_pad
@@ -201,3 +201,15 @@ def test_shared_prompt_attention_equals_attention_over_per_row_copies():
     assert layer.get_seq_length() == prompt_len + steps
     rows = keep.nonzero().squeeze(1)
     torch.testing.assert_close(layer.attend(query[rows], 0.3), expected(rows, query[rows]), atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_shorter_than_the_context_is_refused_under_full_prefill(smol, prompts):
+    """The shared-prompt attention has no sliding window: a window the context outgrows must fail, not be ignored."""
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=len(smol.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
+    lm = LoadedModel(name="tiny-mistral", model=MistralForCausalLM(config).eval(), tokenizer=smol.tokenizer,
+                     dtype="float32")
+    with pytest.raises(NotImplementedError, match="sliding_window.*prefill='skip'"):
+        generate(lm, prompts[:2], [full_config(2)], 3)
+    assert generate(lm, prompts[:2], [full_config(2)], 3, prefill="skip", ignore_eos=True)[0][0].gen_tokens == 3
