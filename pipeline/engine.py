@@ -104,15 +104,15 @@ class _SharedPromptLayer(DynamicLayer):
     def __init__(self, prompt_keys: torch.Tensor, prompt_values: torch.Tensor, prompt_bias: torch.Tensor | None,
                  prompt_of_row: torch.Tensor, capacity: int, kv_dtype: torch.dtype):
         super().__init__()
-        self.prompt_keys = prompt_keys.float()  # (P, Hkv, Lp, D)
-        self.prompt_values = prompt_values.float()
+        self.prompt_keys = prompt_keys  # (P, Hkv, Lp, D) float32
+        self.prompt_values = prompt_values
         self.prompt_bias = prompt_bias  # (P, 1, 1, Lp) float32, -inf on left padding; None without padding
         self.capacity = capacity
         self.kv_dtype = kv_dtype
         self.length = 0
         self.gen_keys: torch.Tensor | None = None  # (R, Hkv, capacity, D)
         self.gen_values: torch.Tensor | None = None
-        self.dtype, self.device, self.is_initialized = prompt_keys.dtype, prompt_keys.device, True
+        self.dtype, self.device, self.is_initialized = kv_dtype, prompt_keys.device, True
         self._set_rows(prompt_of_row)
 
     def _set_rows(self, prompt_of_row: torch.Tensor) -> None:
@@ -395,7 +395,7 @@ class _SharedPrefill:
     """The prompt pass through all layers, done once: first tokens, every layer's prompt KV, the padding."""
 
     first_tokens: torch.Tensor  # (P,)
-    cache: Cache
+    prompt_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (P, Hkv, width, D) in float32
     padding_bias: torch.Tensor | None  # (P, 1, 1, width) float32: -inf on left padding; None without padding
 
 
@@ -409,7 +409,7 @@ def _shared_prefill(model: nn.Module, wrappers: list[_RoutedLayer], input_ids: t
     if mask is not None:
         bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(mask == 0, float("-inf"))
         bias = bias[:, None, None, :]
-    return _SharedPrefill(first, cache, bias)
+    return _SharedPrefill(first, [(layer.keys.float(), layer.values.float()) for layer in cache.layers], bias)
 
 
 def _decode_group(lm: LoadedModel, wrappers: list[_RoutedLayer], layer_sets: list[tuple[int, ...]],
@@ -430,9 +430,9 @@ def _decode_group(lm: LoadedModel, wrappers: list[_RoutedLayer], layer_sets: lis
         # accelerators keep the model's dtype (memory is their limit, conversion is cheap).
         kv_dtype = torch.float32 if device.type == "cpu" else lm.model.dtype
         cache = Cache(layers=[
-            _SharedPromptLayer(src.keys, src.values, shared.padding_bias, prompt_of_row[membership[:, j]],
-                               max_new_tokens, kv_dtype)
-            for j, src in enumerate(shared.cache.layers)
+            _SharedPromptLayer(keys, values, shared.padding_bias, prompt_of_row[membership[:, j]], max_new_tokens,
+                               kv_dtype)
+            for j, (keys, values) in enumerate(shared.prompt_kv)
         ])
         rows = _Rows(membership, prompt_of_row, None, start_positions[:, -1], cache)
         attention_kwargs = {"prompt_cache": cache}
