@@ -153,7 +153,7 @@ class _SharedPromptLayer(DynamicLayer):
         query (R, H, 1, D) -> output (R, 1, H, D), H = Hkv * G query heads (head h*G+g reads KV head h).
         """
         rows, heads, _, dim = query.shape
-        prompts, kv_heads, prompt_len, _ = self.prompt_keys.shape
+        prompts, kv_heads = self.prompt_keys.shape[:2]
         group, per_prompt = heads // kv_heads, self.per_prompt
         q = query.float().view(rows, kv_heads, group, dim) * scaling
 
