@@ -294,6 +294,9 @@ def run_job(spec: JobSpec, address: str | None = None,
                 _check_same(previous, "model_fingerprint", model_print, run.root)
                 scoring = _scoring_record(spec, examples, infos)
                 _check_same(previous, "scoring", scoring, run.root)
+                log(f"split {spec.dataset.split}; ROUGE {'with' if scoring['stemming'] else 'without'} stemming, "
+                    f"{scoring['tokenizer']} tokenizer, rougeLsum sentence splitting "
+                    f"{scoring['sentence_splitter'] if scoring['sentence_split'] else 'off'}")
                 configs = spec.select_configs(build_configs(num_layers, spec.families, spec.rls_seeds))
                 record = {"job": spec.to_dict(), "identity": spec.identity(), "scoring": scoring, "model_fingerprint": model_print,
                           "dtype": dtype, "num_layers": num_layers, "dataset_fingerprint": data_print, "sequences": len(examples),
