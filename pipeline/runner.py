@@ -31,6 +31,7 @@ from pipeline.generation import GenerateTask
 from pipeline.job import JobSpec, job_from_dict
 from pipeline.models import load_tokenizer
 from pipeline.rundir import RunDir, configs_table
+from pipeline.scoring import mostly_dropped
 
 __all__ = ["RunError", "RunSummary", "run_job", "run_task"]
 
@@ -102,6 +103,8 @@ def run_job(spec: JobSpec, address: str | None = None,
     examples = load_examples(spec.dataset, load_tokenizer(spec.model))  # before the folder exists: bad data
     shards = shard_examples(examples, spec.shard_size)                  # leaves no empty run folder behind
     data_print = dataset_fingerprint(examples)
+    if spec.scoring.tokenizer == "default":
+        _warn_non_latin(examples)
     with run.lock():
         previous = run.read_run_json()
         _check_same(previous, "identity", spec.identity(), run.root)
@@ -115,18 +118,42 @@ def run_job(spec: JobSpec, address: str | None = None,
                 log(f"model loaded: {num_layers} layers, {dtype}")
                 _check_same(previous, "dtype", dtype, run.root)
                 _check_same(previous, "model_fingerprint", model_print, run.root)
+                scoring = _scoring_record(spec, examples, infos)
+                _check_same(previous, "scoring", scoring, run.root)
+                log(f"split {spec.dataset.split}; ROUGE {'with' if scoring['stemming'] else 'without'} stemming, "
+                    f"{scoring['tokenizer']} tokenizer, rougeLsum sentence splitting "
+                    f"{scoring['sentence_splitter'] if scoring['sentence_split'] else 'off'}")
                 configs = spec.select_configs(build_configs(num_layers, spec.families, spec.rls_seeds))
-                record = {"job": spec.to_dict(), "identity": spec.identity(), "model_fingerprint": model_print,
+                record = {"job": spec.to_dict(), "identity": spec.identity(), "scoring": scoring, "model_fingerprint": model_print,
                           "dtype": dtype, "num_layers": num_layers, "dataset_fingerprint": data_print, "sequences": len(examples),
                           "configs": len(configs), "shards": len(shards), "versions": _versions(),
                           "git_sha": _git_sha(), "started": _now(), "finished": None, "workers": infos}
                 write_parquet(configs_table(configs), run.configs)
                 write_json(record, run.run_json)
-                task = GenerateTask(tuple(configs), spec.max_new_tokens, spec.prefill, spec.batch_size, spec.max_rows)
+                task = GenerateTask(tuple(configs), spec.max_new_tokens, spec.prefill, spec.batch_size, spec.max_rows,
+                                    spec.scoring)
                 done = execute(task, run, shards, workers, infos, on_dispatch)
         write_json({**record, "finished": _now(), "rows": len(examples) * len(configs)}, run.run_json)
     return RunSummary(run.root, done.shards, done.skipped, done.computed, len(examples) * len(configs), done.tokens,
                       done.seconds, time.monotonic() - start)
+
+
+def _warn_non_latin(examples: list[Example]) -> None:
+    """One line when the default ROUGE tokenizer would drop most of some references (they would score 0)."""
+    dropped = [ex.seq_id for ex in examples if any(mostly_dropped(text) for text in ex.references)]
+    if dropped:
+        log(f"warning: {len(dropped)} of {len(examples)} references (first {dropped[0]}) are mostly outside [a-z0-9], "
+            "which the default ROUGE tokenizer drops; set tokenizer = \"unicode\" in [scoring] (--tokenizer unicode)")
+
+
+def _scoring_record(spec: JobSpec, examples: list[Example], infos: list[dict]) -> dict[str, Any]:
+    """The scoring as run: the job's options with sentence splitting resolved, and the workers' sentence splitter."""
+    split = spec.scoring.sentence_split if spec.scoring.sentence_split is not None else examples[0].summary
+    splitters = sorted({info["sentence_splitter"] for info in infos})
+    if split and len(splitters) > 1:
+        raise RunError(f"workers split sentences differently ({', '.join(splitters)}): install nltk's punkt data "
+                       "on every node, or on none")
+    return {**spec.scoring.to_dict(), "sentence_split": split, "sentence_splitter": splitters[0] if split else None}
 
 
 def run_task(run_dir: str | Path, make_task: Callable[[JobSpec, dict[str, Any]], ShardTask],

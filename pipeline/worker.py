@@ -18,6 +18,7 @@ import torch
 from pipeline.data import Example
 from pipeline.job import JobSpec
 from pipeline.models import load_model
+from pipeline.scoring import sentence_splitter
 
 if TYPE_CHECKING:
     from pipeline.executor import ShardTask
@@ -43,6 +44,7 @@ class ShardWorker:
             "dtype": self.lm.dtype,
             "num_layers": self.lm.num_layers,
             "fingerprint": self.lm.fingerprint(),
+            "sentence_splitter": sentence_splitter(),
         }
 
     def run(self, task: ShardTask, shard: int, examples: list[Example]) -> pa.Table:
