@@ -183,7 +183,11 @@ def main() -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
-        seconds = timed(lambda: engine(batch), device)
+        try:
+            seconds = timed(lambda: engine(batch), device)
+        except torch.OutOfMemoryError:  # the scan has passed the device's memory: its last point is the limit
+            print(f"scan: {count} prompts = {rows} rows: out of memory; scan stopped")
+            break
         point = {"prompts": count, "rows": rows, "tok_s": count * len(configs) * args.new_tokens / seconds}
         if device.type == "cuda":
             point["peak_bytes"] = torch.cuda.max_memory_allocated(device)
