@@ -38,7 +38,7 @@ SIZES = {  # --cpu: seconds on a 2-core CPU; GPU: about 5 minutes on one H200 wi
                       "--peak-size", "512"],
             "run": {"limit": 4, "max_new_tokens": 4, "shard_size": 2, "dtype": "float32"}},
     "cuda": {"model": "random:opt-1.3b", "dtypes": ("float16", "bfloat16"), "timeout": 240,
-             "sweep": ["--prompts", "32", "--new-tokens", "32", "--baseline-configs", "6",
+             "sweep": ["--prompts", "32", "--new-tokens", "32", "--baseline-configs", "6", "--repeats", "3",
                        "--batch-scan", "8,32,128,256,512,1024"],
              "run": {"limit": 4, "max_new_tokens": 16, "shard_size": 2, "dtype": "bfloat16"}},
 }
