@@ -176,6 +176,8 @@ def table(report: dict) -> str:
     add("best rows per batch (tokens/s)", lambda c: f"{c['best']['rows']} ({c['best']['tok_s']:,.0f})")
     add("memory per row at best", lambda c: f"{c['best']['bytes_per_row'] / 2**20:.2f} MiB"
         if "bytes_per_row" in c["best"] else "n/a on CPU")
+    add("at best: matmul / bandwidth share", lambda c: f"{100 * c['best']['matmul_fraction']:.1f}% / "
+        f"{100 * c['best']['bandwidth_fraction']:.1f}%")
     add("matmul peak / engine share", lambda c: f"{c['matmul_peak_flop_s'] / 1e12:.1f} TFLOP/s / "
         f"{100 * c['matmul_fraction']:.1f}%")
     add("copy bandwidth / engine share", lambda c: f"{c['copy_bytes_s'] / 1e9:,.0f} GB/s / "

@@ -164,7 +164,8 @@ def main() -> None:
               f"({tokens / sweep_s:,.0f} tokens/s); engine is {sweep_s / engine_s:.1f}x faster")
 
     lens = [len(p) for p in prompts]
-    achieved = sweep_flops(lm, lens, [c.cost for c in configs], args.new_tokens) / engine_s
+    costs = [c.cost for c in configs]
+    achieved = sweep_flops(lm, lens, costs, args.new_tokens) / engine_s
     peak = matmul_peak(lm.model.dtype, device, args.peak_size or (8192 if device.type == "cuda" else 2048))
     kv_bytes = 4 if device.type == "cpu" else lm.model.dtype.itemsize  # the engine's generated-KV dtype
     traffic = sweep_bytes(lm, lens, layer_sets, args.new_tokens, kv_bytes) / engine_s
@@ -189,13 +190,19 @@ def main() -> None:
         except torch.OutOfMemoryError:  # the scan has passed the device's memory: its last point is the limit
             print(f"scan: {count} prompts = {rows} rows: out of memory; scan stopped")
             break
-        point = {"prompts": count, "rows": rows, "tok_s": count * len(configs) * args.new_tokens / seconds}
+        batch_lens = [len(b) for b in batch]
+        point = {"prompts": count, "rows": rows, "tok_s": count * len(configs) * args.new_tokens / seconds,
+                 "matmul_fraction": sweep_flops(lm, batch_lens, costs, args.new_tokens) / seconds / peak,
+                 "bandwidth_fraction": sweep_bytes(lm, batch_lens, layer_sets, args.new_tokens, kv_bytes) / seconds
+                 / bandwidth}
         if device.type == "cuda":
             point["peak_bytes"] = torch.cuda.max_memory_allocated(device)
             point["bytes_per_row"] = (point["peak_bytes"] - before) / rows
         scan.append(point)
         memory = f", {point['bytes_per_row'] / 2**20:.2f} MiB per row" if "bytes_per_row" in point else ""
-        print(f"scan: {count} prompts = {rows} rows: {point['tok_s']:,.0f} tokens/s{memory}")
+        print(f"scan: {count} prompts = {rows} rows: {point['tok_s']:,.0f} tokens/s{memory}, "
+              f"{100 * point['matmul_fraction']:.1f}% of the matmul peak, "
+              f"{100 * point['bandwidth_fraction']:.1f}% of the copy bandwidth")
     if scan:
         best = max(scan, key=lambda p: p["tok_s"])
         figures.update(scan=scan, best=best)
