@@ -2,13 +2,14 @@
 
 Steps, each in its own process so that one failing or missing package skips it and the rest go on:
 1. exactness: the engine checks of `tests/test_engine.py` on the tiny random Llama and OPT, float32,
-   run with `--device` (full == HF `generate`, ULS/EE/RLS == the identity-layer reference, both prefills);
+   run with `--device` (full == HF `generate`, ULS/EE/RLS == the identity-layer reference, both prefills;
+   --cpu: the OPT ones, which the suite runs anyway);
 2. speed: `benchmarks/sweep.py` on a random OPT-1.3B-shaped model in float16 and bfloat16 (engine
    against the plain and the study's way; a batch-size scan of the engine with memory per row);
 3. limits: measured matmul throughput and copy bandwidth, and the fraction the engine reaches (sweep.py);
 4. a run: `dynoracle run` of a few Alpaca sequences on one GPU (Ray, one actor with num_gpus=1); where
-   Ray is not installed, the same shard work in this process (ShardGenerator on the GPU, shard files
-   written and checked as the runner does), said so in the table.
+   Ray is not installed, and with --cpu, the same shard work in this process (ShardGenerator on the
+   device, shard files written and checked as the runner does), said so in the table.
 It prints one summary table and writes every figure to <out>/gpu.json. `--cpu` does the same on a CPU
 with tiny sizes (a tiny random OPT instead of OPT-1.3B), which the test suite runs.
 
@@ -32,12 +33,14 @@ import torch
 import transformers
 
 REPO = Path(__file__).resolve().parents[1]
-SIZES = {  # --cpu: seconds on a 2-core CPU; GPU: about 5 minutes on one H200 with the model build
-    "cpu": {"model": "random:tiny-opt", "dtypes": ("float32", "bfloat16"), "timeout": 300,
-            "sweep": ["--prompts", "4", "--new-tokens", "8", "--baseline-configs", "2", "--batch-scan", "2,4",
+SIZES = {  # --cpu: under 3 minutes on a 2-core CPU; cuda: 2.5 minutes on one H200
+    "cpu": {"model": "random:tiny-opt", "dtypes": ("float32", "bfloat16"), "timeout": 300, "checks": "tiny_opt",
+            "ray": False,
+            "sweep": ["--prompts", "4", "--new-tokens", "8", "--baseline-configs", "1", "--batch-scan", "2,4",
                       "--peak-size", "512"],
             "run": {"limit": 4, "max_new_tokens": 4, "shard_size": 2, "dtype": "float32"}},
-    "cuda": {"model": "random:opt-1.3b", "dtypes": ("float16", "bfloat16"), "timeout": 240,
+    "cuda": {"model": "random:opt-1.3b", "dtypes": ("float16", "bfloat16"), "timeout": 240, "checks": "tiny",
+             "ray": True,
              "sweep": ["--prompts", "32", "--new-tokens", "32", "--baseline-configs", "6", "--repeats", "3",
                        "--batch-scan", "8,32,128,256,512,1024"],
              "run": {"limit": 4, "max_new_tokens": 16, "shard_size": 2, "dtype": "bfloat16"}},
@@ -65,13 +68,13 @@ def step(cmd: list[str], timeout: float) -> tuple[int, str]:
     return done.returncode, done.stdout + done.stderr
 
 
-def exactness(device: str, out: Path, timeout: float) -> dict:
-    """Test id -> passed/failed/skipped, from pytest's JUnit report of the tiny-model engine checks."""
+def exactness(device: str, checks: str, out: Path, timeout: float) -> dict:
+    """Test id -> passed/failed/skipped, from pytest's JUnit report of the engine checks selected by `checks`."""
     if missing("pytest"):
         return {"skipped": "pytest is not installed"}
     report = out / "exactness.xml"
     rc, _ = step([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_engine.py",
-                  "--device", device, "-k", "tiny", f"--junitxml={report}"], timeout)
+                  "--device", device, "-k", checks, f"--junitxml={report}"], timeout)
     if not report.is_file():
         return {"error": f"pytest exited {rc} without a report"}
     results = {}
@@ -91,7 +94,8 @@ def sweep(size: dict, device: str, dtype: str, out: Path) -> dict:
 
 
 def run(size: dict, device: str, out: Path) -> dict:
-    """A few Alpaca sequences under every ULS configuration: through Ray when it is installed, else in-process."""
+    """A few Alpaca sequences under every ULS configuration: through Ray when it is installed (and the size asks
+    for it: --cpu skips Ray's start-up, `dynoracle run` itself is tested in tests/test_run.py), else in-process."""
     if missing("rouge_score", "nltk"):
         return {"skipped": f"{', '.join(missing('rouge_score', 'nltk'))} not installed (scoring needs them)"}
     folder = out / "run"
@@ -100,7 +104,7 @@ def run(size: dict, device: str, out: Path) -> dict:
            "out": str(folder)}
     rows_expected = None
     start = time.perf_counter()
-    if not missing("ray"):
+    if size["ray"] and not missing("ray"):
         cmd = [sys.executable, "-m", "pipeline.cli", "run", "--dataset", "alpaca", "--limit", str(job["limit"])]
         for key in ("model", "device", "dtype", "families", "workers", "out", "max_new_tokens", "shard_size"):
             cmd += [f"--{key.replace('_', '-')}", str(job[key])]
@@ -109,7 +113,7 @@ def run(size: dict, device: str, out: Path) -> dict:
             return {"error": f"dynoracle run exited {rc}", "mode": "ray"}
         mode = "ray, 1 actor"
     else:
-        say("ray is not installed: running the same shard work in this process, without Ray")
+        say(("ray is not installed" if size["ray"] else "--cpu") + ": the same shard work in this process, without Ray")
         rows_expected = _run_in_process(job)
         mode = "in-process, no Ray"
     seconds = time.perf_counter() - start
@@ -215,7 +219,7 @@ def main() -> int:
               "python": platform.python_version(),
               "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "CPU"}
     say("1/4 exactness")
-    report["exactness"] = exactness(device, args.out, size["timeout"])
+    report["exactness"] = exactness(device, size["checks"], args.out, size["timeout"])
     say("2-3/4 sweep and limits")
     report["sweep"] = {dtype: sweep(size, device, dtype, args.out) for dtype in size["dtypes"]}
     say("4/4 run")
