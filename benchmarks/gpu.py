@@ -29,6 +29,7 @@ import time
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
 import transformers
 
@@ -55,17 +56,16 @@ def missing(*modules: str) -> list[str]:
     return [m for m in modules if importlib.util.find_spec(m) is None]
 
 
-def step(cmd: list[str], timeout: float) -> tuple[int, str]:
-    """Run one step's process, echoing its output; (exit status, output). A step past `timeout` is killed."""
+def step(cmd: list[str], timeout: float) -> int:
+    """Run one step's process, echoing its output; its exit status (124 when killed past `timeout`)."""
     say("$ " + " ".join(cmd))
     try:
         done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
-        out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        print(out, flush=True)
-        return 124, out
+        print(exc.output.decode() if isinstance(exc.output, bytes) else exc.output or "", flush=True)
+        return 124
     print(done.stdout + done.stderr, flush=True)
-    return done.returncode, done.stdout + done.stderr
+    return done.returncode
 
 
 def exactness(device: str, checks: str, out: Path, timeout: float) -> dict:
@@ -73,7 +73,7 @@ def exactness(device: str, checks: str, out: Path, timeout: float) -> dict:
     if missing("pytest"):
         return {"skipped": "pytest is not installed"}
     report = out / "exactness.xml"
-    rc, _ = step([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_engine.py",
+    rc = step([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_engine.py",
                   "--device", device, "-k", checks, f"--junitxml={report}"], timeout)
     if not report.is_file():
         return {"error": f"pytest exited {rc} without a report"}
@@ -86,7 +86,7 @@ def exactness(device: str, checks: str, out: Path, timeout: float) -> dict:
 
 def sweep(size: dict, device: str, dtype: str, out: Path) -> dict:
     figures = out / f"sweep_{dtype}.json"
-    rc, _ = step([sys.executable, "benchmarks/sweep.py", "--model", size["model"], "--device", device,
+    rc = step([sys.executable, "benchmarks/sweep.py", "--model", size["model"], "--device", device,
                   "--dtype", dtype, *size["sweep"], "--json", str(figures)], size["timeout"])
     if rc != 0 or not figures.is_file():
         return {"error": f"sweep.py exited {rc}"}
@@ -108,7 +108,7 @@ def run(size: dict, device: str, out: Path) -> dict:
         cmd = [sys.executable, "-m", "pipeline.cli", "run", "--dataset", "alpaca", "--limit", str(job["limit"])]
         for key in ("model", "device", "dtype", "families", "workers", "out", "max_new_tokens", "shard_size"):
             cmd += [f"--{key.replace('_', '-')}", str(job[key])]
-        rc, _ = step(cmd, size["timeout"])
+        rc = step(cmd, size["timeout"])
         if rc != 0:
             return {"error": f"dynoracle run exited {rc}", "mode": "ray"}
         mode = "ray, 1 actor"
@@ -117,15 +117,14 @@ def run(size: dict, device: str, out: Path) -> dict:
         rows_expected = _run_in_process(job)
         mode = "in-process, no Ray"
     seconds = time.perf_counter() - start
-    import pyarrow.parquet as pq
-
     table = pq.read_table(folder / "generations")
+    pairs = set(zip(table.column("seq_id").to_pylist(), table.column("config_id").to_pylist()))
     result = {"mode": mode, "rows": table.num_rows, "seconds": seconds,
               "gen_tokens": int(table.column("gen_tokens").to_numpy().sum()),
-              "sequences": len(set(table.column("seq_id").to_pylist())),
-              "configs": len(set(table.column("config_id").to_pylist()))}
-    result["rows_ok"] = result["rows"] == (rows_expected or result["sequences"] * result["configs"]) \
-        and result["sequences"] == job["limit"]
+              "sequences": len({seq for seq, _ in pairs}), "configs": len({cfg for _, cfg in pairs})}
+    # every (sequence, configuration) exactly once, for the requested number of sequences
+    result["rows_ok"] = len(pairs) == result["rows"] == result["sequences"] * result["configs"] \
+        == (rows_expected or result["rows"]) and result["sequences"] == job["limit"]
     say(f"run: {result}")
     return result
 
