@@ -27,6 +27,15 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+PARTIAL_HELP = "Read a run with shard files missing (still running or interrupted); refused by default."
+
+
+def warn_partial(missing_shards: int) -> None:
+    if missing_shards:
+        typer.echo(f"warning: partial run, {missing_shards} shard files missing: these numbers cover only the "
+                   "sequences present", err=True)
+
+
 @app.command()
 def configs(
     layers: int = typer.Option(..., "--layers", "-L", help="Number of decoder layers L of the model."),
@@ -134,16 +143,18 @@ def reduce_command(
     cost: str = typer.Option("nominal", "--cost", help="nominal (executed layers) or measured (layers per token)."),
     tolerance: float = typer.Option(0.0, "--tolerance", help="Match when oracle mean >= full mean - T."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary JSON instead of a table."),
+    partial: bool = typer.Option(False, "--partial", help=PARTIAL_HELP),
 ) -> None:
     """Solve the oracle from a run's generations: frontier, allocations, minimal budget matching full."""
     from pipeline.reduce import reduce_run
 
     chosen = None if families is None else tuple(f.strip() for f in families.split(",") if f.strip())
     try:
-        result = reduce_run(run_dir, metric, chosen, tuple(budget or ()), match_full, cost, tolerance)
+        result = reduce_run(run_dir, metric, chosen, tuple(budget or ()), match_full, cost, tolerance, partial)
     except (ValueError, OSError) as exc:
         fail(str(exc).strip().splitlines()[0])
     summary = result.summary
+    warn_partial(summary["missing_shards"])
     if as_json:
         typer.echo(json.dumps(summary, indent=1))
         return
@@ -169,12 +180,17 @@ def query_command(
     sql: str = typer.Argument(..., help="SQL over the views generations, configs, frontier, allocations."),
     metric: str = typer.Option("rougeL", "--metric", help="Which oracle/<metric>/ the frontier and allocations read."),
     output_format: str = typer.Option("table", "--format", help="table, csv or json."),
+    partial: bool = typer.Option(False, "--partial", help=PARTIAL_HELP),
 ) -> None:
-    """Run SQL (DuckDB) over a run's Parquet files and print the result."""
+    """Run read-only SQL (DuckDB) over a run's verified Parquet files and print the result.
+
+    Only SELECT and EXPLAIN run; DuckDB gets no file access (no COPY, ATTACH, read_csv of other files),
+    cannot install or load extensions, and its settings are locked.
+    """
     from pipeline.query import query_run, render
 
     try:
-        columns, rows = query_run(run_dir, sql, metric)
+        columns, rows = query_run(run_dir, sql, metric, partial)
         text = render(columns, rows, output_format)
     except (ValueError, OSError) as exc:
         fail(str(exc).strip().splitlines()[0])
@@ -187,16 +203,18 @@ def report(
     run_dir: str = typer.Argument(..., help="Run folder holding configs.parquet and generations/."),
     metric: str = typer.Option("rougeL", "--metric", help="rougeL, rougeLsum, rouge1, rouge2 or fidelity."),
     families: Optional[str] = typer.Option(None, "--families", help="Comma-separated: uls,ee,rls; default all."),
+    partial: bool = typer.Option(False, "--partial", help=PARTIAL_HELP),
 ) -> None:
     """Write the study's figures and report.md into a run folder, reducing first when the oracle is stale."""
     from pipeline.report import build_report
 
     chosen = None if families is None else [f.strip() for f in families.split(",") if f.strip()]
     try:
-        result = build_report(run_dir, metric, chosen)
+        result = build_report(run_dir, metric, chosen, partial)
     except (ValueError, OSError) as exc:
         fail(str(exc).strip().splitlines()[0])
     summary = result.summary
+    warn_partial(summary.get("missing_shards", 0))
     if result.reduced:
         typer.echo(f"reduced first: {result.reduced}")
     typer.echo(f"{summary['num_sequences']} sequences; full-model mean {metric} {summary['full_mean']:.4f}; the oracle "

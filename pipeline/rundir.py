@@ -1,9 +1,12 @@
 """One run = one folder (DESIGN.md, Parquet contract): the lock, run.json, configs.parquet and the shard files.
 
 A shard file is the completion marker of its unit of work: it is written under a temporary name in the
-same folder, fsynced, then renamed into place, so a file that exists is whole. A rerun trusts a shard
-only after reading it back (page checksums on) and finding exactly the expected (seq_id, config_id)
-rows; anything else is deleted and computed again. Only the driver writes here, under the lock.
+same folder, fsynced, then renamed into place, so a file that exists is whole. Each shard carries its
+job's identity (the run.json fields that decide its rows) and its index in its Parquet metadata, so a
+file of another job, or one copied under another shard's name, is recognised as foreign. A rerun trusts
+a shard only after reading it back (page checksums on) and finding its identity and exactly the expected
+(seq_id, config_id) rows; a damaged one is deleted and computed again, a foreign one makes the run
+refuse. Only the driver writes here, under the lock.
 """
 
 from __future__ import annotations
@@ -11,13 +14,15 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.atomic import write_parquet
 from pipeline.configs import SkipConfig
 from pipeline.data import Example
 from pipeline.engine import Generation
@@ -47,8 +52,67 @@ CONFIGS_SCHEMA = pa.schema([
 ])
 
 
+SHARD_METADATA_KEY = b"dynoracle.shard"  # Parquet key-value metadata: {"shard": i, "job": job_identity(run.json)}
+_JOB_KEYS = ("identity", "dataset_fingerprint", "model_fingerprint", "dtype")
+# The temporary files `write_atomic` makes for the files a run writes (`.<name>.<random>.tmp`).
+OWN_TEMP = {"": re.compile(r"\.(run\.json|configs\.parquet)\.[A-Za-z0-9_]+\.tmp"),
+             "generations": re.compile(r"\.shard=\d{5}\.parquet\.[A-Za-z0-9_]+\.tmp")}
+
+
 class RunLocked(RuntimeError):
     """Another live process holds the run folder."""
+
+
+class ShardProblem(ValueError):
+    """A shard file that cannot be used: `foreign` when it belongs to another job, else damaged."""
+
+    def __init__(self, path: Path, reason: str, foreign: bool = False):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason, self.foreign = path, reason, foreign
+
+
+def job_identity(record: Mapping[str, Any]) -> dict[str, Any]:
+    """What decides a run's rows (job fields, data, model weights, dtype), as run.json records it."""
+    return {key: record.get(key) for key in _JOB_KEYS}
+
+
+def _differing(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the fields where two identities differ (nested tables walked)."""
+    names = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, Mapping) and isinstance(y, Mapping):
+            names += _differing(x, y, f"{prefix}{key}.")
+        elif x != y:
+            names.append(f"{prefix}{key}")
+    return names
+
+
+def read_shard(path: Path, shard: int, job: Mapping[str, Any]) -> pa.Table:
+    """Read one shard file with page checksums verified and check it is shard `shard` of the job `job`.
+
+    Raises ShardProblem (damaged: unreadable, 0 bytes, other columns; foreign: no or another identity).
+    """
+    try:
+        table = pq.read_table(path, page_checksum_verification=True)
+    except (OSError, pa.ArrowException) as exc:
+        reason = "0 bytes" if path.is_file() and path.stat().st_size == 0 else str(exc).splitlines()[0][:120]
+        raise ShardProblem(path, f"unreadable ({reason})") from None
+    if not table.schema.equals(GENERATIONS_SCHEMA, check_metadata=False):
+        raise ShardProblem(path, "unexpected columns or types")
+    raw = (table.schema.metadata or {}).get(SHARD_METADATA_KEY)
+    try:
+        stamp = json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        stamp = None
+    if not isinstance(stamp, dict) or not isinstance(stamp.get("job"), dict):
+        raise ShardProblem(path, "carries no dynoracle job identity", foreign=True)
+    differ = _differing(stamp["job"], dict(job))
+    if differ:
+        raise ShardProblem(path, f"belongs to another job ({', '.join(differ[:4])} differ)", foreign=True)
+    if stamp.get("shard") != shard or set(table.column("shard").to_pylist()) - {shard}:
+        raise ShardProblem(path, f"holds shard {stamp.get('shard')}, not shard {shard}", foreign=True)
+    return table
 
 
 def shard_table(shard: int, examples: list[Example], configs: list[SkipConfig],
@@ -89,6 +153,12 @@ class RunDir:
     def shard_path(self, shard: int) -> Path:
         return self.generations / f"shard={shard:05d}.parquet"
 
+    def write_shard(self, shard: int, table: pa.Table, job: Mapping[str, Any]) -> None:
+        """Write a shard atomically, stamped with its index and its job's identity (see `read_shard`)."""
+        stamp = json.dumps({"shard": shard, "job": dict(job)}, sort_keys=True, default=str).encode()
+        metadata = {**(table.schema.metadata or {}), SHARD_METADATA_KEY: stamp}
+        write_parquet(table.replace_schema_metadata(metadata), self.shard_path(shard))
+
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Hold an exclusive flock on `.lock` while a run writes here; the OS drops it if the process dies.
@@ -127,23 +197,31 @@ class RunDir:
             raise ValueError(f"{self.run_json} is unreadable ({exc}); remove it or choose another --out") from None
 
     def remove_stale_temp_files(self) -> int:
-        """Delete half-written files a killed run left behind (safe: we hold the lock)."""
-        stale = [p for folder in (self.root, self.generations) if folder.is_dir() for p in folder.glob(".*.tmp")]
+        """Delete half-written files a killed run left behind (safe: we hold the lock).
+
+        Only temporary files of the names a run writes are touched; any other `.*.tmp` is not ours.
+        """
+        stale = [p for sub, pattern in OWN_TEMP.items() if (self.root / sub).is_dir()
+                 for p in (self.root / sub).iterdir() if pattern.fullmatch(p.name) and p.is_file()]
         for path in stale:
             path.unlink(missing_ok=True)
         return len(stale)
 
-    def shard_problem(self, shard: int, examples: list[Example], configs: list[SkipConfig]) -> str | None:
-        """Why the shard's file cannot be trusted ('missing', 'unreadable: ...', ...), or None when it is whole."""
+    def shard_problem(self, shard: int, examples: list[Example], configs: list[SkipConfig],
+                      job: Mapping[str, Any]) -> str | None:
+        """Why the shard's file must be (re)computed ('missing', 'unreadable ...', ...), or None when it is whole.
+
+        Raises ShardProblem when the file belongs to another job: that is the user's data, not ours to delete.
+        """
         path = self.shard_path(shard)
         if not path.is_file():
             return "missing"
         try:
-            table = pq.read_table(path, page_checksum_verification=True)
-        except (OSError, pa.ArrowException) as exc:
-            return f"unreadable: {str(exc).splitlines()[0][:120]}"
-        if not table.schema.equals(GENERATIONS_SCHEMA, check_metadata=False):
-            return "unexpected columns or types"
+            table = read_shard(path, shard, job)
+        except ShardProblem as problem:
+            if problem.foreign and problem.reason != "carries no dynoracle job identity":
+                raise
+            return problem.reason
         if table.num_rows != len(examples) * len(configs):
             return f"{table.num_rows} rows, expected {len(examples) * len(configs)}"
         expected = {(ex.seq_id, cfg.config_id) for ex in examples for cfg in configs}

@@ -35,7 +35,7 @@ from pipeline.data import Example, load_examples, shard_examples
 from pipeline.job import JobSpec
 from pipeline.models import load_tokenizer
 from pipeline.atomic import write_json, write_parquet
-from pipeline.rundir import RunDir, configs_table
+from pipeline.rundir import RunDir, ShardProblem, configs_table, job_identity
 from pipeline.worker import ShardGenerator
 
 MAX_ATTEMPTS = 3
@@ -294,32 +294,37 @@ def run_job(spec: JobSpec, address: str | None = None,
                           "dtype": dtype, "num_layers": num_layers, "dataset_fingerprint": data_print, "sequences": len(examples),
                           "configs": len(configs), "shards": len(shards), "versions": _versions(),
                           "git_sha": _git_sha(), "started": _now(), "finished": None, "workers": infos}
+                todo = _shards_to_compute(run, shards, configs, job_identity(record))  # before run.json claims the folder
                 write_parquet(configs_table(configs), run.configs)
                 write_json(record, run.run_json)
-                todo = _shards_to_compute(run, shards, configs)
-                summary = _dispatch(run, workers, infos, shards, configs, todo, on_dispatch)
+                summary = _dispatch(run, workers, infos, shards, configs, todo, job_identity(record), on_dispatch)
         write_json({**record, "finished": _now(), "rows": summary.rows}, run.run_json)
     summary.elapsed_s = time.monotonic() - start
     return summary
 
 
-def _shards_to_compute(run: RunDir, shards: list[list[Example]], configs: list[SkipConfig]) -> list[int]:
-    """Indices of shards with no valid file; invalid files are deleted (they will be rewritten whole)."""
-    todo = []
-    for index, examples in enumerate(shards):
-        problem = run.shard_problem(index, examples, configs)
-        if problem is None:
-            continue
-        if problem != "missing":
-            log(f"shard {index:05d}: {problem}; removed, will recompute")
+def _shards_to_compute(run: RunDir, shards: list[list[Example]], configs: list[SkipConfig],
+                       job: dict[str, Any]) -> list[int]:
+    """Indices of shards with no valid file; invalid files are deleted (they will be rewritten whole).
+
+    A shard file of another job makes the run refuse before anything is deleted or written.
+    """
+    try:
+        problems = {index: run.shard_problem(index, examples, configs, job) for index, examples in enumerate(shards)}
+    except ShardProblem as foreign:
+        raise ValueError(f"run folder {run.root} holds a shard file of a different job: {foreign}; "
+                         "choose another --name or --out, or remove the folder") from None
+    todo = [index for index, problem in problems.items() if problem is not None]
+    for index in todo:
+        if problems[index] != "missing":
+            log(f"shard {index:05d}: {problems[index]}; removed, will recompute")
             run.shard_path(index).unlink()
-        todo.append(index)
     log(f"shards: {len(shards) - len(todo)} of {len(shards)} already complete (skipped), computing {len(todo)}")
     return todo
 
 
 def _dispatch(run: RunDir, workers: list[Any], infos: list[dict], shards: list[list[Example]],
-              configs: list[SkipConfig], todo: list[int],
+              configs: list[SkipConfig], todo: list[int], job: dict[str, Any],
               on_dispatch: Callable[[ShardDispatcher], None] | None) -> RunSummary:
     start = time.monotonic()
     dispatcher = ShardDispatcher(workers, [info["pid"] for info in infos])
@@ -330,7 +335,7 @@ def _dispatch(run: RunDir, workers: list[Any], infos: list[dict], shards: list[l
         return worker.run_shard.remote(shard, shards[shard], configs_ref)
 
     def done(shard: int, worker: int, table: Any, seconds: float) -> None:
-        write_parquet(table, run.shard_path(shard))
+        run.write_shard(shard, table, job)
         tokens = int(table.column("gen_tokens").to_numpy().sum())
         progress.shard_done(shard, worker, len(shards[shard]), tokens, seconds)
 
