@@ -32,20 +32,25 @@ def _fsync_dir(folder: Path) -> None:
 
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """Write via `write(temp_path)` to a temporary file beside `path`, fsync, then rename into place:
-    a reader never sees half a file, and a crash leaves at most a `.*.tmp` file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are for everyone the umask allows
-    os.close(fd)
+    a reader never sees half a file, and a crash leaves at most a `.*.tmp` file behind.
+
+    A full disk (or quota) raises OSError("cannot write <path>: No space left on device"), temp file removed.
+    """
+    temp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are for everyone the umask allows
+        os.close(fd)
         write(Path(temp))
         with open(temp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(temp, path)
     except BaseException as exc:
-        Path(temp).unlink(missing_ok=True)
+        if temp is not None:
+            Path(temp).unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OSError(exc.errno, f"cannot write {path}: {os.strerror(exc.errno)}") from None
+            raise OSError(f"cannot write {path}: {os.strerror(exc.errno)}") from None
         raise
     _fsync_dir(path.parent)
 
@@ -68,10 +73,12 @@ def replace_folder(folder: Path, write: Callable[[Path], object]) -> None:
             os.replace(folder, old / folder.name)
         os.replace(staging, folder)
         _fsync_dir(folder.parent)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         if old is not None and not folder.exists():
             os.replace(old / folder.name, folder)
+        if isinstance(exc, OSError) and str(staging) in str(exc):  # name the file, not the staging folder
+            raise OSError(str(exc).replace(str(staging), str(folder))) from None
         raise
     finally:
         if old is not None:

@@ -111,20 +111,36 @@ def run(
     name: Optional[str] = typer.Option(None, "--name", help="Run name (and folder outputs/<name>)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (auto, or host:port); default local."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Local data root; default $DYNORACLE_DATA_DIR."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split (for alpaca: the study's seeded 70/15/15 split)."),
+    path: Optional[str] = typer.Option(None, "--file", "--path", help="File (dataset file) or hub id (dataset hub)."),
+    prompt_column: Optional[str] = typer.Option(None, "--prompt-column", help="Prompt column (file, hub)."),
+    reference_column: Optional[str] = typer.Option(None, "--reference-column", help="Reference column (file, hub)."),
+    prompt_budget: Optional[int] = typer.Option(None, "--prompt-budget", help="Max prompt tokens (default 1024)."),
+    prompt_format: Optional[str] = typer.Option(None, "--format", help="plain (dataset template) or chat."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                           help="Run the model folder's own Python code (recorded in run.json)."),
 ) -> None:
     """Generate and score every (sequence, configuration) of a job into sharded Parquet; reruns resume."""
     from pipeline.job import load_job
     from pipeline.rundir import RunLocked
-    from pipeline.runner import RunError, run_job
+    from pipeline.runner import RunError, run_job, sigterm_as_interrupt
 
     overrides = {"name": name, "model": model, "families": families, "config_ids": config_ids,
                  "max_new_tokens": max_new_tokens, "batch_size": batch_size, "shard_size": shard_size,
                  "workers": workers, "prefill": prefill, "dtype": dtype, "device": device, "out": out,
-                 "dataset": {"limit": limit, "data_dir": data_dir}}
+                 "trust_remote_code": trust_remote_code or None,
+                 "dataset": {"limit": limit, "data_dir": data_dir, "split": split, "path": path,
+                             "prompt_column": prompt_column, "reference_column": reference_column,
+                             "prompt_budget": prompt_budget, "prompt_format": prompt_format}}
+    sigterm_as_interrupt()
     try:
         summary = run_job(load_job(job, dataset, overrides), address)
     except (ValueError, OSError, RunLocked, RunError) as exc:
         fail(str(exc).strip().splitlines()[0])
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted; the shard files written so far are whole: rerun the same command to resume",
+                   err=True)
+        raise typer.Exit(130) from None
     tokens_per_s = summary.gen_tokens / summary.generate_s if summary.generate_s else 0.0
     typer.echo(f"{summary.rows} rows in {summary.shards} shards ({summary.computed} computed, {summary.skipped} "
                f"skipped) in {summary.elapsed_s:.1f} s; generation {summary.generate_s:.1f} s, "

@@ -169,24 +169,36 @@ class RunDir:
         created = not self.root.exists()
         self.root.mkdir(parents=True, exist_ok=True)
         lock = self.root / ".lock"
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = None
         try:
             try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 raise RunLocked(f"run folder {self.root} is in use by another dynoracle run (pid {holder})") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             try:
-                yield
-            finally:
-                if created and [p.name for p in self.root.iterdir()] == [lock.name]:
-                    lock.unlink()
-                    with suppress(OSError):  # another run may have just opened a new lock file here
-                        self.root.rmdir()
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except OSError as exc:  # a full disk: say which file
+                raise OSError(exc.errno, f"cannot write {lock}: {os.strerror(exc.errno)}") from None
+            yield
         finally:
-            os.close(fd)
+            if created:
+                self._remove_if_unused(lock)
+            if fd is not None:
+                os.close(fd)
+
+    def _remove_if_unused(self, lock: Path) -> None:
+        """Remove a folder `lock` created if the run left nothing in it but the lock and an empty generations/."""
+        names = {p.name for p in self.root.iterdir()}
+        if not names <= {lock.name, self.generations.name}:
+            return
+        with suppress(OSError):  # another run may have just opened a new lock file here
+            if self.generations.is_dir():
+                self.generations.rmdir()
+            lock.unlink(missing_ok=True)
+            self.root.rmdir()
 
     def read_run_json(self) -> dict[str, Any] | None:
         if not self.run_json.is_file():

@@ -17,7 +17,9 @@ import importlib.metadata
 import logging
 import os
 import platform
+import signal
 import subprocess
+import threading
 import sys
 import time
 from collections import deque
@@ -28,12 +30,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import ray
+import torch
 from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
 from pipeline.configs import SkipConfig, build_configs
 from pipeline.data import Example, load_examples, shard_examples
 from pipeline.job import JobSpec
 from pipeline.models import load_tokenizer
+from pipeline.preflight import check_job
 from pipeline.atomic import write_json, write_parquet
 from pipeline.rundir import RunDir, ShardProblem, configs_table, job_identity
 from pipeline.worker import ShardGenerator
@@ -226,6 +230,19 @@ class ShardDispatcher:
             idle.append(worker)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def sigterm_as_interrupt() -> None:
+    """Treat SIGTERM like Ctrl-C: unwind (lock released, actors killed, Ray shut down), no stack dump.
+
+    Called again after `ray.init`, which installs its own SIGTERM handler (a bare `sys.exit`).
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
 @contextmanager
 def _ray(address: str | None) -> Iterator[None]:
     """Join a cluster (`address`, or RAY_ADDRESS) or start a private local Ray; reuse one already joined."""
@@ -237,6 +254,7 @@ def _ray(address: str | None) -> Iterator[None]:
         ray.init(address=address, **quiet)
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
+    sigterm_as_interrupt()
     try:
         yield
     finally:
@@ -268,8 +286,11 @@ def run_job(spec: JobSpec, address: str | None = None,
     """
     start = time.monotonic()
     run = RunDir(spec.run_dir)
-    examples = load_examples(spec.dataset, load_tokenizer(spec.model))  # before the folder exists: bad data
-    shards = shard_examples(examples, spec.shard_size)                  # leaves no empty run folder behind
+    examples = load_examples(spec.dataset, load_tokenizer(spec.model, spec.trust_remote_code))  # before the folder
+    shards = shard_examples(examples, spec.shard_size)                  # exists: bad data leaves no run folder behind
+    check_job(spec, examples)
+    if not (address or os.environ.get("RAY_ADDRESS")):  # a local Ray gets exactly these resources
+        plan_workers(spec, {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()})
     data_print = dataset_fingerprint(examples)
     with run.lock():
         previous = run.read_run_json()
