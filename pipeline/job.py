@@ -154,7 +154,8 @@ def _merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, A
     merged = dict(base)
     for key, value in overrides.items():
         if isinstance(value, Mapping):
-            merged[key] = _merge(merged.get(key) or {}, value)
+            if isinstance(merged.get(key) or {}, Mapping):  # else a mistyped table stays, for the type check
+                merged[key] = _merge(merged.get(key) or {}, value)
         elif value is not None:
             merged[key] = value
     return merged

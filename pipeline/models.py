@@ -13,8 +13,10 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -125,10 +127,23 @@ def _source(name: str) -> tuple[str | Path, dict]:
     return name, {}
 
 
+@contextmanager
+def _remote_code_refused(name: str) -> Iterator[None]:
+    """Transformers' refusal of a model's own code (trust_remote_code=False), as a line that says what to do."""
+    try:
+        yield
+    except ValueError as exc:
+        if "custom code" not in str(exc) and "trust_remote_code" not in str(exc):
+            raise
+        raise ValueError(f"{name} ships its own Python code, which dynoracle runs only when the job sets "
+                         "trust_remote_code = true (or `run --trust-remote-code`)") from None
+
+
 def load_config(name: str = EMBEDDED_MODEL, trust_remote_code: bool = False) -> PretrainedConfig:
     """The model's configuration alone (no weights): depth and positions can be checked before any worker starts."""
     source, extra = _source(name)
-    return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+    with _remote_code_refused(name):
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
 
 
 def max_positions(config: PretrainedConfig) -> int | None:
@@ -172,7 +187,8 @@ def load_tokenizer(name: str = EMBEDDED_MODEL, trust_remote_code: bool = False) 
     Remote code (a model folder's own Python) runs only with `trust_remote_code`, never after a prompt.
     """
     source, extra = _source(name)
-    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+    with _remote_code_refused(name):
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
 
 
 def load_model(name: str = EMBEDDED_MODEL, dtype: str = AUTO_DTYPE, device: str | None = None,
@@ -186,8 +202,10 @@ def load_model(name: str = EMBEDDED_MODEL, dtype: str = AUTO_DTYPE, device: str 
     dtype = resolve_dtype(dtype, device)
     torch_dtype = DTYPES[dtype]
     source, extra = _source(name)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+    with _remote_code_refused(name):
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                     **extra)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is not None:
