@@ -181,7 +181,7 @@ class RunDir:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             except OSError as exc:  # a full disk: say which file
-                raise OSError(exc.errno, f"cannot write {lock}: {os.strerror(exc.errno)}") from None
+                raise OSError(f"cannot write {lock}: {os.strerror(exc.errno)}") from None
             yield
         finally:
             if created:

@@ -193,3 +193,24 @@ def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path):
     with fresh.lock():
         (fresh.root / "run.json").write_text("{}")
     assert (fresh.root / "run.json").is_file()  # a folder the run wrote into stays
+
+
+def test_sigterm_stops_like_ctrl_c(job_file, tmp_path):
+    """SIGTERM (a scheduler's stop) ends the run with one line and code 130; what is on disk is whole."""
+    out = tmp_path / "run"
+    run = subprocess.Popen([*CLI, "--job", str(job_file), "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: (out / "run.json").is_file() or run.poll() is not None, 180, "the run to start its workers")
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 130, err
+    assert err.strip().splitlines()[-1] == ("error: interrupted; the shard files written so far are whole: rerun the "
+                                            "same command to resume")
+    assert "Traceback" not in err
+    assert not list(out.rglob(".*.tmp"))
+    for shard in _shard_files(out):
+        assert pq.read_table(shard, page_checksum_verification=True).num_rows == 2 * len(CONFIG_IDS)

@@ -180,3 +180,23 @@ def test_the_stale_file_sweep_deletes_only_files_a_run_writes(tmp_path: Path) ->
         path.write_text("x")
     assert run.remove_stale_temp_files() == 2
     assert all(p.exists() for p in theirs) and not any(p.exists() for p in ours)
+
+
+def test_a_full_disk_leaves_no_fresh_run_folder_and_names_the_file(tmp_path: Path, monkeypatch) -> None:
+    run = RunDir(tmp_path / "outputs" / "fresh")
+    configs = pq.read_table(make_run(tmp_path / "model") / "configs.parquet")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(atomic.pq, "write_table", full_disk)
+    with pytest.raises(OSError) as caught, run.lock():
+        atomic.write_parquet(configs, run.configs)
+    assert str(caught.value) == f"cannot write {run.configs}: No space left on device"
+    assert not run.root.exists()
+
+    monkeypatch.setattr(os, "pwrite", full_disk)  # the disk is full before even the lock's pid is written
+    with pytest.raises(OSError) as caught, run.lock():
+        pass
+    assert str(caught.value) == f"cannot write {run.root / '.lock'}: No space left on device"
+    assert not run.root.exists()
