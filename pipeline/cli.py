@@ -78,7 +78,7 @@ def prompts(
                        prompt_budget or None, limit)
     try:
         examples = load_examples(spec, load_tokenizer(model or EMBEDDED_MODEL))
-    except (DataError, OSError) as exc:
+    except (DataError, ValueError, OSError) as exc:
         fail(str(exc).strip().splitlines()[0])
     if as_json:
         fields = ("seq_id", "prompt_tokens", "prompt_truncated", "summary", "prompt", "reference")

@@ -91,7 +91,8 @@ def _differing(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> 
 def read_shard(path: Path, shard: int, job: Mapping[str, Any]) -> pa.Table:
     """Read one shard file with page checksums verified and check it is shard `shard` of the job `job`.
 
-    Raises ShardProblem (damaged: unreadable, 0 bytes, other columns; foreign: no or another identity).
+    Raises ShardProblem (damaged: unreadable, 0 bytes, other columns, no identity; foreign: another job's
+    identity or another shard's index).
     """
     try:
         table = pq.read_table(path, page_checksum_verification=True)
@@ -106,7 +107,7 @@ def read_shard(path: Path, shard: int, job: Mapping[str, Any]) -> pa.Table:
     except json.JSONDecodeError:
         stamp = None
     if not isinstance(stamp, dict) or not isinstance(stamp.get("job"), dict):
-        raise ShardProblem(path, "carries no dynoracle job identity", foreign=True)
+        raise ShardProblem(path, "carries no job identity (written by an older dynoracle?)")
     differ = _differing(stamp["job"], dict(job))
     if differ:
         raise ShardProblem(path, f"belongs to another job ({', '.join(differ[:4])} differ)", foreign=True)
@@ -231,7 +232,7 @@ class RunDir:
         try:
             table = read_shard(path, shard, job)
         except ShardProblem as problem:
-            if problem.foreign and problem.reason != "carries no dynoracle job identity":
+            if problem.foreign:
                 raise
             return problem.reason
         if table.num_rows != len(examples) * len(configs):

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from pipeline.rundir import OWN_TEMP, RunDir, ShardProblem, job_identity, read_shard
 
 REGENERATE = "rerun the run's `dynoracle run` command to regenerate it"
+RERUN = "rerun the run's `dynoracle run` command"
 
 
 class RunFolderError(ValueError):
@@ -53,11 +54,11 @@ def verify_run(run_dir: str | Path, partial: bool = False) -> VerifiedRun:
         record = json.loads(run.run_json.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RunFolderError(f"{run.run_json} is unreadable ({str(exc).splitlines()[0]}); "
-                             f"{REGENERATE.replace(' it', ' the run')}") from None
+                             f"{RERUN}") from None
     count = record.get("shards") if isinstance(record, dict) else None
     if not isinstance(count, int) or isinstance(count, bool) or count < 0:
         raise RunFolderError(f"{run.run_json} does not record the run's shard count; "
-                             f"{REGENERATE.replace(' it', ' the run')}")
+                             f"{RERUN}")
     if not run.configs.is_file():
         raise RunFolderError(f"{run.configs} is missing; {REGENERATE}")
     try:

@@ -115,6 +115,14 @@ def test_a_shard_of_another_job_is_refused(run: Path, tmp_path: Path, reader: st
             "another job (identity.max_new_tokens differ); remove it, or move it to its own run folder")
 
 
+def test_a_shard_without_job_identity_is_refused(run: Path) -> None:
+    """A shard written by an older version (or by hand): no identity, so it cannot be trusted as this run's."""
+    shard = run / "generations" / "shard=00000.parquet"
+    pq.write_table(pq.read_table(shard).replace_schema_metadata(None), shard)
+    refused(READERS["reduce"](run), run,
+            f"shard file {shard} is damaged: carries no job identity (written by an older dynoracle?); {FIX}")
+
+
 @pytest.mark.parametrize("reader", READERS)
 def test_a_partial_run_is_refused_unless_asked(run: Path, reader: str) -> None:
     (run / "generations" / "shard=00001.parquet").unlink()
