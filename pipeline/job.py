@@ -17,6 +17,7 @@ from pipeline.configs import FAMILIES, SkipConfig
 from pipeline.data import DatasetSpec
 from pipeline.engine import DEFAULT_MAX_ROWS, PREFILL_POLICIES
 from pipeline.models import AUTO_DTYPE, DTYPES, EMBEDDED_MODEL
+from pipeline.scoring import ScoringOptions
 
 JOBS_DIR = Path(__file__).resolve().parents[1] / "jobs"
 DEVICES = ("auto", "cpu", "cuda")
@@ -25,6 +26,7 @@ _DATASET_FIELDS = {f.name for f in dataclasses.fields(DatasetSpec)}
 # Batching, workers and where the data files sit change speed, not results.
 _IDENTITY = ("model", "dtype", "prefill", "max_new_tokens", "shard_size", "families", "rls_seeds", "config_ids")
 _DATASET_IDENTITY = tuple(sorted(_DATASET_FIELDS - {"data_dir"}))
+_SCORING_FIELDS = {f.name for f in dataclasses.fields(ScoringOptions)}
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class JobSpec:
     max_rows: int = DEFAULT_MAX_ROWS  # engine rows (prompt x layer set) decoded together
     shard_size: int = 64  # examples per shard file, the unit of work and of resume
     workers: int | None = None  # None: one per GPU, or one CPU worker
+    scoring: ScoringOptions = ScoringOptions()  # [scoring]: stemming, sentence_split, tokenizer
     out: str = ""
     trust_remote_code: bool = False  # run a model folder's own Python code (recorded in run.json); off by default
 
@@ -67,6 +70,7 @@ class JobSpec:
         for key in ("families", "rls_seeds", "config_ids"):  # order does not change the rows
             ident[key] = sorted(ident[key])
         ident["dataset"] = {key: getattr(self.dataset, key) for key in _DATASET_IDENTITY}
+        ident["scoring"] = self.scoring.to_dict()
         return ident
 
     def select_configs(self, configs: list[SkipConfig]) -> list[SkipConfig]:
@@ -141,7 +145,7 @@ def _check_types(obj: Any, prefix: str) -> None:
     hints = typing.get_type_hints(type(obj))
     for field in dataclasses.fields(obj):
         hint = hints[field.name]
-        if field.name == "dataset" or hint is type(obj):
+        if dataclasses.is_dataclass(hint):  # [dataset], [scoring]: checked field by field on their own
             continue
         value = getattr(obj, field.name)
         if not _matches(value, hint):
@@ -176,6 +180,14 @@ def job_from_dict(raw: Mapping[str, Any]) -> JobSpec:
         raise ValueError(f"unknown dataset field {', '.join(unknown)}; known: {', '.join(sorted(_DATASET_FIELDS))}")
     data["dataset"] = DatasetSpec(**dataset)
     _check_types(data["dataset"], "dataset.")
+    scoring = data.get("scoring", {})
+    if not isinstance(scoring, Mapping):
+        raise ValueError("scoring must be a table ([scoring]) with stemming, sentence_split, tokenizer")
+    unknown = sorted(set(scoring) - _SCORING_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown scoring field {', '.join(unknown)}; known: {', '.join(sorted(_SCORING_FIELDS))}")
+    data["scoring"] = ScoringOptions(**scoring)
+    _check_types(data["scoring"], "scoring.")
     data.setdefault("name", data["dataset"].name)
     for key in ("families", "rls_seeds", "config_ids"):
         if key in data:

@@ -49,7 +49,7 @@ def check_run_folder(run: RunDir) -> None:
     if not run.root.is_dir():
         raise ValueError(f"run folder {run.root} exists and is not a folder; choose another --out or --name")
     own = {".lock", run.configs.name, run.generations.name}
-    other = sorted(p.name for p in run.root.iterdir() if p.name not in own and not OWN_TEMP[""].fullmatch(p.name))
+    other = sorted(p.name for p in run.root.iterdir() if p.name not in own and not OWN_TEMP.fullmatch(p.name))
     if other:
         raise ValueError(f"{run.root} is not empty and is not a dynoracle run folder (it holds {other[0]}"
                          f"{f' and {len(other) - 1} more' if len(other) > 1 else ''}); choose another --out or --name")

@@ -5,8 +5,8 @@ same folder, fsynced, then renamed into place, so a file that exists is whole. E
 job's identity (the run.json fields that decide its rows) and its index in its Parquet metadata, so a
 file of another job, or one copied under another shard's name, is recognised as foreign. A rerun trusts
 a shard only after reading it back (page checksums on) and finding its identity and exactly the expected
-(seq_id, config_id) rows; a damaged one is deleted and computed again, a foreign one makes the run
-refuse. Only the driver writes here, under the lock.
+rows; a damaged one is deleted and computed again, a foreign one makes the run refuse. Only the driver
+writes here, under the lock.
 """
 
 from __future__ import annotations
@@ -53,10 +53,10 @@ CONFIGS_SCHEMA = pa.schema([
 
 
 SHARD_METADATA_KEY = b"dynoracle.shard"  # Parquet key-value metadata: {"shard": i, "job": job_identity(run.json)}
-_JOB_KEYS = ("identity", "dataset_fingerprint", "model_fingerprint", "dtype")
+_JOB_KEYS = ("identity", "scoring", "dataset_fingerprint", "model_fingerprint", "dtype")
 # The temporary files `write_atomic` makes for the files a run writes (`.<name>.<random>.tmp`).
-OWN_TEMP = {"": re.compile(r"\.(run\.json|configs\.parquet)\.[A-Za-z0-9_]+\.tmp"),
-             "generations": re.compile(r"\.shard=\d{5}\.parquet\.[A-Za-z0-9_]+\.tmp")}
+OWN_TEMP = re.compile(r"\.(run\.json|configs\.parquet)\.[A-Za-z0-9_]+\.tmp")  # in the run folder
+OWN_SHARD_TEMP = re.compile(r"\.shard=\d{5}\.parquet\.[A-Za-z0-9_]+\.tmp")  # in a task folder
 
 
 class RunLocked(RuntimeError):
@@ -88,8 +88,10 @@ def _differing(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> 
     return names
 
 
-def read_shard(path: Path, shard: int, job: Mapping[str, Any]) -> pa.Table:
+def read_shard(path: Path, shard: int, job: Mapping[str, Any], schema: pa.Schema | None = None) -> pa.Table:
     """Read one shard file with page checksums verified and check it is shard `shard` of the job `job`.
+
+    `schema`: the task's exact schema (default: the generations').
 
     Raises ShardProblem (damaged: unreadable, 0 bytes, other columns, no identity; foreign: another job's
     identity or another shard's index).
@@ -99,7 +101,7 @@ def read_shard(path: Path, shard: int, job: Mapping[str, Any]) -> pa.Table:
     except (OSError, pa.ArrowException) as exc:
         reason = "0 bytes" if path.is_file() and path.stat().st_size == 0 else str(exc).splitlines()[0][:120]
         raise ShardProblem(path, f"unreadable ({reason})") from None
-    if not table.schema.equals(GENERATIONS_SCHEMA, check_metadata=False):
+    if not table.schema.equals(schema or GENERATIONS_SCHEMA, check_metadata=False):
         raise ShardProblem(path, "unexpected columns or types")
     raw = (table.schema.metadata or {}).get(SHARD_METADATA_KEY)
     try:
@@ -114,6 +116,8 @@ def read_shard(path: Path, shard: int, job: Mapping[str, Any]) -> pa.Table:
     if stamp.get("shard") != shard or set(table.column("shard").to_pylist()) - {shard}:
         raise ShardProblem(path, f"holds shard {stamp.get('shard')}, not shard {shard}", foreign=True)
     return table
+
+
 
 
 def shard_table(shard: int, examples: list[Example], configs: list[SkipConfig],
@@ -138,6 +142,12 @@ def shard_table(shard: int, examples: list[Example], configs: list[SkipConfig],
     return pa.Table.from_pydict(columns, schema=GENERATIONS_SCHEMA)
 
 
+def write_shard(path: Path, shard: int, table: pa.Table, job: Mapping[str, Any]) -> None:
+    """Write a shard file atomically, stamped with its index and its job's identity (see `read_shard`)."""
+    stamp = json.dumps({"shard": shard, "job": dict(job)}, sort_keys=True, default=str).encode()
+    write_parquet(table.replace_schema_metadata({**(table.schema.metadata or {}), SHARD_METADATA_KEY: stamp}), path)
+
+
 def configs_table(configs: list[SkipConfig]) -> pa.Table:
     return pa.Table.from_pylist([cfg.to_dict() for cfg in configs], schema=CONFIGS_SCHEMA)
 
@@ -153,12 +163,6 @@ class RunDir:
 
     def shard_path(self, shard: int) -> Path:
         return self.generations / f"shard={shard:05d}.parquet"
-
-    def write_shard(self, shard: int, table: pa.Table, job: Mapping[str, Any]) -> None:
-        """Write a shard atomically, stamped with its index and its job's identity (see `read_shard`)."""
-        stamp = json.dumps({"shard": shard, "job": dict(job)}, sort_keys=True, default=str).encode()
-        metadata = {**(table.schema.metadata or {}), SHARD_METADATA_KEY: stamp}
-        write_parquet(table.replace_schema_metadata(metadata), self.shard_path(shard))
 
     @contextmanager
     def lock(self) -> Iterator[None]:
@@ -210,35 +214,37 @@ class RunDir:
             raise ValueError(f"{self.run_json} is unreadable ({exc}); remove it or choose another --out") from None
 
     def remove_stale_temp_files(self) -> int:
-        """Delete half-written files a killed run left behind (safe: we hold the lock).
+        """Delete half-written files a killed run left behind in the folder and its task folders (we hold the lock).
 
         Only temporary files of the names a run writes are touched; any other `.*.tmp` is not ours.
         """
-        stale = [p for sub, pattern in OWN_TEMP.items() if (self.root / sub).is_dir()
-                 for p in (self.root / sub).iterdir() if pattern.fullmatch(p.name) and p.is_file()]
+        folders = [p for p in self.root.iterdir() if p.is_dir()] if self.root.is_dir() else []
+        stale = [p for folder, pattern in [(self.root, OWN_TEMP), *((f, OWN_SHARD_TEMP) for f in folders)]
+                 for p in folder.iterdir() if pattern.fullmatch(p.name) and p.is_file()]
         for path in stale:
             path.unlink(missing_ok=True)
         return len(stale)
 
-    def shard_problem(self, shard: int, examples: list[Example], configs: list[SkipConfig],
-                      job: Mapping[str, Any]) -> str | None:
-        """Why the shard's file must be (re)computed ('missing', 'unreadable ...', ...), or None when it is whole.
 
-        Raises ShardProblem when the file belongs to another job: that is the user's data, not ours to delete.
-        """
-        path = self.shard_path(shard)
-        if not path.is_file():
-            return "missing"
-        try:
-            table = read_shard(path, shard, job)
-        except ShardProblem as problem:
-            if problem.foreign:
-                raise
-            return problem.reason
-        if table.num_rows != len(examples) * len(configs):
-            return f"{table.num_rows} rows, expected {len(examples) * len(configs)}"
-        expected = {(ex.seq_id, cfg.config_id) for ex in examples for cfg in configs}
-        found = set(zip(table.column("seq_id").to_pylist(), table.column("config_id").to_pylist()))
-        if found != expected or set(table.column("shard").to_pylist()) != {shard}:
-            return "rows of other sequences or configurations"
-        return None
+def table_problem(path: Path, schema: pa.Schema, shard: int, key_columns: tuple[str, ...],
+                  expected: set[tuple], job: Mapping[str, Any]) -> str | None:
+    """Why a shard file must be (re)computed ('missing', 'unreadable ...', ...), or None when it is whole.
+
+    Whole means: readable with page checksums verified (`read_shard`: exactly `schema`, shard `shard` of
+    the job `job`), and one row per key tuple of `expected` (over `key_columns`), no other rows. Raises
+    ShardProblem when the file belongs to another job: that is the user's data, not ours to delete.
+    """
+    if not path.is_file():
+        return "missing"
+    try:
+        table = read_shard(path, shard, job, schema)
+    except ShardProblem as problem:
+        if problem.foreign:
+            raise
+        return problem.reason
+    if table.num_rows != len(expected):
+        return f"{table.num_rows} rows, expected {len(expected)}"
+    found = set(zip(*(table.column(name).to_pylist() for name in key_columns)))
+    if found != expected:
+        return "rows of other sequences or configurations"
+    return None

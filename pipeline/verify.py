@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.rundir import OWN_TEMP, RunDir, ShardProblem, job_identity, read_shard
+from pipeline.rundir import OWN_SHARD_TEMP, RunDir, ShardProblem, job_identity, read_shard
 
 REGENERATE = "rerun the run's `dynoracle run` command to regenerate it"
 RERUN = "rerun the run's `dynoracle run` command"
@@ -69,7 +69,7 @@ def verify_run(run_dir: str | Path, partial: bool = False) -> VerifiedRun:
     owned = {run.shard_path(i).name for i in range(count)}
     present = sorted(p.name for p in run.generations.iterdir()) if run.generations.is_dir() else []
     for name in present:
-        if name not in owned and not OWN_TEMP["generations"].fullmatch(name):
+        if name not in owned and not OWN_SHARD_TEMP.fullmatch(name):
             raise RunFolderError(f"{run.generations / name} is not one of this run's {count} shard files; "
                                  f"move it out of {run.generations}")
     missing = [i for i in range(count) if run.shard_path(i).name not in present]

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.configs import build_configs
-from pipeline.rundir import GENERATIONS_SCHEMA, RunDir, job_identity
+from pipeline.rundir import GENERATIONS_SCHEMA, RunDir, job_identity, write_shard
 
 L = 6
 MAX_NEW_TOKENS = 24
@@ -59,7 +59,7 @@ def write_run(root: Path, job: dict, shards: list[pa.Table]) -> dict:
     (root / "run.json").write_text(json.dumps(record))
     run = RunDir(root)
     for index, table in enumerate(shards):
-        run.write_shard(index, table.cast(GENERATIONS_SCHEMA), job_identity(record))
+        write_shard(run.shard_path(index), index, table.cast(GENERATIONS_SCHEMA), job_identity(record))
     return record
 
 

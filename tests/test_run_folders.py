@@ -20,8 +20,9 @@ from typer.testing import CliRunner
 from handmade_run import make_run
 from pipeline import atomic
 from pipeline.cli import app
-from pipeline.rundir import RunDir, job_identity
-from pipeline.runner import _shards_to_compute
+from pipeline.executor import shards_to_compute
+from pipeline.generation import GenerateTask
+from pipeline.rundir import RunDir, job_identity, write_shard
 
 READERS = {
     "reduce": lambda run, *extra: ["reduce", str(run), *extra],
@@ -109,7 +110,7 @@ def test_a_shard_of_another_job_is_refused(run: Path, tmp_path: Path, reader: st
     record["identity"]["max_new_tokens"] = 7
     (other / "run.json").write_text(json.dumps(record))
     table = pq.read_table(run / "generations" / "shard=00001.parquet")
-    RunDir(other).write_shard(1, table, job_identity(record))
+    write_shard(RunDir(other).shard_path(1), 1, table, job_identity(record))
     shutil.copy(other / "generations" / "shard=00001.parquet", run / "generations" / "shard=00001.parquet")
     refused(READERS[reader](run), run, f"shard file {run / 'generations' / 'shard=00001.parquet'} belongs to "
             "another job (identity.max_new_tokens differ); remove it, or move it to its own run folder")
@@ -172,7 +173,7 @@ def test_runner_refuses_a_foreign_shard_before_deleting_or_writing(run: Path) ->
               "model_fingerprint": "toy-weights", "dtype": "float32"}
     before = folder_hash(run)
     with pytest.raises(ValueError) as caught:
-        _shards_to_compute(RunDir(run), [[], []], [], job_identity(record))
+        shards_to_compute(GenerateTask((), 1, "full", 1, 1), RunDir(run), [[], []], job_identity(record))
     assert str(caught.value) == (
         f"run folder {run} holds a shard file of a different job: {run / 'generations' / 'shard=00001.parquet'}: "
         "belongs to another job (identity.max_new_tokens differ); choose another --name or --out, or remove the folder")
