@@ -230,16 +230,19 @@ def test_scoring_recorded_and_a_resume_with_other_scoring_refused(reference, job
 
 def test_sigterm_stops_like_ctrl_c(job_file, tmp_path):
     """SIGTERM (a scheduler's stop) ends the run with one line and code 130; what is on disk is whole."""
-    out = tmp_path / "run"
-    run = subprocess.Popen([*CLI, "--job", str(job_file), "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for(lambda: (out / "run.json").is_file() or run.poll() is not None, 180, "the run to start its workers")
-        run.send_signal(signal.SIGTERM)
-        _, err = run.communicate(timeout=120)
-    finally:
-        if run.poll() is None:
-            run.kill()
+    out, log_file = tmp_path / "run", tmp_path / "stderr.log"
+    with log_file.open("w") as err_handle:
+        run = subprocess.Popen([*CLI, "--job", str(job_file), "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=err_handle, text=True)
+        try:  # Ray is up and the workers are starting: the moment a stop used to end in Ray's stack dump
+            _wait_for(lambda: "starting 2 CPU workers" in log_file.read_text() or run.poll() is not None, 600,
+                      "the run to start its workers")
+            run.send_signal(signal.SIGTERM)
+            run.wait(300)
+        finally:
+            if run.poll() is None:
+                run.kill()
+    err = log_file.read_text()
     assert run.returncode == 130, err
     assert err.strip().splitlines()[-1] == ("error: interrupted; the shard files written so far are whole: rerun the "
                                             "same command to resume")
