@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
@@ -29,11 +31,10 @@ import pyarrow as pa
 import ray
 from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
-from pipeline.atomic import write_parquet
 from pipeline.data import Example
 from pipeline.job import JobSpec
 from pipeline.models import LoadedModel
-from pipeline.rundir import RunDir, table_problem
+from pipeline.rundir import RunDir, ShardProblem, table_problem, write_shard
 from pipeline.worker import ShardWorker
 
 MAX_ATTEMPTS = 3
@@ -74,10 +75,12 @@ class ShardTask(ABC):
     def shard_path(self, run: RunDir, shard: int) -> Path:
         return run.root / self.folder / f"shard={shard:05d}.parquet"
 
-    def shard_problem(self, run: RunDir, shard: int, examples: list[Example]) -> str | None:
-        """Why the shard's file cannot be trusted ('missing', 'unreadable: ...', ...), or None when it is whole."""
+    def shard_problem(self, run: RunDir, shard: int, examples: list[Example], job: dict[str, Any]) -> str | None:
+        """Why the shard's file must be (re)computed ('missing', 'unreadable ...', ...), or None when it is whole.
+
+        Raises ShardProblem for a file of another job `job` (see `table_problem`)."""
         return table_problem(self.shard_path(run, shard), self.schema, shard, self.key_columns,
-                             self.expected_keys(examples))
+                             self.expected_keys(examples), job)
 
 
 @dataclass
@@ -211,6 +214,19 @@ class ShardDispatcher:
             idle.append(worker)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def sigterm_as_interrupt() -> None:
+    """Treat SIGTERM like Ctrl-C: unwind (lock released, actors killed, Ray shut down), no stack dump.
+
+    Called again after `ray.init`, which installs its own SIGTERM handler (a bare `sys.exit`).
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
 @contextmanager
 def ray_session(address: str | None) -> Iterator[None]:
     """Join a cluster (`address`, or RAY_ADDRESS) or start a private local Ray; reuse one already joined."""
@@ -222,6 +238,7 @@ def ray_session(address: str | None) -> Iterator[None]:
         ray.init(address=address, **quiet)
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
+    sigterm_as_interrupt()
     try:
         yield
     finally:
@@ -251,12 +268,15 @@ def start_workers(spec: JobSpec) -> Iterator[tuple[list[Any], list[dict]]]:
 
 
 def execute(task: ShardTask, run: RunDir, shards: list[list[Example]], workers: list[Any], infos: list[dict],
-            on_dispatch: Callable[[ShardDispatcher], None] | None = None) -> ExecSummary:
+            job: dict[str, Any], on_dispatch: Callable[[ShardDispatcher], None] | None = None,
+            todo: list[int] | None = None) -> ExecSummary:
     """Compute every shard of `task` whose file is missing or invalid; the caller holds the run folder's lock.
 
-    `on_dispatch(dispatcher)` runs after each finished shard (tests use it to kill a busy worker).
+    `job` is the identity each shard file is stamped with (`rundir.job_identity`); `todo` the shards to
+    compute when the caller has already checked them (`shards_to_compute`). `on_dispatch(dispatcher)` runs
+    after each finished shard (tests use it to kill a busy worker).
     """
-    todo = _shards_to_compute(task, run, shards)
+    todo = shards_to_compute(task, run, shards, job) if todo is None else todo
     start = time.monotonic()
     dispatcher = ShardDispatcher(workers, [info["pid"] for info in infos])
     progress = Progress(len(shards), len(shards) - len(todo), sum(len(shards[i]) for i in todo))
@@ -266,24 +286,28 @@ def execute(task: ShardTask, run: RunDir, shards: list[list[Example]], workers: 
         return worker.run.remote(task_ref, shard, shards[shard])
 
     def done(shard: int, worker: int, table: pa.Table, seconds: float) -> None:
-        write_parquet(table, task.shard_path(run, shard))
+        write_shard(task.shard_path(run, shard), shard, table, job)
         progress.shard_done(shard, worker, len(shards[shard]), task.tokens(table), seconds)
 
     dispatcher.run(todo, submit, done, on_dispatch)
     return ExecSummary(len(shards), len(shards) - len(todo), len(todo), progress.tokens, time.monotonic() - start)
 
 
-def _shards_to_compute(task: ShardTask, run: RunDir, shards: list[list[Example]]) -> list[int]:
-    """Indices of shards with no valid file; invalid files are deleted (they will be rewritten whole)."""
-    todo = []
-    for index, examples in enumerate(shards):
-        problem = task.shard_problem(run, index, examples)
-        if problem is None:
-            continue
-        if problem != "missing":
-            log(f"{task.folder} shard {index:05d}: {problem}; removed, will recompute")
+def shards_to_compute(task: ShardTask, run: RunDir, shards: list[list[Example]], job: dict[str, Any]) -> list[int]:
+    """Indices of shards with no valid file; invalid files are deleted (they will be rewritten whole).
+
+    A shard file of another job makes the run refuse (ValueError) before anything is deleted or written.
+    """
+    try:
+        problems = {index: task.shard_problem(run, index, examples, job) for index, examples in enumerate(shards)}
+    except ShardProblem as foreign:
+        raise ValueError(f"run folder {run.root} holds a shard file of a different job: {foreign}; "
+                         "choose another --name or --out, or remove the folder") from None
+    todo = [index for index, problem in problems.items() if problem is not None]
+    for index in todo:
+        if problems[index] != "missing":
+            log(f"{task.folder} shard {index:05d}: {problems[index]}; removed, will recompute")
             task.shard_path(run, index).unlink()
-        todo.append(index)
     log(f"{task.folder}: {len(shards) - len(todo)} of {len(shards)} shards already complete (skipped), "
         f"computing {len(todo)}")
     return todo

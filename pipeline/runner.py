@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import os
 import platform
 import subprocess
 import time
@@ -21,16 +22,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import ray
+import torch
 
 from pipeline.atomic import write_json, write_parquet
 from pipeline.configs import build_configs
 from pipeline.data import Example, load_examples, shard_examples
-from pipeline.executor import (ExecSummary, RunError, ShardDispatcher, ShardTask, execute, log, ray_session,
-                               start_workers)
+from pipeline.executor import (ExecSummary, RunError, ShardDispatcher, ShardTask, execute, log, plan_workers,
+                               ray_session, shards_to_compute, start_workers)
 from pipeline.generation import GenerateTask
 from pipeline.job import JobSpec, job_from_dict
 from pipeline.models import load_tokenizer
-from pipeline.rundir import RunDir, configs_table
+from pipeline.preflight import check_job
+from pipeline.rundir import RunDir, configs_table, job_identity
 from pipeline.scoring import mostly_dropped
 
 __all__ = ["RunError", "RunSummary", "run_job", "run_task"]
@@ -100,8 +103,11 @@ def run_job(spec: JobSpec, address: str | None = None,
     """
     start = time.monotonic()
     run = RunDir(spec.run_dir)
-    examples = load_examples(spec.dataset, load_tokenizer(spec.model))  # before the folder exists: bad data
-    shards = shard_examples(examples, spec.shard_size)                  # leaves no empty run folder behind
+    examples = load_examples(spec.dataset, load_tokenizer(spec.model, spec.trust_remote_code))  # before the folder
+    shards = shard_examples(examples, spec.shard_size)                  # exists: bad data leaves no run folder behind
+    check_job(spec, examples)
+    if not (address or os.environ.get("RAY_ADDRESS")):  # a local Ray gets exactly these resources
+        plan_workers(spec, {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()})
     data_print = dataset_fingerprint(examples)
     if spec.scoring.tokenizer == "default":
         _warn_non_latin(examples)
@@ -128,11 +134,12 @@ def run_job(spec: JobSpec, address: str | None = None,
                           "dtype": dtype, "num_layers": num_layers, "dataset_fingerprint": data_print, "sequences": len(examples),
                           "configs": len(configs), "shards": len(shards), "versions": _versions(),
                           "git_sha": _git_sha(), "started": _now(), "finished": None, "workers": infos}
-                write_parquet(configs_table(configs), run.configs)
-                write_json(record, run.run_json)
                 task = GenerateTask(tuple(configs), spec.max_new_tokens, spec.prefill, spec.batch_size, spec.max_rows,
                                     spec.scoring)
-                done = execute(task, run, shards, workers, infos, on_dispatch)
+                todo = shards_to_compute(task, run, shards, job_identity(record))  # before run.json claims the folder
+                write_parquet(configs_table(configs), run.configs)
+                write_json(record, run.run_json)
+                done = execute(task, run, shards, workers, infos, job_identity(record), on_dispatch, todo)
         write_json({**record, "finished": _now(), "rows": len(examples) * len(configs)}, run.run_json)
     return RunSummary(run.root, done.shards, done.skipped, done.computed, len(examples) * len(configs), done.tokens,
                       done.seconds, time.monotonic() - start)
@@ -170,7 +177,7 @@ def run_task(run_dir: str | Path, make_task: Callable[[JobSpec, dict[str, Any]],
         raise ValueError(f"{run.root} holds no finished run (run.json missing or unfinished); "
                          f"finish it first with `dynoracle run`")
     spec = job_from_dict({**record["job"], "workers": workers or record["job"].get("workers")})
-    examples = load_examples(spec.dataset, load_tokenizer(spec.model))
+    examples = load_examples(spec.dataset, load_tokenizer(spec.model, spec.trust_remote_code))
     if dataset_fingerprint(examples) != record["dataset_fingerprint"]:
         raise ValueError(f"the dataset of {run.root} changed since it ran; its rows would not line up")
     shards = shard_examples(examples, spec.shard_size)
@@ -182,4 +189,4 @@ def run_task(run_dir: str | Path, make_task: Callable[[JobSpec, dict[str, Any]],
             with start_workers(spec) as (actors, infos):
                 if infos[0]["fingerprint"] != record["model_fingerprint"]:
                     raise RunError(f"the model of {run.root} changed since it ran (fingerprint differs)")
-                return execute(task, run, shards, actors, infos)
+                return execute(task, run, shards, actors, infos, job_identity(record))

@@ -32,7 +32,7 @@ class ShardWorker:
             torch.set_num_threads(cpu_threads)  # the actor's CPU share, not every core of the node
         self.spec = spec
         self.device = device
-        self.lm = load_model(spec.model, spec.dtype, device)
+        self.lm = load_model(spec.model, spec.dtype, device, spec.trust_remote_code)
 
     def info(self) -> dict:
         """What the driver needs before dispatching: the model's depth and fingerprint, and where we run."""

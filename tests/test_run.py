@@ -226,3 +226,27 @@ def test_scoring_recorded_and_a_resume_with_other_scoring_refused(reference, job
     warning = capsys.readouterr().err
     assert "warning: 2 of 2 references (first world-000000) are mostly outside [a-z0-9]" in warning
     assert 'set tokenizer = "unicode" in [scoring]' in warning
+
+
+def test_sigterm_stops_like_ctrl_c(job_file, tmp_path):
+    """SIGTERM (a scheduler's stop) ends the run with one line and code 130; what is on disk is whole."""
+    out, log_file = tmp_path / "run", tmp_path / "stderr.log"
+    with log_file.open("w") as err_handle:
+        run = subprocess.Popen([*CLI, "--job", str(job_file), "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=err_handle, text=True)
+        try:  # Ray is up and the workers are starting: the moment a stop used to end in Ray's stack dump
+            _wait_for(lambda: "starting 2 CPU workers" in log_file.read_text() or run.poll() is not None, 600,
+                      "the run to start its workers")
+            run.send_signal(signal.SIGTERM)
+            run.wait(300)
+        finally:
+            if run.poll() is None:
+                run.kill()
+    err = log_file.read_text()
+    assert run.returncode == 130, err
+    assert err.strip().splitlines()[-1] == ("error: interrupted; the shard files written so far are whole: rerun the "
+                                            "same command to resume")
+    assert "Traceback" not in err
+    assert not list(out.rglob(".*.tmp"))
+    for shard in _shard_files(out):
+        assert pq.read_table(shard, page_checksum_verification=True).num_rows == 2 * len(CONFIG_IDS)
