@@ -70,7 +70,7 @@ def describe_nodes(nodes: list[dict[str, float]]) -> str:
     if not nodes:
         return "no nodes"
     sizes = Counter(_describe_bundle(node) for node in nodes)
-    listed = ", ".join(f"{count} x {size}" for size, count in sizes.items())
+    listed = ", ".join(f"{count} x {size}" for size, count in sorted(sizes.items()))
     return f"{len(nodes)} node{'s' if len(nodes) > 1 else ''}: {listed}"
 
 

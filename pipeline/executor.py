@@ -318,9 +318,10 @@ def start_workers(spec: JobSpec, session: RaySession) -> Iterator[WorkerPool]:
                            f"the cluster has {describe_nodes(alive_nodes())}")
         log(f"starting {plan.describe()} with {spec.model} (dtype {spec.dtype})")
         env = worker_env()
-        actor = ray.remote(ShardWorker).options(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_restarts=-1,
-                                                max_task_retries=0, runtime_env={"env_vars": env} if env else None)
-        actors = [actor.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group, index))
+        options = {"num_cpus": plan.num_cpus, "num_gpus": plan.num_gpus, "max_restarts": -1, "max_task_retries": 0,
+                   "runtime_env": {"env_vars": env} if env else None}
+        actors = [ray.remote(ShardWorker).options(
+                      **options, scheduling_strategy=PlacementGroupSchedulingStrategy(group, index))
                   .remote(spec, plan.device, plan.threads) for index in range(plan.count)]
         try:
             pool = WorkerPool(actors, plan, spec.start_timeout)
