@@ -102,7 +102,7 @@ def run(
     name: Optional[str] = typer.Option(None, "--name", help="Run name (and folder outputs/<name>)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (auto, or host:port); default a private local Ray."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Local data root; default $DYNORACLE_DATA_DIR."),
-    start_timeout: Optional[float] = typer.Option(None, "--start-timeout", help="Seconds to wait for workers to be placed or to come back (default 600)."),
+    start_timeout: Optional[float] = typer.Option(None, "--start-timeout", help="Seconds to wait for workers to be placed and load the model, or to come back after a loss (default 600)."),
 ) -> None:
     """Generate and score every (sequence, configuration) of a job into sharded Parquet; reruns resume."""
     from pipeline.job import load_job

@@ -44,7 +44,7 @@ class JobSpec:
     max_rows: int = DEFAULT_MAX_ROWS  # engine rows (prompt x layer set) decoded together
     shard_size: int = 64  # examples per shard file, the unit of work and of resume
     workers: int | None = None  # None: one per GPU, or one CPU worker
-    start_timeout: float = 600.0  # seconds to wait for workers to be placed, or for a lost one to come back
+    start_timeout: float = 600.0  # seconds to wait for workers to be placed and load the model, or to come back
     out: str = ""
 
     def __post_init__(self) -> None:

@@ -173,7 +173,8 @@ def test_unplaceable_workers_fail_in_one_line_within_the_time_limit(cluster, job
     has = "the cluster has 4 nodes: 1 x 0 CPU, 3 x 1 CPU"
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"error: could not place {asked} within 3 s; {has}"
-    assert f"waiting up to 3 s for the cluster to make room for {asked}; {has} (an autoscaler may add nodes)" in result.stderr
+    waiting = f"waiting up to 3 s for the cluster to make room for {asked}; {has} (an autoscaler may add nodes)"
+    assert waiting in result.stderr
     assert elapsed < 90 and not out.exists()
 
 
@@ -240,7 +241,7 @@ def _kill_tree(pid: int) -> None:
 def test_without_address_a_private_ray_even_beside_a_running_cluster(job_file, reference, tmp_path):
     """`ray start --head` (1 CPU) runs here; a run without --address must neither join it nor fail on it.
 
-    Joining would fail: the job's 2 workers do not fit 1 CPU (error after --start-timeout). RAY_TMPDIR points
+    Joining would not work: the job's 2 workers do not fit its 1 CPU (the run would wait for room). RAY_TMPDIR points
     `ray.init()`'s cluster discovery at that cluster's address file, as /tmp/ray would for a default one.
     """
     ray_tmp = tempfile.mkdtemp(prefix="dyn", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
@@ -254,10 +255,83 @@ def test_without_address_a_private_ray_even_beside_a_running_cluster(job_file, r
             time.sleep(0.2)
         assert address_file.is_file(), "ray start --head did not come up"
         out = tmp_path / "run"
-        result = subprocess.run([*CLI, "--job", str(job_file), "--out", str(out), "--start-timeout", "5"],
+        result = subprocess.run([*CLI, "--job", str(job_file), "--out", str(out)],
                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
         assert read_rows(out) == reference
     finally:
         _kill_tree(head.pid)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+class ScriptedWorker:
+    """A stand-in worker: shard `s` raises while `raises[s]` tries remain, or kills its own process while
+    `deaths[s]` remain (counted in files, which outlive the process)."""
+
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "node_id": "local", "fingerprint": "same", "dtype": "float32"}
+
+    def _spend(self, kind: str, shard: int, budget: dict[int, int]) -> bool:
+        marker = self.folder / f"{kind}-{shard}"
+        spent = len(marker.read_text()) if marker.exists() else 0
+        if spent >= budget.get(shard, 0):
+            return False
+        marker.write_text("x" * (spent + 1))
+        return True
+
+    def run(self, shard: int, raises: dict[int, int], deaths: dict[int, int]) -> int:
+        if self._spend("death", shard, deaths):
+            os._exit(1)
+        if self._spend("raise", shard, raises):
+            raise ValueError(f"broken shard {shard}")
+        return shard * 10
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A private 1-CPU Ray whose workers get this module's classes by value (tests/ is not importable there)."""
+    import ray
+    from ray import cloudpickle
+
+    module = sys.modules[__name__]
+    cloudpickle.register_pickle_by_value(module)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+    cloudpickle.unregister_pickle_by_value(module)
+
+
+@pytest.mark.parametrize("raises, deaths, error", [
+    ({1: 2}, {2: 3}, None),  # raising twice, then fine; three deaths (MAX_ATTEMPTS) do not count against a shard
+    ({1: 3}, {}, "shard 1 failed 3 times, last on worker 0: ValueError: broken shard 1"),
+])
+def test_only_the_shards_own_exceptions_count(local_ray, tmp_path, raises, deaths, error):
+    import ray
+
+    from pipeline.cluster import WorkerPlan
+    from pipeline.executor import RunError, ShardDispatcher, WorkerPool
+
+    actor = ray.remote(ScriptedWorker).options(num_cpus=1, max_restarts=-1, max_task_retries=0).remote(str(tmp_path))
+    pool = WorkerPool([actor], WorkerPlan(1, "cpu", 1, 0, 1), timeout=120)
+    pool.start()
+    results: dict[int, int] = {}
+    dispatcher = ShardDispatcher(pool)
+
+    def run() -> None:
+        dispatcher.run([0, 1, 2, 3], lambda worker, shard: worker.run.remote(shard, raises, deaths),
+                       lambda shard, worker, result, seconds: results.__setitem__(shard, result))
+
+    try:
+        if error is None:
+            run()
+            assert results == {0: 0, 1: 10, 2: 20, 3: 30}
+            assert (tmp_path / "death-2").read_text() == "xxx" and (tmp_path / "raise-1").read_text() == "xx"
+        else:
+            with pytest.raises(RunError) as caught:
+                run()
+            assert str(caught.value) == error and 1 not in results
+    finally:
+        ray.kill(actor)
