@@ -112,7 +112,7 @@ def run(
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Run folder; default outputs/<name>."),
     name: Optional[str] = typer.Option(None, "--name", help="Run name (and folder outputs/<name>)."),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (auto, or host:port); default local."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (auto, or host:port); default a private local Ray."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Local data root; default $DYNORACLE_DATA_DIR."),
     path: Optional[str] = typer.Option(None, "--file", "--path", help="File (dataset file) or hub id (dataset hub)."),
     prompt_column: Optional[str] = typer.Option(None, "--prompt-column", help="Prompt column (file, hub)."),
@@ -128,6 +128,7 @@ def run(
                                                        "cnn_dailymail and samsum only."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="ROUGE tokenizer: default (rouge_score's, "
                                             "a-z and 0-9 only) or unicode (letters and digits of every script)."),
+    start_timeout: Optional[float] = typer.Option(None, "--start-timeout", help="Seconds to wait for workers to be placed and load the model, or to come back after a loss (default 600)."),
 ) -> None:
     """Generate and score every (sequence, configuration) of a job into sharded Parquet; reruns resume.
 
@@ -135,13 +136,14 @@ def run(
     """
     from pipeline.job import load_job
     from pipeline.rundir import RunLocked
-    from pipeline.executor import sigterm_as_interrupt
+    from pipeline.cluster import sigterm_as_interrupt
     from pipeline.runner import RunError, run_job
 
     overrides = {"name": name, "model": model, "families": families, "config_ids": config_ids,
                  "max_new_tokens": max_new_tokens, "batch_size": batch_size, "shard_size": shard_size,
                  "workers": workers, "prefill": prefill, "dtype": dtype, "device": device, "out": out,
                  "trust_remote_code": trust_remote_code or None,
+                 "start_timeout": start_timeout,
                  "dataset": {"split": split, "limit": limit, "data_dir": data_dir, "path": path,
                              "prompt_column": prompt_column, "reference_column": reference_column,
                              "prompt_budget": prompt_budget, "prompt_format": prompt_format},

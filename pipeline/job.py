@@ -48,6 +48,7 @@ class JobSpec:
     shard_size: int = 64  # examples per shard file, the unit of work and of resume
     workers: int | None = None  # None: one per GPU, or one CPU worker
     scoring: ScoringOptions = ScoringOptions()  # [scoring]: stemming, sentence_split, tokenizer
+    start_timeout: float = 600.0  # seconds to wait for workers to be placed and load the model, or to come back
     out: str = ""
     trust_remote_code: bool = False  # run a model folder's own Python code (recorded in run.json); off by default
 
@@ -112,6 +113,9 @@ def _validate(spec: JobSpec) -> None:
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
     if spec.workers is not None and (not isinstance(spec.workers, int) or spec.workers < 1):
         raise ValueError(f"workers must be a positive integer, got {spec.workers!r}")
+    if isinstance(spec.start_timeout, bool) or not isinstance(spec.start_timeout, (int, float)) \
+            or not spec.start_timeout > 0:
+        raise ValueError(f"start_timeout must be a positive number of seconds, got {spec.start_timeout!r}")
     limit = spec.dataset.limit
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"dataset.limit must be a positive integer, got {limit!r}")

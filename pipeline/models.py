@@ -20,7 +20,8 @@ from typing import Iterator
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase, PreTrainedTokenizerFast)
 
 from pipeline.random_models import build_random_model, is_random, random_config
 
@@ -108,8 +109,17 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def _gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer a GGUF file describes, built from its metadata alone (~1 s; no tensor is read).
+
+    `AutoTokenizer` would first parse the whole file for the model config (~20 s for the embedded model)
+    only to pick this same fast-tokenizer class.
+    """
+    return PreTrainedTokenizerFast.from_pretrained(path.parent, gguf_file=path.name)
+
+
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+    tokenizer = _gguf_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, trust_remote_code=False)
     return model, tokenizer
 
@@ -186,12 +196,17 @@ def _embedded_folder() -> Path:
 
 
 def load_tokenizer(name: str = EMBEDDED_MODEL, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """The tokenizer alone (same sources as `load_model`): prompts can be built and checked without weights.
-    Random models (`random:<shape>`) speak the embedded tokenizer's ids.
+    """The tokenizer alone (same sources as `load_model`): the driver builds prompts without loading weights.
 
-    Remote code (a model folder's own Python) runs only with `trust_remote_code`, never after a prompt.
+    GGUF models, the embedded one included, give it from the file's metadata, without dequantising; random
+    models (`random:<shape>`) speak the embedded tokenizer's ids. Remote code (a model folder's own Python)
+    runs only with `trust_remote_code`, never after a prompt. Raises FileNotFoundError for a missing GGUF file.
     """
+    if name == EMBEDDED_MODEL or is_random(name):
+        return _gguf_tokenizer(embedded_gguf_path())
     source, extra = _source(name)
+    if "gguf_file" in extra:
+        return _gguf_tokenizer(Path(name))
     with _remote_code_refused(name):
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
 

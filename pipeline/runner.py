@@ -27,8 +27,9 @@ import torch
 from pipeline.atomic import write_json, write_parquet
 from pipeline.configs import build_configs
 from pipeline.data import Example, load_examples, shard_examples
-from pipeline.executor import (ExecSummary, RunError, ShardDispatcher, ShardTask, execute, log, plan_workers,
-                               ray_session, shards_to_compute, start_workers)
+from pipeline.cluster import describe_nodes, plan_workers, ray_session
+from pipeline.executor import (ExecSummary, RunError, ShardDispatcher, ShardTask, execute, log, shards_to_compute,
+                               start_workers)
 from pipeline.generation import GenerateTask
 from pipeline.job import JobSpec, job_from_dict
 from pipeline.models import load_tokenizer
@@ -106,8 +107,11 @@ def run_job(spec: JobSpec, address: str | None = None,
     examples = load_examples(spec.dataset, load_tokenizer(spec.model, spec.trust_remote_code))  # before the folder
     shards = shard_examples(examples, spec.shard_size)                  # exists: bad data leaves no run folder behind
     check_job(spec, examples)
-    if not (address or os.environ.get("RAY_ADDRESS")):  # a local Ray gets exactly these resources
-        plan_workers(spec, {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()})
+    if not (address or os.environ.get("RAY_ADDRESS")):  # a private local Ray gets exactly these resources
+        local = [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
+        plan = plan_workers(spec, local)
+        if not plan.fits(local):
+            raise ValueError(f"cannot place {plan.describe()} on this machine ({describe_nodes(local)})")
     data_print = dataset_fingerprint(examples)
     if spec.scoring.tokenizer == "default":
         _warn_non_latin(examples)
@@ -117,9 +121,10 @@ def run_job(spec: JobSpec, address: str | None = None,
         _check_same(previous, "dataset_fingerprint", data_print, run.root)
         if run.remove_stale_temp_files():
             log("removed half-written files of an interrupted run")
-        with ray_session(address):
+        with ray_session(address) as session:
             log(f"{spec.name}: {len(examples)} sequences in {len(shards)} shards")
-            with start_workers(spec) as (workers, infos):
+            with start_workers(spec, session) as pool:
+                infos = pool.infos
                 num_layers, model_print, dtype = infos[0]["num_layers"], infos[0]["fingerprint"], infos[0]["dtype"]
                 log(f"model loaded: {num_layers} layers, {dtype}")
                 _check_same(previous, "dtype", dtype, run.root)
@@ -139,7 +144,7 @@ def run_job(spec: JobSpec, address: str | None = None,
                 todo = shards_to_compute(task, run, shards, job_identity(record))  # before run.json claims the folder
                 write_parquet(configs_table(configs), run.configs)
                 write_json(record, run.run_json)
-                done = execute(task, run, shards, workers, infos, job_identity(record), on_dispatch, todo)
+                done = execute(task, run, shards, pool, job_identity(record), on_dispatch, todo)
         write_json({**record, "finished": _now(), "rows": len(examples) * len(configs)}, run.run_json)
     return RunSummary(run.root, done.shards, done.skipped, done.computed, len(examples) * len(configs), done.tokens,
                       done.seconds, time.monotonic() - start)
@@ -185,8 +190,8 @@ def run_task(run_dir: str | Path, make_task: Callable[[JobSpec, dict[str, Any]],
     with run.lock():
         if run.remove_stale_temp_files():
             log("removed half-written files of an interrupted run")
-        with ray_session(address):
-            with start_workers(spec) as (actors, infos):
-                if infos[0]["fingerprint"] != record["model_fingerprint"]:
+        with ray_session(address) as session:
+            with start_workers(spec, session) as pool:
+                if pool.infos[0]["fingerprint"] != record["model_fingerprint"]:
                     raise RunError(f"the model of {run.root} changed since it ran (fingerprint differs)")
-                return execute(task, run, shards, actors, infos, job_identity(record))
+                return execute(task, run, shards, pool, job_identity(record))

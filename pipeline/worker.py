@@ -13,11 +13,12 @@ import socket
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
+import ray
 import torch
 
 from pipeline.data import Example
 from pipeline.job import JobSpec
-from pipeline.models import load_model
+from pipeline.models import cache_dir, load_model
 from pipeline.scoring import sentence_splitter
 
 if TYPE_CHECKING:
@@ -39,6 +40,8 @@ class ShardWorker:
         return {
             "pid": os.getpid(),
             "host": socket.gethostname(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "cache": str(cache_dir()),  # DYNORACLE_CACHE as the driver set it, if it did (runtime_env)
             "device": self.device,
             "threads": torch.get_num_threads(),
             "dtype": self.lm.dtype,

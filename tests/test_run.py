@@ -111,7 +111,7 @@ def test_worker_killed_mid_shard(reference, job_file, tmp_path, capsys):
     def kill_newest_shard_worker(dispatcher) -> None:
         busy = dispatcher.busy()
         if not killed and busy:
-            killed.append(busy[max(busy)])
+            killed.append(busy[max(busy)]["pid"])
             os.kill(killed[0], signal.SIGKILL)
 
     summary = run_job(load_job(job_file, overrides={"out": str(tmp_path / "run")}), on_dispatch=kill_newest_shard_worker)
