@@ -36,6 +36,7 @@ from pipeline.job import JobSpec
 from pipeline.models import load_tokenizer
 from pipeline.atomic import write_json, write_parquet
 from pipeline.rundir import RunDir, configs_table
+from pipeline.scoring import mostly_dropped
 from pipeline.worker import ShardGenerator
 
 MAX_ATTEMPTS = 3
@@ -271,6 +272,8 @@ def run_job(spec: JobSpec, address: str | None = None,
     examples = load_examples(spec.dataset, load_tokenizer(spec.model))  # before the folder exists: bad data
     shards = shard_examples(examples, spec.shard_size)                  # leaves no empty run folder behind
     data_print = dataset_fingerprint(examples)
+    if spec.scoring.tokenizer == "default":
+        _warn_non_latin(examples)
     with run.lock():
         previous = run.read_run_json()
         _check_same(previous, "identity", spec.identity(), run.root)
@@ -289,8 +292,10 @@ def run_job(spec: JobSpec, address: str | None = None,
                 log(f"model loaded: {num_layers} layers, {dtype}")
                 _check_same(previous, "dtype", dtype, run.root)
                 _check_same(previous, "model_fingerprint", model_print, run.root)
+                scoring = _scoring_record(spec, examples, infos)
+                _check_same(previous, "scoring", scoring, run.root)
                 configs = spec.select_configs(build_configs(num_layers, spec.families, spec.rls_seeds))
-                record = {"job": spec.to_dict(), "identity": spec.identity(), "model_fingerprint": model_print,
+                record = {"job": spec.to_dict(), "identity": spec.identity(), "scoring": scoring, "model_fingerprint": model_print,
                           "dtype": dtype, "num_layers": num_layers, "dataset_fingerprint": data_print, "sequences": len(examples),
                           "configs": len(configs), "shards": len(shards), "versions": _versions(),
                           "git_sha": _git_sha(), "started": _now(), "finished": None, "workers": infos}
@@ -301,6 +306,24 @@ def run_job(spec: JobSpec, address: str | None = None,
         write_json({**record, "finished": _now(), "rows": summary.rows}, run.run_json)
     summary.elapsed_s = time.monotonic() - start
     return summary
+
+
+def _warn_non_latin(examples: list[Example]) -> None:
+    """One line when the default ROUGE tokenizer would drop most of some references (they would score 0)."""
+    dropped = [ex.seq_id for ex in examples if any(mostly_dropped(text) for text in ex.references)]
+    if dropped:
+        log(f"warning: {len(dropped)} of {len(examples)} references (first {dropped[0]}) are mostly outside [a-z0-9], "
+            "which the default ROUGE tokenizer drops; set tokenizer = \"unicode\" in [scoring] (--tokenizer unicode)")
+
+
+def _scoring_record(spec: JobSpec, examples: list[Example], infos: list[dict]) -> dict[str, Any]:
+    """The scoring as run: the job's options with sentence splitting resolved, and the workers' sentence splitter."""
+    split = spec.scoring.sentence_split if spec.scoring.sentence_split is not None else examples[0].summary
+    splitters = sorted({info["sentence_splitter"] for info in infos})
+    if split and len(splitters) > 1:
+        raise RunError(f"workers split sentences differently ({', '.join(splitters)}): install nltk's punkt data "
+                       "on every node, or on none")
+    return {**spec.scoring.to_dict(), "sentence_split": split, "sentence_splitter": splitters[0] if split else None}
 
 
 def _shards_to_compute(run: RunDir, shards: list[list[Example]], configs: list[SkipConfig]) -> list[int]:

@@ -22,7 +22,7 @@ from pipeline.engine import Generation, generate
 from pipeline.job import JobSpec
 from pipeline.models import load_model
 from pipeline.rundir import shard_table
-from pipeline.scoring import score
+from pipeline.scoring import score, sentence_splitter
 
 
 class ShardGenerator:
@@ -45,6 +45,7 @@ class ShardGenerator:
             "dtype": self.lm.dtype,
             "num_layers": self.lm.num_layers,
             "fingerprint": self.lm.fingerprint(),
+            "sentence_splitter": sentence_splitter(),
         }
 
     def run_shard(self, shard: int, examples: list[Example], configs: list[SkipConfig]) -> pa.Table:
@@ -62,8 +63,9 @@ class ShardGenerator:
         full = next(k for k, cfg in enumerate(configs) if cfg.config_id == FULL_ID)
         scores = score(
             outputs=[gen.text for per_config in generations for gen in per_config],
-            references=[ex.reference for ex in examples for _ in configs],
+            references=[ex.references for ex in examples for _ in configs],
             full_outputs=[per_config[full].text for per_config in generations for _ in configs],
             summary=[ex.summary for ex in examples for _ in configs],
+            options=spec.scoring,
         )
         return shard_table(shard, examples, configs, generations, scores)
