@@ -10,7 +10,7 @@ import pytest
 from pipeline import models
 from pipeline.configs import build_configs
 from pipeline.job import JOBS_DIR, load_job
-from pipeline.runner import plan_workers
+from pipeline.executor import plan_workers
 
 
 @pytest.mark.parametrize("path", sorted(JOBS_DIR.glob("*.toml")), ids=lambda p: p.stem)

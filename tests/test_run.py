@@ -153,7 +153,7 @@ def test_driver_killed_then_resumed_and_second_run_refused(reference, job_file, 
 
     rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert rerun.returncode == 0, rerun.stderr
-    assert f"shards: {present} of {SHARDS} already complete (skipped), computing {SHARDS - present}" in rerun.stderr
+    assert f"generations: {present} of {SHARDS} shards already complete (skipped), computing {SHARDS - present}" in rerun.stderr
     assert f"next: dynoracle reduce {out} --match-full" in rerun.stdout
     assert read_rows(out) == reference[1]
 
