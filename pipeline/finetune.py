@@ -246,8 +246,10 @@ def _fit(spec: FinetuneSpec, world: int = 1, ray_worker: bool = False) -> dict[s
     lm = load_model(spec.model, "float32")  # the Trainer moves it to its device
     model, tokenizer = lm.model, lm.tokenizer
     config = config_for_id(lm.num_layers, spec.config_id)
-    train = response_rows(dataclasses.replace(spec.dataset, split="train"), tokenizer, spec.max_response_tokens)
-    evaluation = response_rows(dataclasses.replace(spec.dataset, split="validation", limit=spec.eval_limit),
+    # An empty reference is a fine target here (the response is EOS alone), so such rows are kept.
+    data = dataclasses.replace(spec.dataset, empty_references="keep")
+    train = response_rows(dataclasses.replace(data, split="train"), tokenizer, spec.max_response_tokens)
+    evaluation = response_rows(dataclasses.replace(data, split="validation", limit=spec.eval_limit),
                                tokenizer, spec.max_response_tokens)
     skipping = SkippedLayers(model, config, spec.prefill)
     skipping.freeze()

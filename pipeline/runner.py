@@ -11,6 +11,7 @@ the same executor over the same shards: `run_task` reopens the run folder from i
 from __future__ import annotations
 
 import hashlib
+import json
 import importlib.metadata
 import platform
 import subprocess
@@ -23,13 +24,13 @@ from typing import Any, Callable
 import ray
 
 from pipeline.atomic import write_json, write_parquet
-from pipeline.configs import build_configs
+from pipeline.checkpoints import check_checkpoints, with_resolved_checkpoints
 from pipeline.data import Example, load_examples, shard_examples
 from pipeline.executor import (ExecSummary, RunError, ShardDispatcher, ShardTask, execute, log, ray_session,
                                start_workers)
 from pipeline.generation import GenerateTask
 from pipeline.job import JobSpec, job_from_dict
-from pipeline.models import load_tokenizer
+from pipeline.models import load_tokenizer, model_depth
 from pipeline.rundir import RunDir, configs_table
 from pipeline.scoring import mostly_dropped
 
@@ -100,6 +101,10 @@ def run_job(spec: JobSpec, address: str | None = None,
     """
     start = time.monotonic()
     run = RunDir(spec.run_dir)
+    spec = with_resolved_checkpoints(spec)
+    depth = model_depth(spec.model)  # configurations and checkpoints are checked before the folder exists
+    configs = spec.configurations(depth)
+    check_checkpoints(spec, configs, depth)
     examples = load_examples(spec.dataset, load_tokenizer(spec.model))  # before the folder exists: bad data
     shards = shard_examples(examples, spec.shard_size)                  # leaves no empty run folder behind
     data_print = dataset_fingerprint(examples)
@@ -120,15 +125,19 @@ def run_job(spec: JobSpec, address: str | None = None,
                 _check_same(previous, "model_fingerprint", model_print, run.root)
                 scoring = _scoring_record(spec, examples, infos)
                 _check_same(previous, "scoring", scoring, run.root)
-                configs = spec.select_configs(build_configs(num_layers, spec.families, spec.rls_seeds))
+                if num_layers != depth or len({json.dumps(i["checkpoint_fingerprints"]) for i in infos}) > 1:
+                    raise RunError("workers loaded models of another depth or different checkpoints")
+                checkpoint_prints = infos[0]["checkpoint_fingerprints"]
+                _check_same(previous, "checkpoint_fingerprints", checkpoint_prints, run.root)
                 record = {"job": spec.to_dict(), "identity": spec.identity(), "scoring": scoring, "model_fingerprint": model_print,
+                          "checkpoint_fingerprints": checkpoint_prints,
                           "dtype": dtype, "num_layers": num_layers, "dataset_fingerprint": data_print, "sequences": len(examples),
                           "configs": len(configs), "shards": len(shards), "versions": _versions(),
                           "git_sha": _git_sha(), "started": _now(), "finished": None, "workers": infos}
                 write_parquet(configs_table(configs), run.configs)
                 write_json(record, run.run_json)
                 task = GenerateTask(tuple(configs), spec.max_new_tokens, spec.prefill, spec.batch_size, spec.max_rows,
-                                    spec.scoring)
+                                    spec.scoring, tuple(sorted(spec.checkpoints.items())))
                 done = execute(task, run, shards, workers, infos, on_dispatch)
         write_json({**record, "finished": _now(), "rows": len(examples) * len(configs)}, run.run_json)
     return RunSummary(run.root, done.shards, done.skipped, done.computed, len(examples) * len(configs), done.tokens,

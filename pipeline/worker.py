@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import torch
 
+from pipeline.checkpoints import load_checkpoints
 from pipeline.data import Example
 from pipeline.job import JobSpec
 from pipeline.models import load_model
@@ -33,6 +34,7 @@ class ShardWorker:
         self.spec = spec
         self.device = device
         self.lm = load_model(spec.model, spec.dtype, device)
+        self.checkpoint_fingerprints = load_checkpoints(dict(spec.checkpoints), self.lm)
 
     def info(self) -> dict:
         """What the driver needs before dispatching: the model's depth and fingerprint, and where we run."""
@@ -45,6 +47,7 @@ class ShardWorker:
             "num_layers": self.lm.num_layers,
             "fingerprint": self.lm.fingerprint(),
             "sentence_splitter": sentence_splitter(),
+            "checkpoint_fingerprints": self.checkpoint_fingerprints,
         }
 
     def run(self, task: ShardTask, shard: int, examples: list[Example]) -> pa.Table:

@@ -13,18 +13,21 @@ from pipeline.models import load_tokenizer
 LAYERS = 4
 
 
-def save_tiny(kind: str, folder: Path, seed: int = 0) -> Path:
-    """Write a 4-layer random `kind` ("llama" or "opt") model speaking the embedded tokenizer's ids."""
+def save_tiny(kind: str, folder: Path, seed: int = 0, layers: int = LAYERS, extra_token: str | None = None) -> Path:
+    """Write a random `kind` ("llama" or "opt") model speaking the embedded tokenizer's ids (plus
+    `extra_token`, to make a tokenizer that differs)."""
     tokenizer = load_tokenizer()
+    if extra_token:
+        tokenizer.add_tokens([extra_token])
     ids = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id,
            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     torch.manual_seed(seed)
     if kind == "llama":
-        config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+        config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
                              num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, **ids)
         model = LlamaForCausalLM(config)
     elif kind == "opt":
-        config = OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+        config = OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=layers, num_attention_heads=4,
                            max_position_embeddings=512, word_embed_proj_dim=32, dropout=0.0, **ids)
         model = OPTForCausalLM(config)
     else:
