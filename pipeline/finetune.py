@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from pipeline.atomic import write_json
+from pipeline.checkpoints import resolve_source
 from pipeline.configs import SkipConfig, config_for_id
 from pipeline.data import DatasetSpec, load_examples
 from pipeline.engine import PREFILL_POLICIES
@@ -293,7 +294,7 @@ def _ray_fit(spec: FinetuneSpec, address: str | None) -> dict[str, Any]:
         metrics = _fit(spec, world=spec.workers, ray_worker=True)
         ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
-    storage = Path(spec.out).resolve() / ".ray-train"
+    storage = Path(spec.out) / ".ray-train"
     trainer = TorchTrainer(
         loop, scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -314,6 +315,8 @@ def finetune(spec: FinetuneSpec, address: str | None = None) -> dict[str, Any]:
     Returns the record also written to `<out>/finetune.json`. Raises ValueError (one line) when `out`
     already holds a finished fine-tune or the configuration does not fit the model.
     """
+    # Absolute local paths: Ray Train's workers do not run in this folder.
+    spec = dataclasses.replace(spec, model=resolve_source(spec.model), out=str(Path(spec.out).resolve()))
     out = Path(spec.out)
     if (out / FINETUNE_JSON).is_file():
         raise ValueError(f"{out} already holds a finished fine-tune; choose another --out")

@@ -1,7 +1,8 @@
 """Checkpoint tables and custom layer sets in `dynoracle run`, on tiny random Llama models with real Ray.
 
-A table entry naming the job's own model changes nothing; an entry naming another checkpoint gives that
-configuration exactly the outputs of a run of the checkpoint alone. Custom layer sets run, reduce and
+A table entry naming the job's own model changes nothing; an entry naming another checkpoint (a folder
+written by `dynoracle finetune`) gives that configuration exactly the outputs of a run of that folder
+as the job's model. Custom layer sets run, reduce and
 report; bad sets and bad checkpoints are one-line errors before any run folder exists.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +21,10 @@ import pytest
 import ray
 
 from pipeline.configs import SkipConfig
-from pipeline.data import load_examples
+from pipeline.data import DatasetSpec, load_examples
 from pipeline.engine import generate
-from pipeline.job import job_from_dict
+from pipeline.finetune import FinetuneSpec, finetune
+from pipeline.job import job_from_dict, load_job
 from pipeline.models import load_model
 from pipeline.reduce import reduce_run
 from pipeline.report import build_report
@@ -42,15 +45,19 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
+    """a: the job's model; b: a fine-tuned for uls-2 by `finetune` (one large step, so outputs change)."""
     root = tmp_path_factory.mktemp("models")
-    return {"a": save_tiny("llama", root / "a", seed=0), "b": save_tiny("llama", root / "b", seed=1),
+    a = save_tiny("llama", root / "a", seed=0)
+    finetune(FinetuneSpec(str(a), "uls-2", DatasetSpec("alpaca", data_dir=DATA, limit=4), str(root / "b"),
+                          epochs=1, lr=0.05, batch_size=4, max_response_tokens=4, eval_limit=2))
+    return {"a": a, "b": root / "b",
             "deeper": save_tiny("llama", root / "deeper", layers=5),
             "other_tokenizer": save_tiny("llama", root / "other", extra_token="<extra>")}
 
 
 def _job(out: Path, model: Path, **fields):
     return job_from_dict({"name": "t", "model": str(model), "dtype": "float32", "families": ["uls"],
-                          "config_ids": ["uls-2"], "max_new_tokens": 4, "batch_size": 2, "shard_size": 2,
+                          "config_ids": ["uls-2"], "max_new_tokens": 4, "batch_size": 3, "shard_size": 3,
                           "workers": 1, "dataset": {"name": "alpaca", "limit": SEQUENCES, "data_dir": DATA},
                           "out": str(out), **fields})
 
@@ -124,18 +131,32 @@ def test_custom_layer_sets_run_reduce_and_report(local_ray, models, tmp_path):
     assert "custom" in report.summary["families"] and all(path.is_file() for path in report.figures)
 
 
-@pytest.mark.parametrize("table,message", [
+INVALID_SETS = [
     ("empty = []", "empty: layers must be a non-empty list"),
     ("far = [0, 9]", "far: layer 9 is out of range for a 4-layer model"),
     ("late = [1, 2]", "late: layer 0 is always executed"),
     ('"uls-2" = [0, 1]', "name 'uls-2' must be non-empty, without '/', and not a built-in id"),
-])
-def test_invalid_custom_sets_are_one_line_errors_before_anything_is_written(models, tmp_path, table, message):
-    job = tmp_path / "job.toml"
-    out = tmp_path / "run"
-    job.write_text(f'model = "{models["a"]}"\nout = "{out}"\ndtype = "float32"\n[dataset]\nname = "alpaca"\n'
+]
+
+
+def _job_file(folder: Path, model: Path, table: str) -> tuple[Path, Path]:
+    job, out = folder / "job.toml", folder / "run"
+    job.write_text(f'model = "{model}"\nout = "{out}"\ndtype = "float32"\n[dataset]\nname = "alpaca"\n'
                    f'limit = 2\ndata_dir = "{DATA}"\n[configs]\n{table}\n')
+    return job, out
+
+
+@pytest.mark.parametrize("table,message", INVALID_SETS)
+def test_invalid_custom_sets_are_refused_before_anything_is_written(models, tmp_path, table, message):
+    job, out = _job_file(tmp_path, models["a"], table)
+    with pytest.raises(ValueError, match=re.escape(message)) as caught:
+        run_job(load_job(job))
+    assert "\n" not in str(caught.value) and not out.exists()
+
+
+def test_an_invalid_custom_set_is_one_line_on_stderr_and_exit_2(models, tmp_path):
+    job, out = _job_file(tmp_path, models["a"], INVALID_SETS[0][0])
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--job", str(job)],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 2 and not out.exists()
-    assert result.stderr.strip().count("\n") == 0 and message in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and INVALID_SETS[0][1] in result.stderr
