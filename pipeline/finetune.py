@@ -247,10 +247,8 @@ def _fit(spec: FinetuneSpec, world: int = 1, ray_worker: bool = False) -> dict[s
     lm = load_model(spec.model, "float32")  # the Trainer moves it to its device
     model, tokenizer = lm.model, lm.tokenizer
     config = config_for_id(lm.num_layers, spec.config_id)
-    # An empty reference is a fine target here (the response is EOS alone), so such rows are kept.
-    data = dataclasses.replace(spec.dataset, empty_references="keep")
-    train = response_rows(dataclasses.replace(data, split="train"), tokenizer, spec.max_response_tokens)
-    evaluation = response_rows(dataclasses.replace(data, split="validation", limit=spec.eval_limit),
+    train = response_rows(dataclasses.replace(spec.dataset, split="train"), tokenizer, spec.max_response_tokens)
+    evaluation = response_rows(dataclasses.replace(spec.dataset, split="validation", limit=spec.eval_limit),
                                tokenizer, spec.max_response_tokens)
     skipping = SkippedLayers(model, config, spec.prefill)
     skipping.freeze()
@@ -315,8 +313,10 @@ def finetune(spec: FinetuneSpec, address: str | None = None) -> dict[str, Any]:
     Returns the record also written to `<out>/finetune.json`. Raises ValueError (one line) when `out`
     already holds a finished fine-tune or the configuration does not fit the model.
     """
-    # Absolute local paths: Ray Train's workers do not run in this folder.
-    spec = dataclasses.replace(spec, model=resolve_source(spec.model), out=str(Path(spec.out).resolve()))
+    # Absolute local paths: Ray Train's workers do not run in this folder. An empty reference is a fine
+    # target here (the response is EOS alone), so such rows are kept.
+    spec = dataclasses.replace(spec, model=resolve_source(spec.model), out=str(Path(spec.out).resolve()),
+                               dataset=dataclasses.replace(spec.dataset, split="train", empty_references="keep"))
     out = Path(spec.out)
     if (out / FINETUNE_JSON).is_file():
         raise ValueError(f"{out} already holds a finished fine-tune; choose another --out")
@@ -329,7 +329,7 @@ def finetune(spec: FinetuneSpec, address: str | None = None) -> dict[str, Any]:
     record = {
         "config": config.to_dict(), "base_model": spec.model, "base_fingerprint": base_fingerprint,
         "settings": {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("dataset", "out")},
-        "dataset": dataclasses.asdict(dataclasses.replace(spec.dataset, split="train")),
+        "dataset": dataclasses.asdict(spec.dataset),
         **{k: metrics[k] for k in ("train_rows", "eval_rows", "steps", "train_loss", "eval_loss") if k in metrics},
         "started": started, "seconds": round(time.monotonic() - start, 1),
     }
