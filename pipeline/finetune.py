@@ -25,6 +25,7 @@ produced it and its losses.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import sys
 import time
@@ -287,10 +288,17 @@ def _ray_fit(spec: FinetuneSpec, address: str | None) -> dict[str, Any]:
     use_gpu = bool(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else torch.cuda.is_available()
 
     def loop(_config: dict) -> None:
+        import tempfile
+
         import ray.train
 
         metrics = _fit(spec, world=spec.workers, ray_worker=True)
-        ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        if ray.train.get_context().get_world_rank() != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:  # the metrics travel back as rank 0's checkpoint
+            (Path(folder) / "metrics.json").write_text(json.dumps(metrics))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
     storage = Path(spec.out) / ".ray-train"
     trainer = TorchTrainer(
@@ -299,10 +307,12 @@ def _ray_fit(spec: FinetuneSpec, address: str | None) -> dict[str, Any]:
         run_config=RunConfig(storage_path=str(storage), name="finetune"),
     )
     result = trainer.fit()
-    if result.error is not None:
+    if result.error is not None or result.checkpoint is None:
         raise RuntimeError(f"Ray Train failed: {result.error}")
+    with result.checkpoint.as_directory() as folder:
+        metrics = json.loads((Path(folder) / "metrics.json").read_text())
     shutil.rmtree(storage, ignore_errors=True)
-    return dict(result.metrics)
+    return metrics
 
 
 def finetune(spec: FinetuneSpec, address: str | None = None) -> dict[str, Any]:
