@@ -6,6 +6,7 @@ before any run folder is touched, and a bad field becomes one ValueError line na
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import tomllib
 import typing
@@ -149,7 +150,9 @@ _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", type(N
 
 
 def _expected(hint: Any) -> str:
-    """`hint` in words: 'a string', 'an integer or none', 'a list of strings'."""
+    """`hint` in words: 'a string', 'an integer or none', 'a list of strings', 'a table'."""
+    if typing.get_origin(hint) is collections.abc.Mapping:
+        return "a table"
     if typing.get_origin(hint) is tuple:
         item = _TYPE_NAMES[typing.get_args(hint)[0]].split(" ", 1)[1]
         return f"a list of {item}s"
@@ -158,6 +161,8 @@ def _expected(hint: Any) -> str:
 
 
 def _matches(value: Any, hint: Any) -> bool:
+    if typing.get_origin(hint) is collections.abc.Mapping:  # [configs], [checkpoints]: entries checked in _validate
+        return isinstance(value, Mapping)
     if typing.get_origin(hint) is tuple:
         return isinstance(value, tuple) and all(_matches(v, typing.get_args(hint)[0]) for v in value)
     args = typing.get_args(hint) or (hint,)
