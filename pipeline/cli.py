@@ -199,9 +199,10 @@ def report(
     summary = result.summary
     if result.reduced:
         typer.echo(f"reduced first: {result.reduced}")
-    typer.echo(f"{summary['num_sequences']} sequences; full-model mean {metric} {summary['full_mean']:.4f}; the oracle "
-               f"matches it at {summary['min_budget_to_match']:.3f} of {summary['num_layers']:g} layers "
-               f"({summary['min_budget_fraction']:.1%})")
+    match = summary["min_budget_to_match"]
+    typer.echo(f"{summary['num_sequences']} sequences; full-model mean {metric} {summary['full_mean']:.4f}; " + (
+        f"the oracle matches it at {match:.3f} of {summary['num_layers']:g} layers ({summary['min_budget_fraction']:.1%})"
+        if match is not None else "no budget matches it"))
     for path in (result.markdown, *result.figures):
         typer.echo(f"wrote {path}")
 

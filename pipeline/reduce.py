@@ -96,7 +96,7 @@ def reduce_run(
     for b in requested:
         if not math.isfinite(b):
             raise ValueError(f"budget {b} is not a finite number")
-    match = min_budget_to_match(frontier, full_mean, tolerance) if match_full else None
+    match = min_budget_to_match(frontier, matrix.scores[:, 0], tolerance) if match_full else None  # exact at ties
 
     planned = [(b, "grid") for b in budget_grid(frontier.min_budget, float(matrix.costs.max()))]
     planned += [(b, "requested") for b in requested]
@@ -114,6 +114,7 @@ def reduce_run(
         "num_configs": int(matrix.scores.shape[1]),
         "num_layers": full_cost,
         "full_mean": full_mean,
+        "match_full": match_full,
         "min_budget_to_match": match,
         "min_budget_fraction": None if match is None else match / full_cost,
         "tolerance": tolerance,

@@ -105,7 +105,7 @@ def stale_reason(run_dir: Path, metric: str, families: list[str] | None, present
         return "summary.json is unreadable"
     if summary.get("cost_mode") != "nominal":
         return "the oracle files use measured cost"
-    if summary.get("min_budget_to_match") is None:
+    if not summary.get("match_full"):
         return "the oracle files lack the minimal matching budget"
     wanted = set(present if families is None else [FULL_ID, *families])
     if set(summary.get("families", ())) != wanted | {FULL_ID}:
@@ -147,16 +147,20 @@ def plot_cost_quality(per_config: pd.DataFrame, frontier: pd.DataFrame, summary:
     ax.plot(line["budget"], line["value"], color="black", lw=2, label="oracle, one configuration per sequence")
 
     match = summary["min_budget_to_match"]
-    value = float(frontier.loc[frontier["kind"] == "match_full", "value"].iloc[0])
-    ax.plot(match, value, marker="*", ms=17, color="tab:red", mec="black", zorder=5,
-            label="least budget matching the full model")
-    # Up and to the left of the marker is free: the oracle never decreases and beats every static
-    # configuration it can afford. Near the left edge, go right instead (the white box keeps it legible).
-    left = match > 0.35 * L
-    ax.annotate(f"matches the full model at\n{match:.2f} of {L:g} layers ({match / L:.1%})", xy=(match, value),
-                xytext=(-14 if left else 14, 16), textcoords="offset points", ha="right" if left else "left",
-                va="bottom", fontsize=10, color="tab:red", zorder=6,
-                bbox={"boxstyle": "round,pad=0.3", "fc": "white", "ec": "none", "alpha": 0.85})
+    if match is None:
+        ax.text(0.99, 0.02, no_match_sentence(summary), transform=ax.transAxes, ha="right", va="bottom",
+                fontsize=10, color="tab:red")
+    else:
+        value = float(frontier.loc[frontier["kind"] == "match_full", "value"].iloc[0])
+        ax.plot(match, value, marker="*", ms=17, color="tab:red", mec="black", zorder=5,
+                label="least budget matching the full model")
+        # Up and to the left of the marker is free: the oracle never decreases and beats every static
+        # configuration it can afford. Near the left edge, go right instead (the white box keeps it legible).
+        left = match > 0.35 * L
+        ax.annotate(f"matches the full model at\n{match:.2f} of {L:g} layers ({match / L:.1%})", xy=(match, value),
+                    xytext=(-14 if left else 14, 16), textcoords="offset points", ha="right" if left else "left",
+                    va="bottom", fontsize=10, color="tab:red", zorder=6,
+                    bbox={"boxstyle": "round,pad=0.3", "fc": "white", "ec": "none", "alpha": 0.85})
     low, high = ax.get_ylim()
     ax.set_ylim(low, high + 0.2 * (high - low))  # headroom for the note
 
@@ -193,12 +197,13 @@ def plot_shares(per_config: pd.DataFrame, frontier: pd.DataFrame, summary: dict,
     ax = fig.add_subplot()
     ax.stackplot(grid["budget"], [shares[c] for c in order], colors=colors, edgecolor="white", linewidth=0.3)
     match = summary["min_budget_to_match"]
-    ax.axvline(match, color="tab:red", ls="--", lw=1.5)
     used = pd.Series([meta.at[c, "family"] for c in order]).value_counts()
     handles = [Patch(color=_shade(f, 1.0 if f == FULL_ID else 0.6),
                      label=f"{STYLE[f][0]}: {used[f]} configuration{'s' if used[f] > 1 else ''} used")
                for f in sorted(used.index, key=rank.get)]
-    handles.append(Line2D([], [], color="tab:red", ls="--", label=f"least budget matching full ({match:.2f})"))
+    if match is not None:
+        ax.axvline(match, color="tab:red", ls="--", lw=1.5)
+        handles.append(Line2D([], [], color="tab:red", ls="--", label=f"least budget matching full ({match:.2f})"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False, fontsize=9,
               title="shade: lighter = fewer layers", title_fontsize=9)
     ax.set_xlim(grid["budget"].min(), grid["budget"].max())
@@ -252,8 +257,14 @@ def markdown(summary: dict, frontier: pd.DataFrame, per_config: pd.DataFrame, ti
     """report.md: headline numbers from the reducer's summary and frontier, then the figures."""
     L, metric = summary["num_layers"], summary["metric"]
     match = summary["min_budget_to_match"]
-    at_match = frontier.loc[frontier["kind"] == "match_full", "value"].iloc[0]
     within = f" (within {summary['tolerance']:g})" if summary["tolerance"] else ""
+    if match is None:
+        matching = [f"| least budget matching the full model{within} | none: {no_match_sentence(summary)} |"]
+    else:
+        at_match = frontier.loc[frontier["kind"] == "match_full", "value"].iloc[0]
+        matching = [f"| least budget matching the full model{within} | {match:.3f} layers "
+                    f"({summary['min_budget_fraction']:.2%} of L) |",
+                    f"| oracle mean {metric} at that budget | {at_match:.4f} |"]
     lines = [
         f"# dynoracle report: {title}",
         "",
@@ -268,8 +279,7 @@ def markdown(summary: dict, frontier: pd.DataFrame, per_config: pd.DataFrame, ti
         f"| configurations | {summary['num_configs']} |",
         f"| layers L | {L:g} |",
         f"| full-model mean {metric} | {summary['full_mean']:.4f} |",
-        f"| least budget matching the full model{within} | {match:.3f} layers ({summary['min_budget_fraction']:.2%} of L) |",
-        f"| oracle mean {metric} at that budget | {at_match:.4f} |",
+        *matching,
         "",
         "## The oracle at fractions of L",
         "",
@@ -295,6 +305,12 @@ def markdown(summary: dict, frontier: pd.DataFrame, per_config: pd.DataFrame, ti
     for name in figures:
         lines += [captions[name], "", f"![{name}]({name})", ""]
     return "\n".join(lines)
+
+
+def no_match_sentence(summary: dict) -> str:
+    """What the report says when no budget matches the full model."""
+    return (f"no budget up to {summary['num_layers']:g} layers brings the oracle to the full model's mean "
+            f"{summary['metric']} ({summary['full_mean']:.4f})")
 
 
 def _job(run_dir: Path) -> dict:
