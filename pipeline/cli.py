@@ -133,14 +133,18 @@ def reduce_command(
     families: Optional[str] = typer.Option(None, "--families", help="Comma-separated: uls,ee,rls; default all."),
     cost: str = typer.Option("nominal", "--cost", help="nominal (executed layers) or measured (layers per token)."),
     tolerance: float = typer.Option(0.0, "--tolerance", help="Match when oracle mean >= full mean - T."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Paired bootstrap resamples for intervals; 0 turns them off."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resamples."),
+    confidence: float = typer.Option(0.95, "--confidence", help="Level of the bootstrap intervals."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary JSON instead of a table."),
 ) -> None:
-    """Solve the oracle from a run's generations: frontier, allocations, minimal budget matching full."""
+    """Solve the oracle from a run's generations: frontier, allocations, minimal budget matching full, intervals."""
     from pipeline.reduce import reduce_run
 
     chosen = None if families is None else tuple(f.strip() for f in families.split(",") if f.strip())
     try:
-        result = reduce_run(run_dir, metric, chosen, tuple(budget or ()), match_full, cost, tolerance)
+        result = reduce_run(run_dir, metric, chosen, tuple(budget or ()), match_full, cost, tolerance,
+                            bootstrap, seed, confidence)
     except (ValueError, OSError) as exc:
         fail(str(exc).strip().splitlines()[0])
     summary = result.summary
@@ -150,15 +154,25 @@ def reduce_command(
     shown = [r for r in result.rows if r.kind != "grid" or (not budget and float(r.budget).is_integer())]
     typer.echo(f"{metric} oracle: {summary['num_sequences']} sequences x {summary['num_configs']} configurations "
                f"({', '.join(summary['families'])}; {cost} cost), written to {result.out_dir}")
-    typer.echo(f"{'budget':>9}  {'kind':<10} {'oracle mean':>11} {'LP bound':>9} {'gap':>9}  top shares")
+    level = f"{confidence:.0%} CI" if bootstrap else "(no CI)"
+    typer.echo(f"{'budget':>9}  {'kind':<10} {'oracle mean':>11} {level:>15} {'LP bound':>9} {'gap':>9}  top shares")
     for r in shown:
         top = sorted(r.shares, key=lambda item: -item[1])[:3]
         shares = ", ".join(f"{config_id} {share:.1%}" for config_id, share in top)
-        typer.echo(f"{r.budget:>9.4f}  {r.kind:<10} {r.value:>11.4f} {r.lp_bound:>9.4f} {r.gap:>9.2g}  {shares}")
+        interval = f"{r.value_lo:.4f}-{r.value_hi:.4f}" if r.value_lo is not None else ""
+        typer.echo(f"{r.budget:>9.4f}  {r.kind:<10} {r.value:>11.4f} {interval:>15} {r.lp_bound:>9.4f} {r.gap:>9.2g}  "
+                   f"{shares}")
     full = f"full model (mean {summary['full_mean']:.4f})"
+    if summary["full_mean_interval"] is not None:
+        lo, hi = summary["full_mean_interval"]
+        full = f"full model (mean {summary['full_mean']:.4f}, {level} {lo:.4f}-{hi:.4f})"
     if summary["min_budget_to_match"] is not None:
+        interval = ""
+        if summary["min_budget_interval"] is not None:
+            lo, hi = summary["min_budget_interval"]
+            interval = f"; {level} {lo:.4g}-{hi:.4g} layers, {bootstrap} paired resamples, seed {seed}"
         typer.echo(f"minimal budget matching {full}: {summary['min_budget_to_match']:.6g} layers of "
-                   f"{summary['num_layers']:g} ({summary['min_budget_fraction']:.1%})")
+                   f"{summary['num_layers']:g} ({summary['min_budget_fraction']:.1%}){interval}")
     elif match_full:
         typer.echo(f"no budget up to {summary['num_layers']:g} layers matches the {full}")
 

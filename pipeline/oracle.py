@@ -171,9 +171,15 @@ def _walk_order(slope: np.ndarray) -> np.ndarray:
     packed.sort()
     order = (packed & ((np.uint64(1) << shift) - np.uint64(1))).astype(np.intp)
     coarse = packed >> shift
-    collide = np.flatnonzero(coarse[1:] == coarse[:-1])
-    if collide.size:  # equal coarse keys are contiguous: sort each such run by (exact key, index)
-        loose = np.union1d(collide, collide + 1)
+    # Equal coarse keys are contiguous and in index order, which is right where their exact keys are equal
+    # too (repeated rows, as in bootstrap resamples); runs holding two different exact keys are re-sorted.
+    same = coarse[1:] == coarse[:-1]
+    differ = same & (key[order[1:]] != key[order[:-1]])
+    if differ.any():
+        run = np.concatenate(([0], np.cumsum(~same)))
+        mixed = np.zeros(run[-1] + 1, dtype=bool)
+        mixed[run[1:][differ]] = True
+        loose = np.flatnonzero(mixed[run])
         members = order[loose]
         order[loose] = members[np.lexsort((members, key[members], coarse[loose]))]
     return order

@@ -26,7 +26,7 @@ from pipeline.query import open_run
 from pipeline.reduce import reduce_run
 from pipeline.atomic import write_atomic
 
-ORACLE_FILES = ("frontier.parquet", "allocations.parquet", "summary.json")
+ORACLE_FILES = ("frontier.parquet", "allocations.parquet", "config_means.parquet", "summary.json")
 HEADLINE_FRACTIONS = (0.25, 0.5, 0.75)
 # family -> legend label, line colour, colormap of its bands in the shares plot
 STYLE = {
@@ -66,7 +66,8 @@ def build_report(run_dir: str | Path, metric: str = "rougeL", families: list[str
     out = run_dir / "oracle" / metric
     summary = json.loads((out / "summary.json").read_text())
     frontier = pq.read_table(out / "frontier.parquet").to_pandas()
-    per_config = per_config[per_config["family"].isin(summary["families"])]
+    intervals = pq.read_table(out / "config_means.parquet", columns=["config_id", "mean_lo", "mean_hi"]).to_pandas()
+    per_config = per_config[per_config["family"].isin(summary["families"])].merge(intervals, on="config_id")
     job = _job(run_dir)
     title = _describe(job, run_dir)
 
@@ -123,7 +124,7 @@ def family_curves(per_config: pd.DataFrame) -> dict[str, pd.DataFrame]:
             continue
         means = rows.groupby("cost", as_index=False).agg(
             score=("score", "mean"), gen_tokens=("gen_tokens", "mean"), eos_rate=("eos_rate", "mean"),
-            configs=("config_id", "count"))
+            mean_lo=("mean_lo", "mean"), mean_hi=("mean_hi", "mean"), configs=("config_id", "count"))
         curves[family] = pd.concat([means, full.assign(configs=1)[means.columns]], ignore_index=True)
     return curves
 
@@ -141,10 +142,14 @@ def plot_cost_quality(per_config: pd.DataFrame, frontier: pd.DataFrame, summary:
     for family, curve in family_curves(per_config).items():
         ax.plot(curve["cost"], curve["score"], marker="o", ms=4, lw=1.3, color=STYLE[family][1],
                 label=_label(family, curve))
+        ax.fill_between(curve["cost"], curve["mean_lo"], curve["mean_hi"], color=STYLE[family][1], alpha=0.15, lw=0)
     ax.axhline(full_mean, color="0.3", ls=":", lw=1.5, label=f"full model, {L:g} layers ({full_mean:.4f})")
     line = frontier.drop_duplicates("budget").sort_values("budget")
     ax.plot(line["budget"], line["lp_bound"], color="black", ls="--", lw=0.9, alpha=0.6, label="oracle, LP bound")
     ax.plot(line["budget"], line["value"], color="black", lw=2, label="oracle, one configuration per sequence")
+    if summary.get("bootstrap"):
+        ax.fill_between(line["budget"], line["value_lo"], line["value_hi"], color="black", alpha=0.15, lw=0,
+                        label=f"{summary['bootstrap']['level']:.0%} bootstrap intervals (bands)")
 
     match = summary["min_budget_to_match"]
     if match is None:
@@ -154,6 +159,9 @@ def plot_cost_quality(per_config: pd.DataFrame, frontier: pd.DataFrame, summary:
         value = float(frontier.loc[frontier["kind"] == "match_full", "value"].iloc[0])
         ax.plot(match, value, marker="*", ms=17, color="tab:red", mec="black", zorder=5,
                 label="least budget matching the full model")
+        if summary.get("min_budget_interval"):
+            lo, hi = summary["min_budget_interval"]
+            ax.errorbar(match, value, xerr=[[match - lo], [hi - match]], color="tab:red", capsize=4, lw=1.5, zorder=4)
         # Up and to the left of the marker is free: the oracle never decreases and beats every static
         # configuration it can afford. Near the left edge, go right instead (the white box keeps it legible).
         left = match > 0.35 * L
@@ -265,11 +273,23 @@ def markdown(summary: dict, frontier: pd.DataFrame, per_config: pd.DataFrame, ti
         matching = [f"| least budget matching the full model{within} | {match:.3f} layers "
                     f"({summary['min_budget_fraction']:.2%} of L) |",
                     f"| oracle mean {metric} at that budget | {at_match:.4f} |"]
+    boot = summary.get("bootstrap")
+    if boot:
+        level = f"{boot['level']:.0%}"
+        lo, hi = summary["full_mean_interval"]
+        matching.append(f"| {level} interval of the full-model mean | {lo:.4f} to {hi:.4f} |")
+        if summary.get("min_budget_interval"):
+            lo, hi = summary["min_budget_interval"]
+            matching.append(f"| {level} interval of the least matching budget | {lo:.3f} to {hi:.3f} layers |")
+        note = (f"Intervals: paired bootstrap over sequences, {boot['resamples']} resamples (seed {boot['seed']}), "
+                "percentile; each resample recomputes the full model and the oracle.")
+    else:
+        note = "No intervals: the reducer ran with `--bootstrap 0`."
     lines = [
         f"# dynoracle report: {title}",
         "",
         f"Oracle over {metric} with families {', '.join(summary['families'])}; cost = executed layers "
-        f"({summary['cost_mode']}). Numbers from `oracle/{metric}/summary.json` and `frontier.parquet`.",
+        f"({summary['cost_mode']}). Numbers from `oracle/{metric}/summary.json` and `frontier.parquet`. {note}",
         "",
         "## Headline",
         "",
@@ -283,8 +303,9 @@ def markdown(summary: dict, frontier: pd.DataFrame, per_config: pd.DataFrame, ti
         "",
         "## The oracle at fractions of L",
         "",
-        f"| budget (layers) | of L | oracle mean {metric} | LP bound | best single configuration with cost <= budget |",
-        "|---|---|---|---|---|",
+        f"| budget (layers) | of L | oracle mean {metric} | LP bound | best single configuration with cost <= budget "
+        "| interval of the oracle mean |",
+        "|---|---|---|---|---|---|",
     ]
     for fraction in HEADLINE_FRACTIONS:
         budget = fraction * L
@@ -292,12 +313,15 @@ def markdown(summary: dict, frontier: pd.DataFrame, per_config: pd.DataFrame, ti
         static = per_config[per_config["cost"] <= budget + 1e-9].sort_values("score", ascending=False)
         best = f"{static['config_id'].iloc[0]}: {static['score'].iloc[0]:.4f}" if len(static) else "none"
         if row.empty:  # grid budgets start at the cheapest configuration's cost
-            lines.append(f"| {budget:.2f} | {fraction:.0%} | below the cheapest configuration | | {best} |")
+            lines.append(f"| {budget:.2f} | {fraction:.0%} | below the cheapest configuration | | {best} | |")
         else:
+            lo, hi = row["value_lo"].iloc[0], row["value_hi"].iloc[0]
+            interval = f"{lo:.4f} to {hi:.4f}" if boot else ""
             lines.append(f"| {budget:.2f} | {fraction:.0%} | {row['value'].iloc[0]:.4f} | "
-                         f"{row['lp_bound'].iloc[0]:.4f} | {best} |")
+                         f"{row['lp_bound'].iloc[0]:.4f} | {best} | {interval} |")
     captions = {
-        "cost_quality.png": f"Mean {metric} against cost: static families, the full model, the oracle frontier.",
+        "cost_quality.png": f"Mean {metric} against cost: static families, the full model, the oracle frontier "
+                            "(bands: bootstrap intervals).",
         "oracle_shares.png": "The oracle's share of each configuration at each budget.",
         "lengths.png": "Mean output length and EOS rate per configuration.",
     }

@@ -80,7 +80,7 @@ def write_run(root: Path, scores: np.ndarray) -> Path:
 def test_reduce_and_report_the_tie_run(tmp_path: Path) -> None:
     run = write_run(tmp_path / "tie", TIE)
     expected = min_budget_to_match(build_frontier(TIE, COSTS), TIE[:, 0])
-    reduced = CliRunner().invoke(app, ["reduce", str(run), "--match-full"])
+    reduced = CliRunner().invoke(app, ["reduce", str(run), "--match-full", "--bootstrap", "0"])
     assert reduced.exit_code == 0, reduced.output
     assert f"minimal budget matching full model (mean 0.4687): {expected:.6g} layers of 4" in reduced.output
     reported = CliRunner().invoke(app, ["report", str(run)])
@@ -105,6 +105,8 @@ def test_report_of_oracle_files_without_a_match_says_so(tmp_path: Path) -> None:
     per_config = pq.read_table(run / "generations").to_pandas().groupby(["config_id", "family", "cost"],
                                                                         as_index=False).agg(
         score=("rougeL", "mean"), gen_tokens=("gen_tokens", "mean"), eos_rate=("gen_tokens", lambda s: 1.0))
+    per_config = per_config.merge(pq.read_table(run / "oracle" / "rougeL" / "config_means.parquet").to_pandas()[
+        ["config_id", "mean_lo", "mean_hi"]], on="config_id")
     text = markdown(summary, frontier, per_config, "tie", [])
     assert ("| least budget matching the full model | none: no budget up to 4 layers brings the oracle to the "
             "full model's mean rougeL (0.4687) |") in text
