@@ -177,6 +177,28 @@ def reduce_command(
         typer.echo(f"no budget up to {summary['num_layers']:g} layers matches the {full}")
 
 
+@app.command()
+def similarity(
+    run_dir: str = typer.Argument(..., help="A finished run folder."),
+    response: str = typer.Option("reference", "--response", help="reference (the study's) or full (the full model's output)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Worker actors; default the run's."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (auto, or host:port); default local."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples of the intervals."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resamples."),
+) -> None:
+    """Hidden-state similarity of every configuration to the full model (teacher-forced), per layer and final."""
+    from pipeline.rundir import RunLocked
+    from pipeline.runner import RunError
+    from pipeline.similarity import run_similarity
+
+    try:
+        done = run_similarity(run_dir, response, workers, address, bootstrap, seed)
+    except (ValueError, OSError, RunLocked, RunError) as exc:
+        fail(str(exc).strip().splitlines()[0])
+    typer.echo(f"{done['rows']} rows in {done['shards']} shards ({done['computed']} computed, {done['skipped']} "
+               f"skipped) in {done['seconds']:.1f} s; summary: {done['summary']}")
+
+
 @app.command("query")
 def query_command(
     run_dir: str = typer.Argument(..., help="Run folder."),

@@ -24,6 +24,7 @@ from matplotlib.ticker import PercentFormatter
 from pipeline.configs import FAMILIES, FULL_ID
 from pipeline.query import open_run
 from pipeline.reduce import reduce_run
+from pipeline.similarity_report import load_summary, plot_final_against_cost, plot_layers, similarity_section
 from pipeline.atomic import write_atomic
 
 ORACLE_FILES = ("frontier.parquet", "allocations.parquet", "config_means.parquet", "summary.json")
@@ -52,7 +53,8 @@ class Report:
 
 
 def build_report(run_dir: str | Path, metric: str = "rougeL", families: list[str] | None = None) -> Report:
-    """Reduce if needed, then write cost_quality.png, oracle_shares.png, lengths.png and report.md."""
+    """Reduce if needed, then write cost_quality.png, oracle_shares.png, lengths.png and report.md, plus the
+    hidden-state similarity figures when `dynoracle similarity` has run."""
     run_dir = Path(run_dir)
     db = open_run(run_dir, metric)
     try:
@@ -76,11 +78,19 @@ def build_report(run_dir: str | Path, metric: str = "rougeL", families: list[str
         "oracle_shares.png": plot_shares(per_config, frontier, summary, title),
         "lengths.png": plot_lengths(per_config, summary, title, job.get("max_new_tokens")),
     }
+    similarity = load_summary(run_dir)
+    extra: list[str] = []
+    if similarity is not None:
+        response, frame = similarity
+        L = int(round(summary["num_layers"]))
+        figures["similarity_cost.png"] = plot_final_against_cost(frame, L, response, title)
+        figures["similarity_layers.png"] = plot_layers(frame, L, response, title)
+        extra = similarity_section(frame, L, response)
     paths = []
     for name, fig in figures.items():
         paths.append(run_dir / name)
         write_atomic(paths[-1], lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=130))
-    text = markdown(summary, frontier, per_config, title, list(figures))
+    text = markdown(summary, frontier, per_config, title, list(figures), extra)
     write_atomic(run_dir / "report.md", lambda tmp: tmp.write_text(text))
     return Report(run_dir / "report.md", paths, summary, reason)
 
@@ -261,8 +271,9 @@ def plot_lengths(per_config: pd.DataFrame, summary: dict, title: str, max_new_to
     return fig
 
 
-def markdown(summary: dict, frontier: pd.DataFrame, per_config: pd.DataFrame, title: str, figures: list[str]) -> str:
-    """report.md: headline numbers from the reducer's summary and frontier, then the figures."""
+def markdown(summary: dict, frontier: pd.DataFrame, per_config: pd.DataFrame, title: str, figures: list[str],
+             extra: list[str] = ()) -> str:
+    """report.md: headline numbers from the reducer's summary and frontier, `extra` sections, then the figures."""
     L, metric = summary["num_layers"], summary["metric"]
     match = summary["min_budget_to_match"]
     within = f" (within {summary['tolerance']:g})" if summary["tolerance"] else ""
@@ -324,8 +335,10 @@ def markdown(summary: dict, frontier: pd.DataFrame, per_config: pd.DataFrame, ti
                             "(bands: bootstrap intervals).",
         "oracle_shares.png": "The oracle's share of each configuration at each budget.",
         "lengths.png": "Mean output length and EOS rate per configuration.",
+        "similarity_cost.png": "Final hidden state's similarity to the full model against cost, per family.",
+        "similarity_layers.png": "Similarity to the full model after each layer, at a few budgets.",
     }
-    lines += ["", "## Figures", ""]
+    lines += ["", *extra, "## Figures", ""]
     for name in figures:
         lines += [captions[name], "", f"![{name}]({name})", ""]
     return "\n".join(lines)

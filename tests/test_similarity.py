@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from pipeline.configs import SkipConfig, build_configs
 from pipeline.data import Example
 from pipeline.models import LoadedModel, decoder_layers, load_tokenizer
-from pipeline.similarity import SimilarityTask, state_similarity
+from pipeline.similarity_task import SimilarityTask, state_similarity
 
 L = 6
 
