@@ -84,8 +84,9 @@ def summarise(table: pa.Table, resamples: int = DEFAULT_RESAMPLES, seed: int = 0
     tokens = frame["tokens"].to_numpy(dtype=np.float64)
     values = np.zeros((len(frame), num_layers + 1))
     usable = tokens > 0
-    values[usable, :num_layers] = np.stack([v for v, u in zip(frame["layer_similarity"], usable) if u]) if usable.any() else 0
-    values[usable, num_layers] = frame["final_similarity"].to_numpy(dtype=np.float64)[usable]
+    if usable.any():  # rows without tokens keep zero weight and zero sums
+        values[usable, :num_layers] = np.stack([v for v, u in zip(frame["layer_similarity"], usable) if u])
+        values[usable, num_layers] = frame["final_similarity"].to_numpy(dtype=np.float64)[usable]
     weight[seq_codes, cfg_codes] = tokens
     sums[seq_codes, cfg_codes] = values * tokens[:, None]
     mean = sums.sum(0) / weight.sum(0)[:, None]  # (K, L + 1)

@@ -110,3 +110,33 @@ def test_equals_a_direct_output_hidden_states_computation(tiny, sequences, prefi
             assert final[i, u] == pytest.approx(expected_final, abs=2e-6), (i, kept)
             # hidden_states holds layers 0..L-2 raw; the last layer's raw state only normed, as the final state
             assert layers[i, u, : L - 1] == pytest.approx(expected_layers, abs=2e-6), (i, kept)
+
+
+def test_summary_is_the_token_weighted_mean_with_intervals_from_the_same_resamples() -> None:
+    import pyarrow as pa
+
+    from pipeline.bootstrap import resample_indices
+    from pipeline.similarity import SHARD_SCHEMA, summarise
+
+    rng = np.random.default_rng(4)
+    n, layers = 7, 3
+    configs = [("full", "full", 3), ("ee-1", "ee", 1), ("uls-2", "uls", 2)]
+    tokens = rng.integers(1, 9, n)
+    tokens[2] = 0  # a sequence without response tokens: null similarities, no weight
+    sims = {c: rng.random((n, layers + 1)) if c != "full" else np.ones((n, layers + 1)) for c, _, _ in configs}
+    rows = [{"seq_id": f"s{i}", "shard": 0, "config_id": c, "family": f, "cost": cost, "tokens": int(tokens[i]),
+             "final_similarity": None if tokens[i] == 0 else float(sims[c][i, layers]),
+             "layer_similarity": None if tokens[i] == 0 else sims[c][i, :layers].tolist()}
+            for i in range(n) for c, f, cost in configs]
+    summary = summarise(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), resamples=50, seed=2).to_pandas()
+    assert len(summary) == len(configs) * (layers + 1)
+    assert summary["config_id"].iloc[0] == "full" and (summary.loc[summary["config_id"] == "full", "lo"] == 1).all()
+    weight = np.where(tokens > 0, tokens, 0)
+    for c, _, _ in configs:
+        mine = summary[summary["config_id"] == c].set_index("layer")
+        for layer in range(layers + 1):
+            values = np.nan_to_num(sims[c][:, layer])
+            assert mine.loc[layer, "similarity"] == pytest.approx(np.average(values, weights=weight), abs=1e-12)
+            draws = [np.average(values[idx], weights=weight[idx]) for idx in resample_indices(n, 50, 2)]
+            assert (mine.loc[layer, "lo"], mine.loc[layer, "hi"]) == pytest.approx(
+                tuple(np.quantile(draws, [0.025, 0.975])), abs=1e-12)
