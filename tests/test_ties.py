@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from typer.testing import CliRunner
 
-from handmade_run import GENERATION_COLUMNS
+from handmade_run import GENERATION_COLUMNS, write_run
 from pipeline.cli import app
 from pipeline.configs import build_configs
 from pipeline.oracle import build_frontier, choice_at, min_budget_to_match
@@ -60,11 +60,11 @@ def test_exact_matching_agrees_with_rational_arithmetic_on_fidelity_like_runs() 
         assert budget == frontier.mean_cost[reached.index(True)]
 
 
-def write_run(root: Path, scores: np.ndarray) -> Path:
+def write_tie_run(root: Path, scores: np.ndarray) -> Path:
     """A run folder holding only `full`, uls-1, uls-2, uls-3 of a 4-layer model, scores in that column order."""
     configs = {c.config_id: c for c in build_configs(4, ("uls",), ())}
     ordered = [configs[i] for i in ("full", "uls-1", "uls-2", "uls-3")]
-    (root / "generations").mkdir(parents=True)
+    root.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist([c.to_dict() for c in ordered], schema=CONFIGS_SCHEMA),
                    root / "configs.parquet")
     rows = [{"seq_id": f"s{n}", "shard": 0, "config_id": c.config_id, "family": c.family, "cost": c.cost,
@@ -72,13 +72,13 @@ def write_run(root: Path, scores: np.ndarray) -> Path:
              "output": "o", "reference": "r", "rouge1": scores[n, j], "rouge2": scores[n, j], "rougeL": scores[n, j],
              "rougeLsum": scores[n, j], "fidelity": scores[n, j], "layers_per_token": float(c.cost)}
             for n in range(scores.shape[0]) for j, c in enumerate(ordered)]
-    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema(GENERATION_COLUMNS)),
-                   root / "generations" / "shard=00000.parquet")
+    write_run(root, {"model": "toy-lm", "max_new_tokens": 5},
+              [pa.Table.from_pylist(rows, schema=pa.schema(GENERATION_COLUMNS))])
     return root
 
 
 def test_reduce_and_report_the_tie_run(tmp_path: Path) -> None:
-    run = write_run(tmp_path / "tie", TIE)
+    run = write_tie_run(tmp_path / "tie", TIE)
     expected = min_budget_to_match(build_frontier(TIE, COSTS), TIE[:, 0])
     reduced = CliRunner().invoke(app, ["reduce", str(run), "--match-full", "--bootstrap", "0"])
     assert reduced.exit_code == 0, reduced.output
@@ -97,7 +97,7 @@ def test_report_of_oracle_files_without_a_match_says_so(tmp_path: Path) -> None:
     from pipeline.report import markdown, plot_cost_quality, plot_shares
     from pipeline.reduce import reduce_run
 
-    run = write_run(tmp_path / "tie", TIE)
+    run = write_tie_run(tmp_path / "tie", TIE)
     result = reduce_run(run, "rougeL", match_full=True)
     summary = {**result.summary, "min_budget_to_match": None, "min_budget_fraction": None}
     frontier = pq.read_table(run / "oracle" / "rougeL" / "frontier.parquet").to_pandas()
