@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -42,15 +40,7 @@ data_dir = "{DATA}"
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray for the run and both similarity passes (each command reuses a Ray already joined)."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def run(local_ray, tmp_path_factory) -> tuple[Path, Path]:
+def run(tmp_path_factory) -> tuple[Path, Path]:
     job = tmp_path_factory.mktemp("jobs") / "tiny.toml"
     job.write_text(JOB)
     out = tmp_path_factory.mktemp("runs") / "tiny"
