@@ -29,6 +29,7 @@ test: setup
 
 bench: setup
 	DYNORACLE_DATA_DIR=$(DATA) $(BIN)/python benchmarks/oracle.py
+	DYNORACLE_DATA_DIR=$(DATA) $(BIN)/python benchmarks/bootstrap.py
 	DYNORACLE_DATA_DIR=$(DATA) $(BIN)/python benchmarks/scoring.py
 	DYNORACLE_DATA_DIR=$(DATA) $(BIN)/python benchmarks/sweep.py
 

@@ -219,13 +219,17 @@ def reduce_command(
     tolerance: float = typer.Option(0.0, "--tolerance", help="Match when oracle mean >= full mean - T."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary JSON instead of a table."),
     partial: bool = typer.Option(False, "--partial", help=PARTIAL_HELP),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Paired bootstrap resamples for intervals; 0 turns them off."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resamples."),
+    confidence: float = typer.Option(0.95, "--confidence", help="Level of the bootstrap intervals."),
 ) -> None:
-    """Solve the oracle from a run's generations: frontier, allocations, minimal budget matching full."""
+    """Solve the oracle from a run's generations: frontier, allocations, minimal budget matching full, intervals."""
     from pipeline.reduce import reduce_run
 
     chosen = None if families is None else tuple(f.strip() for f in families.split(",") if f.strip())
     try:
-        result = reduce_run(run_dir, metric, chosen, tuple(budget or ()), match_full, cost, tolerance, partial)
+        result = reduce_run(run_dir, metric, chosen, tuple(budget or ()), match_full, cost, tolerance, partial,
+                            bootstrap, seed, confidence)
     except (ValueError, OSError) as exc:
         fail(str(exc).strip().splitlines()[0])
     summary = result.summary
@@ -236,17 +240,49 @@ def reduce_command(
     shown = [r for r in result.rows if r.kind != "grid" or (not budget and float(r.budget).is_integer())]
     typer.echo(f"{metric} oracle: {summary['num_sequences']} sequences x {summary['num_configs']} configurations "
                f"({', '.join(summary['families'])}; {cost} cost), written to {result.out_dir}")
-    typer.echo(f"{'budget':>9}  {'kind':<10} {'oracle mean':>11} {'LP bound':>9} {'gap':>9}  top shares")
+    level = f"{confidence:.0%} CI" if bootstrap else "(no CI)"
+    typer.echo(f"{'budget':>9}  {'kind':<10} {'oracle mean':>11} {level:>15} {'LP bound':>9} {'gap':>9}  top shares")
     for r in shown:
         top = sorted(r.shares, key=lambda item: -item[1])[:3]
         shares = ", ".join(f"{config_id} {share:.1%}" for config_id, share in top)
-        typer.echo(f"{r.budget:>9.4f}  {r.kind:<10} {r.value:>11.4f} {r.lp_bound:>9.4f} {r.gap:>9.2g}  {shares}")
+        interval = f"{r.value_lo:.4f}-{r.value_hi:.4f}" if r.value_lo is not None else ""
+        typer.echo(f"{r.budget:>9.4f}  {r.kind:<10} {r.value:>11.4f} {interval:>15} {r.lp_bound:>9.4f} {r.gap:>9.2g}  "
+                   f"{shares}")
     full = f"full model (mean {summary['full_mean']:.4f})"
+    if summary["full_mean_interval"] is not None:
+        lo, hi = summary["full_mean_interval"]
+        full = f"full model (mean {summary['full_mean']:.4f}, {level} {lo:.4f}-{hi:.4f})"
     if summary["min_budget_to_match"] is not None:
+        interval = ""
+        if summary["min_budget_interval"] is not None:
+            lo, hi = summary["min_budget_interval"]
+            interval = f"; {level} {lo:.4g}-{hi:.4g} layers, {bootstrap} paired resamples, seed {seed}"
         typer.echo(f"minimal budget matching {full}: {summary['min_budget_to_match']:.6g} layers of "
-                   f"{summary['num_layers']:g} ({summary['min_budget_fraction']:.1%})")
+                   f"{summary['num_layers']:g} ({summary['min_budget_fraction']:.1%}){interval}")
     elif match_full:
         typer.echo(f"no budget up to {summary['num_layers']:g} layers matches the {full}")
+
+
+@app.command()
+def similarity(
+    run_dir: str = typer.Argument(..., help="A finished run folder."),
+    response: str = typer.Option("reference", "--response", help="reference (the study's) or full (the full model's output)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Worker actors; default the run's."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (auto, or host:port); default local."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples of the intervals."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resamples."),
+) -> None:
+    """Hidden-state similarity of every configuration to the full model (teacher-forced), per layer and final."""
+    from pipeline.rundir import RunLocked
+    from pipeline.runner import RunError
+    from pipeline.similarity import run_similarity
+
+    try:
+        done = run_similarity(run_dir, response, workers, address, bootstrap, seed)
+    except (ValueError, OSError, RunLocked, RunError) as exc:
+        fail(str(exc).strip().splitlines()[0])
+    typer.echo(f"{done['rows']} rows in {done['shards']} shards ({done['computed']} computed, {done['skipped']} "
+               f"skipped) in {done['seconds']:.1f} s; summary: {done['summary']}")
 
 
 @app.command("query")
@@ -292,9 +328,10 @@ def report(
     warn_partial(summary.get("missing_shards", 0))
     if result.reduced:
         typer.echo(f"reduced first: {result.reduced}")
-    typer.echo(f"{summary['num_sequences']} sequences; full-model mean {metric} {summary['full_mean']:.4f}; the oracle "
-               f"matches it at {summary['min_budget_to_match']:.3f} of {summary['num_layers']:g} layers "
-               f"({summary['min_budget_fraction']:.1%})")
+    match = summary["min_budget_to_match"]
+    typer.echo(f"{summary['num_sequences']} sequences; full-model mean {metric} {summary['full_mean']:.4f}; " + (
+        f"the oracle matches it at {match:.3f} of {summary['num_layers']:g} layers ({summary['min_budget_fraction']:.1%})"
+        if match is not None else "no budget matches it"))
     for path in (result.markdown, *result.figures):
         typer.echo(f"wrote {path}")
 

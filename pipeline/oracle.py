@@ -18,6 +18,7 @@ minimal matching budget exact and cheap (see `min_budget_to_match`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -170,9 +171,15 @@ def _walk_order(slope: np.ndarray) -> np.ndarray:
     packed.sort()
     order = (packed & ((np.uint64(1) << shift) - np.uint64(1))).astype(np.intp)
     coarse = packed >> shift
-    collide = np.flatnonzero(coarse[1:] == coarse[:-1])
-    if collide.size:  # equal coarse keys are contiguous: sort each such run by (exact key, index)
-        loose = np.union1d(collide, collide + 1)
+    # Equal coarse keys are contiguous and in index order, which is right where their exact keys are equal
+    # too (repeated rows, as in bootstrap resamples); runs holding two different exact keys are re-sorted.
+    same = coarse[1:] == coarse[:-1]
+    differ = same & (key[order[1:]] != key[order[:-1]])
+    if differ.any():
+        run = np.concatenate(([0], np.cumsum(~same)))
+        mixed = np.zeros(run[-1] + 1, dtype=bool)
+        mixed[run[1:][differ]] = True
+        loose = np.flatnonzero(mixed[run])
         members = order[loose]
         order[loose] = members[np.lexsort((members, key[members], coarse[loose]))]
     return order
@@ -209,9 +216,20 @@ def build_frontier(scores: np.ndarray, costs: np.ndarray) -> Frontier:
         parts.append((rows + lo, *rest))
     rows, frm, to, dscore = (np.concatenate(p) for p in zip(*parts))
     walk = _walk_order(dscore / (costs[to] - costs[frm]))  # the slope exactly as the hull computed it
-    rows, frm, to, dscore = rows[walk], frm[walk], to[walk], dscore[walk]
-    dcost = costs[to] - costs[frm]
+    return assemble(scores, costs, hull, rows[walk], frm[walk], to[walk], dscore[walk])
 
+
+def assemble(scores: np.ndarray, costs: np.ndarray, hull: np.ndarray, rows: np.ndarray, frm: np.ndarray,
+             to: np.ndarray, dscore: np.ndarray) -> Frontier:
+    """The Frontier of sequences `scores` (N, K) from their hulls and their segments in walk order.
+
+    `build_frontier` calls it once; the bootstrap calls it once per resample with that resample's slice
+    of a frontier built over many resamples stacked (the walk restricted to a slice is the slice's walk).
+    """
+    n = scores.shape[0]
+    k = costs.size
+    order = np.argsort(costs, kind="stable")
+    dcost = costs[to] - costs[frm]
     base = hull[:, 0].astype(np.intp)
     # rounding can move sums of non-integer costs past the cheapest or dearest cost by an ulp: clip, so
     # that those two budgets always give every sequence its cheapest, resp. best, configuration
@@ -288,18 +306,53 @@ def allocate(frontier: Frontier, budget: float) -> Allocation:
     )
 
 
-def min_budget_to_match(frontier: Frontier, target: float, tolerance: float = 0.0) -> float | None:
-    """Smallest budget B at which `allocate(frontier, B).value >= target - tolerance`; None if unreachable.
+def values_at(frontier: Frontier, budgets: np.ndarray) -> np.ndarray:
+    """The integral oracle's mean score at each budget (what `allocate(...).value` gives), vectorised.
 
-    Exact in this sense: the integral value is constant between breakpoints and non-decreasing along the
-    walk (both arrays are cumulative sums of non-negative terms), so the answer is the mean cost of the
-    first breakpoint whose value reaches the threshold. It is decided on the very `values` array that
-    `allocate` reports, so allocate at the returned B reaches the threshold and any smaller budget does
-    not. Values are float64 cumulative sums: a tie with the target at the level of rounding (~1e-16
-    relative) is decided by that rounding; pass a tolerance to absorb such ties.
+    budgets: (B,) layers, each >= `frontier.min_budget`; returns (B,) float64.
     """
-    threshold = float(target) - float(tolerance)
-    first = int(np.searchsorted(frontier.values, threshold, side="left"))
-    if first > frontier.num_segments:
-        return None
-    return float(frontier.mean_cost[first])
+    applied = np.searchsorted(frontier.mean_cost, np.asarray(budgets, dtype=np.float64), side="right") - 1
+    return frontier.values[applied]
+
+
+def reaches(frontier: Frontier, applied: int, reference: np.ndarray, tolerance: float = 0.0) -> bool:
+    """Whether the allocation after `applied` segments scores at least `reference`'s mean minus `tolerance`.
+
+    Exact: the sign of sum(chosen scores) - sum(reference) is that of its correctly rounded value
+    (`math.fsum`), so an oracle that equals the reference (e.g. every sequence keeps `full`) reaches it,
+    whatever the rounding of the two means. reference: (N,) per-sequence scores. O(N + applied).
+    """
+    chosen = frontier.scores[np.arange(frontier.num_sequences), choice_at(frontier, applied)]
+    excess = math.fsum(np.concatenate((chosen, -np.asarray(reference, dtype=np.float64))))
+    return excess >= -float(tolerance) * frontier.num_sequences
+
+
+def min_budget_to_match(frontier: Frontier, target: float | np.ndarray, tolerance: float = 0.0) -> float | None:
+    """Smallest budget B at which the oracle's mean reaches `target` minus `tolerance`; None if unreachable.
+
+    target: a mean score, or (N,) per-sequence scores whose mean is the target (the full model's column:
+    then equality is decided exactly, see `reaches`). The integral value is constant between breakpoints
+    and non-decreasing along the walk (every segment adds a positive score), so the answer is the mean
+    cost of the first breakpoint that reaches the target. The float `values` locate it up to their
+    rounding error; the breakpoints within that error of the threshold are then decided exactly, by
+    binary search (usually one or two O(N) checks).
+    """
+    n, m = frontier.num_sequences, frontier.num_segments
+    reference = np.broadcast_to(np.asarray(target, dtype=np.float64), (n,))
+    threshold = float(reference.mean()) - float(tolerance)
+    # |error| of values[p] and of the threshold: sums of at most n + m terms each bounded by 3 max|score|
+    scale = max(float(np.abs(frontier.scores).max()), float(np.abs(reference).max()), abs(float(tolerance)))
+    error = 8.0 * (n + m + 2) * np.finfo(np.float64).eps * scale
+    lo = int(np.searchsorted(frontier.values, threshold - error, side="left"))
+    hi = int(np.searchsorted(frontier.values, threshold + error, side="left"))  # reaches for sure from here
+    if hi > m:  # beyond the float bracket no breakpoint is certain: decide the last one exactly
+        if lo > m or not reaches(frontier, m, reference, tolerance):
+            return None
+        hi = m
+    while lo < hi:  # first breakpoint in [lo, hi] that reaches; hi is known to reach
+        mid = (lo + hi) // 2
+        if reaches(frontier, mid, reference, tolerance):
+            hi = mid
+        else:
+            lo = mid + 1
+    return float(frontier.mean_cost[lo])

@@ -2,7 +2,8 @@
 
 The I/O edge around `pipeline.oracle`: reads `generations/*.parquet` and `configs.parquet`, pivots one
 metric into the sequences x configurations matrix, and writes `oracle/<metric>/{frontier.parquet,
-allocations.parquet, summary.json}` (columns as in DESIGN.md; the report reads them). It reads only the
+allocations.parquet, config_means.parquet, summary.json}` (columns as in DESIGN.md, plus the bootstrap
+intervals of pipeline.bootstrap; the report reads them). It reads only the
 run's own shard files, verified (`pipeline.verify`). Everything is checked and computed before the first
 file is written, and the folder of three files is replaced as a set, whole or not at all.
 """
@@ -10,7 +11,7 @@ file is written, and the folder of three files is replaced as a set, whole or no
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +19,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, BootstrapDraws, bootstrap_oracle
 from pipeline.configs import FULL_ID, KNOWN_FAMILIES
 from pipeline.oracle import Frontier, allocate, build_frontier, min_budget_to_match
-from pipeline.atomic import replace_folder, write_json, write_parquet
 from pipeline.verify import verify_run
 
 METRICS = ("rougeL", "rougeLsum", "rouge1", "rouge2", "fidelity")
@@ -32,6 +33,8 @@ FRONTIER_SCHEMA = pa.schema(
     [
         ("budget", pa.float64()),
         ("value", pa.float64()),
+        ("value_lo", pa.float64()),  # bootstrap percentile interval of `value`; null without bootstrap
+        ("value_hi", pa.float64()),
         ("lp_bound", pa.float64()),
         ("gap", pa.float64()),
         ("kind", pa.string()),
@@ -39,6 +42,8 @@ FRONTIER_SCHEMA = pa.schema(
     ]
 )
 ALLOCATIONS_SCHEMA = pa.schema([("budget", pa.float64()), ("seq_id", pa.string()), ("config_id", pa.string())])
+CONFIG_MEANS_SCHEMA = pa.schema([("config_id", pa.string()), ("family", pa.string()), ("cost", pa.float64()),
+                                 ("mean", pa.float64()), ("mean_lo", pa.float64()), ("mean_hi", pa.float64())])
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,8 @@ class FrontierRow:
     gap: float
     kind: str  # "grid", "requested" or "match_full"
     shares: list[tuple[str, float]]
+    value_lo: float | None = None  # bootstrap interval of `value`
+    value_hi: float | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,7 @@ class Matrix:
 
     seq_ids: np.ndarray  # (N,) str
     config_ids: list[str]  # (K,), `full` first
+    config_families: list[str]  # (K,) family of each configuration
     families: list[str]
     scores: np.ndarray  # (N, K)
     costs: np.ndarray  # (K,)
@@ -81,8 +89,14 @@ def reduce_run(
     cost: str = "nominal",
     tolerance: float = 0.0,
     partial: bool = False,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    level: float = DEFAULT_LEVEL,
 ) -> ReduceResult:
-    """Solve the oracle for one metric of a run and write its three files; returns what was written.
+    """Solve the oracle for one metric of a run and write its four files; returns what was written.
+
+    `resamples` > 0 adds paired-bootstrap percentile intervals at `level` (pipeline.bootstrap, seeded by
+    `seed`) to every configuration's mean, each frontier value, the full mean and the matching budget.
 
     `partial` allows a run with shard files missing (still running or interrupted): the oracle is then over
     the sequences present, and summary["missing_shards"] says how many shard files were absent.
@@ -93,6 +107,10 @@ def reduce_run(
         raise ValueError(f"unknown cost mode '{cost}'; choose from {', '.join(COST_MODES)}")
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance}")
+    if resamples < 0:
+        raise ValueError(f"bootstrap resamples must be >= 0 (0 turns it off), got {resamples}")
+    if resamples and not 0.0 < level < 1.0:
+        raise ValueError(f"confidence level must lie strictly between 0 and 1, got {level}")
     run_dir = Path(run_dir)
     matrix, missing = load_matrix(run_dir, metric, families, cost, partial)
     frontier = build_frontier(matrix.scores, matrix.costs)
@@ -103,13 +121,19 @@ def reduce_run(
     for b in requested:
         if not math.isfinite(b):
             raise ValueError(f"budget {b} is not a finite number")
-    match = min_budget_to_match(frontier, full_mean, tolerance) if match_full else None
+    match = min_budget_to_match(frontier, matrix.scores[:, 0], tolerance) if match_full else None  # exact at ties
 
     planned = [(b, "grid") for b in budget_grid(frontier.min_budget, float(matrix.costs.max()))]
     planned += [(b, "requested") for b in requested]
     planned += [(match, "match_full")] if match is not None else []
     planned.sort(key=lambda item: item[0])  # stable: equal budgets keep grid, requested, match_full order
     rows = [frontier_row(frontier, matrix.config_ids, b, kind) for b, kind in planned]
+    draws = None
+    if resamples:
+        draws = bootstrap_oracle(matrix.scores, matrix.costs, np.array([r.budget for r in rows]), resamples, seed,
+                                 level, match is not None, tolerance)
+        bounds = draws.interval(draws.values)
+        rows = [replace(r, value_lo=float(lo), value_hi=float(hi)) for r, (lo, hi) in zip(rows, bounds)]
 
     integers = [float(b) for b in range(1, matrix.num_layers + 1) if b >= frontier.min_budget]
     allocation_budgets = sorted({*requested, *integers, *([match] if match is not None else [])})
@@ -121,12 +145,17 @@ def reduce_run(
         "num_configs": int(matrix.scores.shape[1]),
         "num_layers": full_cost,
         "full_mean": full_mean,
+        "match_full": match_full,
         "min_budget_to_match": match,
         "min_budget_fraction": None if match is None else match / full_cost,
         "tolerance": tolerance,
         "missing_shards": missing,
+        "bootstrap": None if draws is None else {"resamples": resamples, "seed": seed, "level": level},
+        "full_mean_interval": None if draws is None else _pair(draws.interval(draws.config_means[:, 0])),
+        "min_budget_interval": None if draws is None or draws.match is None else _pair(draws.interval(draws.match)),
         "budgets": [
-            {"budget": r.budget, "value": r.value, "lp_bound": r.lp_bound, "gap": r.gap}
+            {"budget": r.budget, "value": r.value, "value_lo": r.value_lo, "value_hi": r.value_hi,
+             "lp_bound": r.lp_bound, "gap": r.gap}
             for r in rows
             if r.kind == "requested"
         ],
@@ -134,6 +163,7 @@ def reduce_run(
     tables = {
         "frontier.parquet": frontier_table(rows),
         "allocations.parquet": allocations_table(frontier, matrix, allocation_budgets),
+        "config_means.parquet": config_means_table(matrix, draws),
     }
     def write(folder: Path) -> None:
         for name, table in tables.items():
@@ -143,6 +173,10 @@ def reduce_run(
     out_dir = run_dir / "oracle" / metric
     replace_folder(out_dir, write)
     return ReduceResult(out_dir, summary, rows)
+
+
+def _pair(bounds: np.ndarray) -> list[float]:
+    return [float(bounds[0]), float(bounds[1])]
 
 
 def load_matrix(run_dir: Path, metric: str, families: tuple[str, ...] | list[str] | None, cost: str,
@@ -198,6 +232,7 @@ def load_matrix(run_dir: Path, metric: str, families: tuple[str, ...] | list[str
     return Matrix(
         seq_ids=np.asarray(seq_ids, dtype=object),
         config_ids=config_ids,
+        config_families=selected["family"].tolist(),
         families=[FULL_ID, *chosen],
         scores=scores.reshape(n, k),
         costs=costs,
@@ -235,12 +270,31 @@ def frontier_table(rows: list[FrontierRow]) -> pa.Table:
         {
             "budget": [r.budget for r in rows],
             "value": [r.value for r in rows],
+            "value_lo": [r.value_lo for r in rows],
+            "value_hi": [r.value_hi for r in rows],
             "lp_bound": [r.lp_bound for r in rows],
             "gap": [r.gap for r in rows],
             "kind": [r.kind for r in rows],
             "shares": [[{"config_id": c, "share": s} for c, s in r.shares] for r in rows],
         },
         schema=FRONTIER_SCHEMA,
+    )
+
+
+def config_means_table(matrix: Matrix, draws: BootstrapDraws | None) -> pa.Table:
+    """Each configuration's mean score with its bootstrap interval (null without bootstrap), `full` first."""
+    k = len(matrix.config_ids)
+    bounds = np.full((k, 2), np.nan) if draws is None else draws.interval(draws.config_means)
+    return pa.table(
+        {
+            "config_id": matrix.config_ids,
+            "family": matrix.config_families,
+            "cost": matrix.costs,
+            "mean": matrix.scores.mean(axis=0),
+            "mean_lo": pa.array(bounds[:, 0], from_pandas=True),
+            "mean_hi": pa.array(bounds[:, 1], from_pandas=True),
+        },
+        schema=CONFIG_MEANS_SCHEMA,
     )
 
 

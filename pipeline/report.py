@@ -24,9 +24,10 @@ from matplotlib.ticker import PercentFormatter
 from pipeline.configs import CUSTOM, FULL_ID, KNOWN_FAMILIES
 from pipeline.query import open_run
 from pipeline.reduce import reduce_run
+from pipeline.similarity_report import load_summary, plot_final_against_cost, plot_layers, similarity_section
 from pipeline.atomic import write_atomic
 
-ORACLE_FILES = ("frontier.parquet", "allocations.parquet", "summary.json")
+ORACLE_FILES = ("frontier.parquet", "allocations.parquet", "config_means.parquet", "summary.json")
 HEADLINE_FRACTIONS = (0.25, 0.5, 0.75)
 # family -> legend label, line colour, colormap of its bands in the shares plot
 STYLE = {
@@ -54,7 +55,8 @@ class Report:
 
 def build_report(run_dir: str | Path, metric: str = "rougeL", families: list[str] | None = None,
                  partial: bool = False) -> Report:
-    """Reduce if needed, then write cost_quality.png, oracle_shares.png, lengths.png and report.md.
+    """Reduce if needed, then write cost_quality.png, oracle_shares.png, lengths.png and report.md, plus the
+    hidden-state similarity figures when `dynoracle similarity` has run.
 
     `partial` allows a run with shard files missing (see `pipeline.verify`); the report then covers the
     sequences present.
@@ -72,7 +74,8 @@ def build_report(run_dir: str | Path, metric: str = "rougeL", families: list[str
     out = run_dir / "oracle" / metric
     summary = json.loads((out / "summary.json").read_text())
     frontier = pq.read_table(out / "frontier.parquet").to_pandas()
-    per_config = per_config[per_config["family"].isin(summary["families"])]
+    intervals = pq.read_table(out / "config_means.parquet", columns=["config_id", "mean_lo", "mean_hi"]).to_pandas()
+    per_config = per_config[per_config["family"].isin(summary["families"])].merge(intervals, on="config_id")
     job = _job(run_dir)
     title = _describe(job, run_dir)
 
@@ -81,11 +84,19 @@ def build_report(run_dir: str | Path, metric: str = "rougeL", families: list[str
         "oracle_shares.png": plot_shares(per_config, frontier, summary, title),
         "lengths.png": plot_lengths(per_config, summary, title, job.get("max_new_tokens")),
     }
+    similarity = load_summary(run_dir)
+    extra: list[str] = []
+    if similarity is not None:
+        response, frame = similarity
+        L = int(round(summary["num_layers"]))
+        figures["similarity_cost.png"] = plot_final_against_cost(frame, L, response, title)
+        figures["similarity_layers.png"] = plot_layers(frame, L, response, title)
+        extra = similarity_section(frame, L, response)
     paths = []
     for name, fig in figures.items():
         paths.append(run_dir / name)
         write_atomic(paths[-1], lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=130))
-    text = markdown(summary, frontier, per_config, title, list(figures))
+    text = markdown(summary, frontier, per_config, title, list(figures), extra)
     write_atomic(run_dir / "report.md", lambda tmp: tmp.write_text(text))
     return Report(run_dir / "report.md", paths, summary, reason)
 
@@ -113,7 +124,7 @@ def stale_reason(run_dir: Path, metric: str, families: list[str] | None, present
         return "the oracle files use measured cost"
     if summary.get("missing_shards", 0):
         return "the oracle files cover a partial run"
-    if summary.get("min_budget_to_match") is None:
+    if not summary.get("match_full"):
         return "the oracle files lack the minimal matching budget"
     wanted = set(present if families is None else [FULL_ID, *families])
     if set(summary.get("families", ())) != wanted | {FULL_ID}:
@@ -132,7 +143,7 @@ def family_curves(per_config: pd.DataFrame) -> dict[str, pd.DataFrame]:
             continue
         means = rows.groupby("cost", as_index=False).agg(
             score=("score", "mean"), gen_tokens=("gen_tokens", "mean"), eos_rate=("eos_rate", "mean"),
-            configs=("config_id", "count"))
+            mean_lo=("mean_lo", "mean"), mean_hi=("mean_hi", "mean"), configs=("config_id", "count"))
         curves[family] = pd.concat([means, full.assign(configs=1)[means.columns]], ignore_index=True)
     return curves
 
@@ -150,22 +161,33 @@ def plot_cost_quality(per_config: pd.DataFrame, frontier: pd.DataFrame, summary:
     for family, curve in family_curves(per_config).items():
         ax.plot(curve["cost"], curve["score"], marker="o", ms=4, lw=1.3, color=STYLE[family][1],
                 label=_label(family, curve))
+        ax.fill_between(curve["cost"], curve["mean_lo"], curve["mean_hi"], color=STYLE[family][1], alpha=0.15, lw=0)
     ax.axhline(full_mean, color="0.3", ls=":", lw=1.5, label=f"full model, {L:g} layers ({full_mean:.4f})")
     line = frontier.drop_duplicates("budget").sort_values("budget")
     ax.plot(line["budget"], line["lp_bound"], color="black", ls="--", lw=0.9, alpha=0.6, label="oracle, LP bound")
     ax.plot(line["budget"], line["value"], color="black", lw=2, label="oracle, one configuration per sequence")
+    if summary.get("bootstrap"):
+        ax.fill_between(line["budget"], line["value_lo"], line["value_hi"], color="black", alpha=0.15, lw=0,
+                        label=f"{summary['bootstrap']['level']:.0%} bootstrap intervals (bands)")
 
     match = summary["min_budget_to_match"]
-    value = float(frontier.loc[frontier["kind"] == "match_full", "value"].iloc[0])
-    ax.plot(match, value, marker="*", ms=17, color="tab:red", mec="black", zorder=5,
-            label="least budget matching the full model")
-    # Up and to the left of the marker is free: the oracle never decreases and beats every static
-    # configuration it can afford. Near the left edge, go right instead (the white box keeps it legible).
-    left = match > 0.35 * L
-    ax.annotate(f"matches the full model at\n{match:.2f} of {L:g} layers ({match / L:.1%})", xy=(match, value),
-                xytext=(-14 if left else 14, 16), textcoords="offset points", ha="right" if left else "left",
-                va="bottom", fontsize=10, color="tab:red", zorder=6,
-                bbox={"boxstyle": "round,pad=0.3", "fc": "white", "ec": "none", "alpha": 0.85})
+    if match is None:
+        ax.text(0.99, 0.02, no_match_sentence(summary), transform=ax.transAxes, ha="right", va="bottom",
+                fontsize=10, color="tab:red")
+    else:
+        value = float(frontier.loc[frontier["kind"] == "match_full", "value"].iloc[0])
+        ax.plot(match, value, marker="*", ms=17, color="tab:red", mec="black", zorder=5,
+                label="least budget matching the full model")
+        if summary.get("min_budget_interval"):
+            lo, hi = summary["min_budget_interval"]
+            ax.errorbar(match, value, xerr=[[match - lo], [hi - match]], color="tab:red", capsize=4, lw=1.5, zorder=4)
+        # Up and to the left of the marker is free: the oracle never decreases and beats every static
+        # configuration it can afford. Near the left edge, go right instead (the white box keeps it legible).
+        left = match > 0.35 * L
+        ax.annotate(f"matches the full model at\n{match:.2f} of {L:g} layers ({match / L:.1%})", xy=(match, value),
+                    xytext=(-14 if left else 14, 16), textcoords="offset points", ha="right" if left else "left",
+                    va="bottom", fontsize=10, color="tab:red", zorder=6,
+                    bbox={"boxstyle": "round,pad=0.3", "fc": "white", "ec": "none", "alpha": 0.85})
     low, high = ax.get_ylim()
     ax.set_ylim(low, high + 0.2 * (high - low))  # headroom for the note
 
@@ -202,12 +224,13 @@ def plot_shares(per_config: pd.DataFrame, frontier: pd.DataFrame, summary: dict,
     ax = fig.add_subplot()
     ax.stackplot(grid["budget"], [shares[c] for c in order], colors=colors, edgecolor="white", linewidth=0.3)
     match = summary["min_budget_to_match"]
-    ax.axvline(match, color="tab:red", ls="--", lw=1.5)
     used = pd.Series([meta.at[c, "family"] for c in order]).value_counts()
     handles = [Patch(color=_shade(f, 1.0 if f == FULL_ID else 0.6),
                      label=f"{STYLE[f][0]}: {used[f]} configuration{'s' if used[f] > 1 else ''} used")
                for f in sorted(used.index, key=rank.get)]
-    handles.append(Line2D([], [], color="tab:red", ls="--", label=f"least budget matching full ({match:.2f})"))
+    if match is not None:
+        ax.axvline(match, color="tab:red", ls="--", lw=1.5)
+        handles.append(Line2D([], [], color="tab:red", ls="--", label=f"least budget matching full ({match:.2f})"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False, fontsize=9,
               title="shade: lighter = fewer layers", title_fontsize=9)
     ax.set_xlim(grid["budget"].min(), grid["budget"].max())
@@ -257,17 +280,36 @@ def plot_lengths(per_config: pd.DataFrame, summary: dict, title: str, max_new_to
     return fig
 
 
-def markdown(summary: dict, frontier: pd.DataFrame, per_config: pd.DataFrame, title: str, figures: list[str]) -> str:
-    """report.md: headline numbers from the reducer's summary and frontier, then the figures."""
+def markdown(summary: dict, frontier: pd.DataFrame, per_config: pd.DataFrame, title: str, figures: list[str],
+             extra: list[str] = ()) -> str:
+    """report.md: headline numbers from the reducer's summary and frontier, `extra` sections, then the figures."""
     L, metric = summary["num_layers"], summary["metric"]
     match = summary["min_budget_to_match"]
-    at_match = frontier.loc[frontier["kind"] == "match_full", "value"].iloc[0]
     within = f" (within {summary['tolerance']:g})" if summary["tolerance"] else ""
+    if match is None:
+        matching = [f"| least budget matching the full model{within} | none: {no_match_sentence(summary)} |"]
+    else:
+        at_match = frontier.loc[frontier["kind"] == "match_full", "value"].iloc[0]
+        matching = [f"| least budget matching the full model{within} | {match:.3f} layers "
+                    f"({summary['min_budget_fraction']:.2%} of L) |",
+                    f"| oracle mean {metric} at that budget | {at_match:.4f} |"]
+    boot = summary.get("bootstrap")
+    if boot:
+        level = f"{boot['level']:.0%}"
+        lo, hi = summary["full_mean_interval"]
+        matching.append(f"| {level} interval of the full-model mean | {lo:.4f} to {hi:.4f} |")
+        if summary.get("min_budget_interval"):
+            lo, hi = summary["min_budget_interval"]
+            matching.append(f"| {level} interval of the least matching budget | {lo:.3f} to {hi:.3f} layers |")
+        note = (f"Intervals: paired bootstrap over sequences, {boot['resamples']} resamples (seed {boot['seed']}), "
+                "percentile; each resample recomputes the full model and the oracle.")
+    else:
+        note = "No intervals: the reducer ran with `--bootstrap 0`."
     lines = [
         f"# dynoracle report: {title}",
         "",
         f"Oracle over {metric} with families {', '.join(summary['families'])}; cost = executed layers "
-        f"({summary['cost_mode']}). Numbers from `oracle/{metric}/summary.json` and `frontier.parquet`.",
+        f"({summary['cost_mode']}). Numbers from `oracle/{metric}/summary.json` and `frontier.parquet`. {note}",
         "",
         "## Headline",
         "",
@@ -277,13 +319,13 @@ def markdown(summary: dict, frontier: pd.DataFrame, per_config: pd.DataFrame, ti
         f"| configurations | {summary['num_configs']} |",
         f"| layers L | {L:g} |",
         f"| full-model mean {metric} | {summary['full_mean']:.4f} |",
-        f"| least budget matching the full model{within} | {match:.3f} layers ({summary['min_budget_fraction']:.2%} of L) |",
-        f"| oracle mean {metric} at that budget | {at_match:.4f} |",
+        *matching,
         "",
         "## The oracle at fractions of L",
         "",
-        f"| budget (layers) | of L | oracle mean {metric} | LP bound | best single configuration with cost <= budget |",
-        "|---|---|---|---|---|",
+        f"| budget (layers) | of L | oracle mean {metric} | LP bound | best single configuration with cost <= budget "
+        "| interval of the oracle mean |",
+        "|---|---|---|---|---|---|",
     ]
     for fraction in HEADLINE_FRACTIONS:
         budget = fraction * L
@@ -291,19 +333,30 @@ def markdown(summary: dict, frontier: pd.DataFrame, per_config: pd.DataFrame, ti
         static = per_config[per_config["cost"] <= budget + 1e-9].sort_values("score", ascending=False)
         best = f"{static['config_id'].iloc[0]}: {static['score'].iloc[0]:.4f}" if len(static) else "none"
         if row.empty:  # grid budgets start at the cheapest configuration's cost
-            lines.append(f"| {budget:.2f} | {fraction:.0%} | below the cheapest configuration | | {best} |")
+            lines.append(f"| {budget:.2f} | {fraction:.0%} | below the cheapest configuration | | {best} | |")
         else:
+            lo, hi = row["value_lo"].iloc[0], row["value_hi"].iloc[0]
+            interval = f"{lo:.4f} to {hi:.4f}" if boot else ""
             lines.append(f"| {budget:.2f} | {fraction:.0%} | {row['value'].iloc[0]:.4f} | "
-                         f"{row['lp_bound'].iloc[0]:.4f} | {best} |")
+                         f"{row['lp_bound'].iloc[0]:.4f} | {best} | {interval} |")
     captions = {
-        "cost_quality.png": f"Mean {metric} against cost: static families, the full model, the oracle frontier.",
+        "cost_quality.png": f"Mean {metric} against cost: static families, the full model, the oracle frontier "
+                            "(bands: bootstrap intervals).",
         "oracle_shares.png": "The oracle's share of each configuration at each budget.",
         "lengths.png": "Mean output length and EOS rate per configuration.",
+        "similarity_cost.png": "Final hidden state's similarity to the full model against cost, per family.",
+        "similarity_layers.png": "Similarity to the full model after each layer, at a few budgets.",
     }
-    lines += ["", "## Figures", ""]
+    lines += ["", *extra, "## Figures", ""]
     for name in figures:
         lines += [captions[name], "", f"![{name}]({name})", ""]
     return "\n".join(lines)
+
+
+def no_match_sentence(summary: dict) -> str:
+    """What the report says when no budget matches the full model."""
+    return (f"no budget up to {summary['num_layers']:g} layers brings the oracle to the full model's mean "
+            f"{summary['metric']} ({summary['full_mean']:.4f})")
 
 
 def _job(run_dir: Path) -> dict:

@@ -84,14 +84,18 @@ def test_reduce_writes_the_contract_and_prints_the_oracle_minimal_budget(tmp_pat
     frontier = build_frontier(scores, COSTS)  # the matrix as built here, independently of the reducer's pivot
     expected = min_budget_to_match(frontier, scores[:, 0].mean())
     assert expected is not None
-    line = f"minimal budget matching full model (mean {scores[:, 0].mean():.4f}): {expected:.6g} layers of 4"
+    summary = json.loads((run / "oracle" / "rougeL" / "summary.json").read_text())
+    (lo, hi), (mlo, mhi) = summary["full_mean_interval"], summary["min_budget_interval"]
+    line = (f"minimal budget matching full model (mean {scores[:, 0].mean():.4f}, 95% CI {lo:.4f}-{hi:.4f}): "
+            f"{expected:.6g} layers of 4 ({expected / 4:.1%}); 95% CI {mlo:.4g}-{mhi:.4g} layers, 1000 paired "
+            "resamples, seed 0")
     assert line in result.output
 
     out = run / "oracle" / "rougeL"
     table = pq.read_table(out / "frontier.parquet")
-    assert table.schema.names == ["budget", "value", "lp_bound", "gap", "kind", "shares"]
+    assert table.schema.names == ["budget", "value", "value_lo", "value_hi", "lp_bound", "gap", "kind", "shares"]
     shares = pa.list_(pa.struct([("config_id", pa.string()), ("share", pa.float64())]))
-    assert [f.type for f in table.schema] == [pa.float64()] * 4 + [pa.string(), shares]
+    assert [f.type for f in table.schema] == [pa.float64()] * 6 + [pa.string(), shares]
     rows = table.to_pylist()
     assert {r["kind"] for r in rows} == {"grid", "requested", "match_full"}
     assert [r["budget"] for r in rows if r["kind"] == "match_full"] == [expected]
