@@ -124,6 +124,27 @@ def run(
     typer.echo(f"next: dynoracle reduce {summary.run_dir} --match-full")
 
 
+@app.command()
+def features(
+    run_dir: str = typer.Argument(..., help="A finished run folder."),
+    layer: Optional[list[int]] = typer.Option(None, "--layer", "-l", help="Hidden state after this many layers (repeatable; default 1 and L)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Worker actors; default the run's."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (auto, or host:port); default local."),
+) -> None:
+    """Prompt features of a run's sequences (one prefill each, the run's model) into features/; reruns resume."""
+    from pipeline.features import run_features
+    from pipeline.rundir import RunLocked
+    from pipeline.runner import RunError
+
+    try:
+        summary = run_features(run_dir, tuple(layer or ()), workers, address)
+    except (ValueError, OSError, RunLocked, RunError) as exc:
+        fail(str(exc).strip().splitlines()[0])
+    typer.echo(f"features of {summary.shards} shards ({summary.computed} computed, {summary.skipped} skipped) "
+               f"in {summary.seconds:.1f} s")
+    typer.echo(f"next: dynoracle controller {run_dir}")
+
+
 @app.command("reduce")
 def reduce_command(
     run_dir: str = typer.Argument(..., help="Run folder holding configs.parquet and generations/."),
