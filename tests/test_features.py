@@ -16,7 +16,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from pipeline.data import load_examples, shard_examples
-from pipeline.features import FEATURES_SCHEMA, load_features, run_features
+from pipeline.feature_task import run_features
+from pipeline.features import FEATURES_SCHEMA, load_features
 from pipeline.job import load_job
 from pipeline.models import load_tokenizer
 from pipeline.runner import run_job
