@@ -161,12 +161,10 @@ def bootstrap_match(budgets: np.ndarray, choices: np.ndarray, scores: np.ndarray
     the configuration index of the full model), the choices held fixed. Returns (low, high, unmatched):
     `unmatched` is the share of resamples where no budget matches; a bound that falls among them is None.
     """
-    rng = np.random.default_rng(seed)
     n = scores.shape[0]
     chosen = scores[np.arange(n), choices]  # (B, N)
     matches = np.empty(resamples)
-    for r in range(resamples):
-        sample = rng.integers(0, n, n)
+    for r, sample in enumerate(np.random.default_rng(seed).integers(0, n, (resamples, n))):
         reached = np.flatnonzero(chosen[:, sample].mean(axis=1) >= scores[sample, full].mean())
         matches[r] = budgets[reached[0]] if reached.size else np.inf
     low, high = np.quantile(matches, [(1 - level) / 2, (1 + level) / 2], method="inverted_cdf")

@@ -4,15 +4,14 @@ hand-made run."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from matplotlib.figure import Figure
+from typer.testing import CliRunner
 
 from pipeline.controller import (LEARNERS, best_static, bootstrap_match, fold_splits, gain_share, match_budget,
                                  run_controller, shuffled)
@@ -20,9 +19,10 @@ from pipeline.controller_run import CURVES_SCHEMA, evaluate_run
 from pipeline.features import FEATURES_SCHEMA
 from pipeline.oracle import allocate, build_frontier
 from pipeline.reduce import budget_grid, load_matrix
-from tests.handmade_run import make_run
+from pipeline.report import build_report, plot_controllers
+from handmade_run import make_run
+from pipeline.cli import app
 
-REPO = Path(__file__).resolve().parents[1]
 N, COSTS = 150, np.arange(1.0, 7.0)  # configurations executing 1..6 layers
 # Integer budgets: between two static costs a random mix of configurations spends more than the best static
 # configuration affordable, and earns a positive share without knowing anything.
@@ -124,11 +124,10 @@ def handmade(tmp_path_factory) -> Path:
 
 
 def test_controller_command_on_a_handmade_run(handmade):
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "controller", str(handmade), "--learner", "ridge",
-                             "--learner", "classifier", "--resamples", "200"],
-                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert result.returncode == 0, result.stderr
-    assert "features after layer 1" in result.stdout and "least budget matching the full model" in result.stdout
+    result = CliRunner().invoke(app, ["controller", str(handmade), "--learner", "ridge", "--learner", "classifier",
+                                      "--resamples", "200"])
+    assert result.exit_code == 0, result.output
+    assert "features after layer 1" in result.output and "least budget matching the full model" in result.output
 
     out = handmade / "controller" / "rougeL"
     curves = pq.read_table(out / "curves.parquet")
@@ -157,12 +156,24 @@ def test_controller_command_on_a_handmade_run(handmade):
 def test_missing_features_or_bad_learner_is_one_line_and_writes_nothing(tmp_path):
     run_dir = make_run(tmp_path / "toy", num_sequences=10)
     for args, message in (([], "no prompt features"), (["--learner", "forest"], "unknown learner forest")):
-        result = subprocess.run([sys.executable, "-m", "pipeline.cli", "controller", str(run_dir), *args],
-                                capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
-        assert message in result.stderr
+        result = CliRunner().invoke(app, ["controller", str(run_dir), *args])
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+        assert result.output.startswith("error: ") and message in result.output
     assert not (run_dir / "controller").exists()
     write_features(run_dir, {f"q{n:03d}": np.ones(3) for n in range(10)})
     with pytest.raises(ValueError, match="folds must be between 2"):
         evaluate_run(run_dir, folds=11)
     assert not (run_dir / "controller").exists()
+
+
+def test_report_draws_the_controllers_beside_the_oracle(handmade):
+    evaluate_run(handmade, learners=("ridge", "boosting"), resamples=10)
+    assert handmade / "cost_quality.png" in build_report(handmade).figures
+    curves = pq.read_table(handmade / "controller" / "rougeL" / "curves.parquet").to_pandas()
+    ax = Figure().add_subplot()
+    plot_controllers(ax, curves, 6)
+    assert [line.get_label() for line in ax.get_lines()] == [
+        "controller: ridge, prompt features after layer 1", "controller: boosting, prompt features after layer 1",
+        "controller: ridge, shuffled features (null)"]
+    real = curves[(curves["learner"] == "ridge") & ~curves["null"]].sort_values("budget")
+    assert np.array_equal(ax.get_lines()[0].get_xdata(), real["cost"].to_numpy())
