@@ -19,6 +19,7 @@ from pipeline.executor import ExecSummary, ShardTask
 from pipeline.features import FEATURES_FOLDER, FEATURES_SCHEMA, POOLINGS, check_layers, default_layers
 from pipeline.job import JobSpec
 from pipeline.models import LoadedModel
+from pipeline.runner import run_task
 
 
 def prompt_features(lm: LoadedModel, prompt_ids: list[int] | tuple[int, ...],
@@ -68,8 +69,6 @@ def run_features(run_dir: str | Path, layers: tuple[int, ...] | list[int] = (), 
 
     `layers` empty means `default_layers`. Shard files holding other layers are recomputed whole.
     """
-    from pipeline.runner import run_task
-
     def make_task(spec: JobSpec, record: dict[str, Any]) -> FeatureTask:
         num_layers = int(record["num_layers"])
         return FeatureTask(check_layers(layers, num_layers) if layers else default_layers(num_layers))

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +12,9 @@ import pytest
 import ray
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from typer.testing import CliRunner
 
+from pipeline.cli import app
 from pipeline.data import load_examples, shard_examples
 from pipeline.feature_task import run_features
 from pipeline.features import FEATURES_SCHEMA, load_features
@@ -91,8 +91,7 @@ def test_features_equal_a_direct_hf_forward(finished_run, tiny_model):
 def test_bad_layer_is_one_line_and_writes_nothing(finished_run):
     out, _ = finished_run
     before = sorted(p.name for p in (out / "features").iterdir())
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "features", str(out), "--layer", str(LAYERS + 1)],
-                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert result.returncode == 2
-    assert result.stderr.strip() == f"error: feature layer {LAYERS + 1} is outside 1..{LAYERS} (the model's layers)"
+    result = CliRunner().invoke(app, ["features", str(out), "--layer", str(LAYERS + 1)])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: feature layer {LAYERS + 1} is outside 1..{LAYERS} (the model's layers)"
     assert sorted(p.name for p in (out / "features").iterdir()) == before
