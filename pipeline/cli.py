@@ -235,7 +235,7 @@ def controller(
             interval += f"-{m.match_high:.2f}" if pd.notna(m.match_high) else "-no match"
             where = f"{m.match_budget:.2f} layers [{interval}]"
         typer.echo(f"  layer {m.layer:>2} {m.learner:<10} {'null' if m.null else 'real':<4} {where}; "
-                   f"mean share {m.mean_share:.1%}; {m.seconds:.1f} s")
+                   f"overall share {m.overall_share:.1%}; {m.seconds:.1f} s")
 
 
 @app.command("query")

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from pipeline.atomic import write_json, write_parquet
 from pipeline.controller import (LEARNERS, REGRESSORS, best_static, bootstrap_match, fold_splits, gain_share,
-                                 match_budget, run_controller, shuffled)
+                                 match_budget, overall_share, run_controller, shuffled)
 from pipeline.features import load_features, stored_layers
 from pipeline.oracle import allocate, build_frontier
 from pipeline.reduce import budget_grid, load_matrix
@@ -47,7 +47,7 @@ MATCHES_SCHEMA = pa.schema([
     ("match_low", pa.float64()),  # bootstrap percentile interval; null when that bound has no match
     ("match_high", pa.float64()),
     ("unmatched", pa.float64()),  # share of resamples with no matching budget
-    ("mean_share", pa.float64()),  # mean share over the budgets where the oracle gains over static
+    ("overall_share", pa.float64()),  # sum over budgets of (value - static) / sum of (oracle - static)
     ("seconds", pa.float64()),  # fitting and allocating this curve
 ])
 FOLDS_SCHEMA = pa.schema([("seq_id", pa.string()), ("fold", pa.int16())])
@@ -110,7 +110,7 @@ def evaluate_run(run_dir: str | Path, metric: str = "rougeL", families: list[str
                 matches.append({"layer": layer, "learner": learner, "null": null, "full_mean": full_mean,
                                 "match_budget": match_budget(budgets, curve.value, full_mean), "match_low": low,
                                 "match_high": high, "unmatched": unmatched,
-                                "mean_share": float(np.nanmean(rows["share"])) if rows["share"].notna().any() else None,
+                                "overall_share": overall_share(rows["value"], rows["static"], rows["oracle"]),
                                 "seconds": seconds})
     curves_frame = pd.concat(curves, ignore_index=True)[CURVES_SCHEMA.names]
     matches_frame = pd.DataFrame(matches, columns=MATCHES_SCHEMA.names)
