@@ -7,8 +7,10 @@ place, and the folder fsynced, so a crash leaves at most a `.*.tmp` file behind.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -30,20 +32,57 @@ def _fsync_dir(folder: Path) -> None:
 
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """Write via `write(temp_path)` to a temporary file beside `path`, fsync, then rename into place:
-    a reader never sees half a file, and a crash leaves at most a `.*.tmp` file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are for everyone the umask allows
-    os.close(fd)
+    a reader never sees half a file, and a crash leaves at most a `.*.tmp` file behind.
+
+    A full disk (or quota) raises OSError("cannot write <path>: No space left on device"), temp file removed.
+    """
+    temp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are for everyone the umask allows
+        os.close(fd)
         write(Path(temp))
         with open(temp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if temp is not None:
+            Path(temp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(f"cannot write {path}: {os.strerror(exc.errno)}") from None
         raise
     _fsync_dir(path.parent)
+
+
+def replace_folder(folder: Path, write: Callable[[Path], object]) -> None:
+    """Replace `folder` by the files `write(staging_folder)` makes, as a set: whole or not at all.
+
+    The files are written (each with `write_atomic`) into a fresh hidden sibling folder; then the old folder
+    is renamed aside, the new one into place, and the old one deleted. A failure while writing leaves the
+    old folder as it was; a crash between the two renames leaves no folder (never a mix of old and new).
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    old = None
+    try:
+        os.chmod(staging, 0o777 & ~_UMASK)
+        write(staging)
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".old.tmp"))
+            os.replace(folder, old / folder.name)
+        os.replace(staging, folder)
+        _fsync_dir(folder.parent)
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if old is not None and not folder.exists():
+            os.replace(old / folder.name, folder)
+        if isinstance(exc, OSError) and str(staging) in str(exc):  # name the file, not the staging folder
+            raise OSError(str(exc).replace(str(staging), str(folder))) from None
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_parquet(table: pa.Table, path: Path) -> None:

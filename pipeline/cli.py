@@ -13,6 +13,8 @@ import typer
 
 from pipeline.configs import FAMILIES, build_configs
 
+SPLIT_HELP = ("train, validation or test (default). alpaca: the study's split, datasets' train_test_split twice with "
+              "seed 42 (52,002 rows -> 36,401 / 7,800 / 7,801; a local slice is split likewise).")
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 
 
@@ -25,6 +27,15 @@ def fail(message: str) -> None:
     """Print one line to stderr and exit non-zero, with no traceback."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
+
+
+PARTIAL_HELP = "Read a run with shard files missing (still running or interrupted); refused by default."
+
+
+def warn_partial(missing_shards: int) -> None:
+    if missing_shards:
+        typer.echo(f"warning: partial run, {missing_shards} shard files missing: these numbers cover only the "
+                   "sequences present", err=True)
 
 
 @app.command()
@@ -50,7 +61,7 @@ def configs(
 @app.command()
 def prompts(
     dataset: str = typer.Option("alpaca", "--dataset", "-d", help="alpaca, cnn_dailymail, samsum, file or hub."),
-    split: str = typer.Option("test", "--split", help="Split (for alpaca: the study's seeded 70/15/15 split)."),
+    split: str = typer.Option("test", "--split", help=SPLIT_HELP),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Local data root; default $DYNORACLE_DATA_DIR."),
     path: Optional[str] = typer.Option(None, "--file", "--path", help="File (dataset file) or hub id (dataset hub)."),
     prompt_column: Optional[str] = typer.Option(None, "--prompt-column", help="Prompt column (file, hub)."),
@@ -69,7 +80,7 @@ def prompts(
                        prompt_budget or None, limit)
     try:
         examples = load_examples(spec, load_tokenizer(model or EMBEDDED_MODEL))
-    except (DataError, OSError) as exc:
+    except (DataError, ValueError, OSError) as exc:
         fail(str(exc).strip().splitlines()[0])
     if as_json:
         fields = ("seq_id", "prompt_tokens", "prompt_truncated", "summary", "prompt", "reference")
@@ -88,6 +99,7 @@ def run(
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset; its default job is jobs/<name>.toml."),
     job: Optional[str] = typer.Option(None, "--job", "-j", help="Job file (TOML); flags below override it."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id, local folder, GGUF file or embedded."),
+    split: Optional[str] = typer.Option(None, "--split", help=SPLIT_HELP),
     limit: Optional[int] = typer.Option(None, "--limit", "-n", help="Only the first N sequences of the split."),
     families: Optional[str] = typer.Option(None, "--families", help="Comma-separated: uls,ee,rls."),
     config_ids: Optional[str] = typer.Option(None, "--configs", help="Only these config ids (comma-separated)."),
@@ -100,22 +112,51 @@ def run(
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Run folder; default outputs/<name>."),
     name: Optional[str] = typer.Option(None, "--name", help="Run name (and folder outputs/<name>)."),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (auto, or host:port); default local."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (auto, or host:port); default a private local Ray."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Local data root; default $DYNORACLE_DATA_DIR."),
+    path: Optional[str] = typer.Option(None, "--file", "--path", help="File (dataset file) or hub id (dataset hub)."),
+    prompt_column: Optional[str] = typer.Option(None, "--prompt-column", help="Prompt column (file, hub)."),
+    reference_column: Optional[str] = typer.Option(None, "--reference-column", help="Reference column (file, hub)."),
+    prompt_budget: Optional[int] = typer.Option(None, "--prompt-budget", help="Max prompt tokens (default 1024)."),
+    prompt_format: Optional[str] = typer.Option(None, "--format", help="plain (dataset template) or chat."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                           help="Run the model folder's own Python code (recorded in run.json)."),
+    stemming: Optional[bool] = typer.Option(None, "--stemming/--no-stemming",
+                                            help="Porter-stem ROUGE tokens; default on (the study: off)."),
+    sentence_split: Optional[bool] = typer.Option(None, "--sentence-split/--no-sentence-split",
+                                                  help="One sentence per line for rougeLsum; default on for "
+                                                       "cnn_dailymail and samsum only."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="ROUGE tokenizer: default (rouge_score's, "
+                                            "a-z and 0-9 only) or unicode (letters and digits of every script)."),
+    start_timeout: Optional[float] = typer.Option(None, "--start-timeout", help="Seconds to wait for workers to be placed and load the model, or to come back after a loss (default 600)."),
 ) -> None:
-    """Generate and score every (sequence, configuration) of a job into sharded Parquet; reruns resume."""
+    """Generate and score every (sequence, configuration) of a job into sharded Parquet; reruns resume.
+
+    Scoring options are part of the run's identity and recorded in run.json with the sentence splitter used.
+    """
     from pipeline.job import load_job
     from pipeline.rundir import RunLocked
+    from pipeline.cluster import sigterm_as_interrupt
     from pipeline.runner import RunError, run_job
 
     overrides = {"name": name, "model": model, "families": families, "config_ids": config_ids,
                  "max_new_tokens": max_new_tokens, "batch_size": batch_size, "shard_size": shard_size,
                  "workers": workers, "prefill": prefill, "dtype": dtype, "device": device, "out": out,
-                 "dataset": {"limit": limit, "data_dir": data_dir}}
+                 "trust_remote_code": trust_remote_code or None,
+                 "start_timeout": start_timeout,
+                 "dataset": {"split": split, "limit": limit, "data_dir": data_dir, "path": path,
+                             "prompt_column": prompt_column, "reference_column": reference_column,
+                             "prompt_budget": prompt_budget, "prompt_format": prompt_format},
+                 "scoring": {"stemming": stemming, "sentence_split": sentence_split, "tokenizer": tokenizer}}
+    sigterm_as_interrupt()
     try:
         summary = run_job(load_job(job, dataset, overrides), address)
     except (ValueError, OSError, RunLocked, RunError) as exc:
         fail(str(exc).strip().splitlines()[0])
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted; the shard files written so far are whole: rerun the same command to resume",
+                   err=True)
+        raise typer.Exit(130) from None
     tokens_per_s = summary.gen_tokens / summary.generate_s if summary.generate_s else 0.0
     typer.echo(f"{summary.rows} rows in {summary.shards} shards ({summary.computed} computed, {summary.skipped} "
                f"skipped) in {summary.elapsed_s:.1f} s; generation {summary.generate_s:.1f} s, "
@@ -155,16 +196,18 @@ def reduce_command(
     cost: str = typer.Option("nominal", "--cost", help="nominal (executed layers) or measured (layers per token)."),
     tolerance: float = typer.Option(0.0, "--tolerance", help="Match when oracle mean >= full mean - T."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary JSON instead of a table."),
+    partial: bool = typer.Option(False, "--partial", help=PARTIAL_HELP),
 ) -> None:
     """Solve the oracle from a run's generations: frontier, allocations, minimal budget matching full."""
     from pipeline.reduce import reduce_run
 
     chosen = None if families is None else tuple(f.strip() for f in families.split(",") if f.strip())
     try:
-        result = reduce_run(run_dir, metric, chosen, tuple(budget or ()), match_full, cost, tolerance)
+        result = reduce_run(run_dir, metric, chosen, tuple(budget or ()), match_full, cost, tolerance, partial)
     except (ValueError, OSError) as exc:
         fail(str(exc).strip().splitlines()[0])
     summary = result.summary
+    warn_partial(summary["missing_shards"])
     if as_json:
         typer.echo(json.dumps(summary, indent=1))
         return
@@ -244,12 +287,17 @@ def query_command(
     sql: str = typer.Argument(..., help="SQL over the views generations, configs, frontier, allocations."),
     metric: str = typer.Option("rougeL", "--metric", help="Which oracle/<metric>/ the frontier and allocations read."),
     output_format: str = typer.Option("table", "--format", help="table, csv or json."),
+    partial: bool = typer.Option(False, "--partial", help=PARTIAL_HELP),
 ) -> None:
-    """Run SQL (DuckDB) over a run's Parquet files and print the result."""
+    """Run read-only SQL (DuckDB) over a run's verified Parquet files and print the result.
+
+    Only SELECT and EXPLAIN run; DuckDB gets no file access (no COPY, ATTACH, read_csv of other files),
+    cannot install or load extensions, and its settings are locked.
+    """
     from pipeline.query import query_run, render
 
     try:
-        columns, rows = query_run(run_dir, sql, metric)
+        columns, rows = query_run(run_dir, sql, metric, partial)
         text = render(columns, rows, output_format)
     except (ValueError, OSError) as exc:
         fail(str(exc).strip().splitlines()[0])
@@ -262,16 +310,18 @@ def report(
     run_dir: str = typer.Argument(..., help="Run folder holding configs.parquet and generations/."),
     metric: str = typer.Option("rougeL", "--metric", help="rougeL, rougeLsum, rouge1, rouge2 or fidelity."),
     families: Optional[str] = typer.Option(None, "--families", help="Comma-separated: uls,ee,rls; default all."),
+    partial: bool = typer.Option(False, "--partial", help=PARTIAL_HELP),
 ) -> None:
     """Write the study's figures and report.md into a run folder, reducing first when the oracle is stale."""
     from pipeline.report import build_report
 
     chosen = None if families is None else [f.strip() for f in families.split(",") if f.strip()]
     try:
-        result = build_report(run_dir, metric, chosen)
+        result = build_report(run_dir, metric, chosen, partial)
     except (ValueError, OSError) as exc:
         fail(str(exc).strip().splitlines()[0])
     summary = result.summary
+    warn_partial(summary.get("missing_shards", 0))
     if result.reduced:
         typer.echo(f"reduced first: {result.reduced}")
     typer.echo(f"{summary['num_sequences']} sequences; full-model mean {metric} {summary['full_mean']:.4f}; the oracle "

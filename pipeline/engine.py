@@ -307,12 +307,13 @@ def prompt_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
     return (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
 
 
-def eos_ids(lm: LoadedModel) -> torch.Tensor:
+def eos_ids(lm: LoadedModel) -> torch.Tensor | None:
+    """The ids that end a sequence; None for a model without EOS (it generates to the token limit)."""
     eos = lm.model.generation_config.eos_token_id
     if eos is None:
         eos = lm.tokenizer.eos_token_id
-    ids = eos if isinstance(eos, list) else [eos]
-    return torch.tensor(ids, dtype=torch.long, device=lm.device)
+    ids = [i for i in (eos if isinstance(eos, list) else [eos]) if i is not None]
+    return torch.tensor(ids, dtype=torch.long, device=lm.device) if ids else None
 
 
 def _forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -17,7 +17,7 @@ from pipeline.engine import Generation, generate
 from pipeline.executor import ShardTask
 from pipeline.models import LoadedModel
 from pipeline.rundir import GENERATIONS_SCHEMA, shard_table
-from pipeline.scoring import score
+from pipeline.scoring import ScoringOptions, score
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class GenerateTask(ShardTask):
     prefill: str
     batch_size: int
     max_rows: int
+    scoring: ScoringOptions = ScoringOptions()
 
     folder: ClassVar[str] = "generations"
     schema: ClassVar[pa.Schema] = GENERATIONS_SCHEMA
@@ -54,8 +55,9 @@ class GenerateTask(ShardTask):
         full = next(k for k, cfg in enumerate(configs) if cfg.config_id == FULL_ID)
         scores = score(
             outputs=[gen.text for per_config in generations for gen in per_config],
-            references=[ex.reference for ex in examples for _ in configs],
+            references=[ex.references for ex in examples for _ in configs],
             full_outputs=[per_config[full].text for per_config in generations for _ in configs],
             summary=[ex.summary for ex in examples for _ in configs],
+            options=self.scoring,
         )
         return shard_table(shard, examples, configs, generations, scores)

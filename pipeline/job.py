@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -16,6 +17,7 @@ from pipeline.configs import FAMILIES, SkipConfig
 from pipeline.data import DatasetSpec
 from pipeline.engine import DEFAULT_MAX_ROWS, PREFILL_POLICIES
 from pipeline.models import AUTO_DTYPE, DTYPES, EMBEDDED_MODEL
+from pipeline.scoring import ScoringOptions
 
 JOBS_DIR = Path(__file__).resolve().parents[1] / "jobs"
 DEVICES = ("auto", "cpu", "cuda")
@@ -24,6 +26,7 @@ _DATASET_FIELDS = {f.name for f in dataclasses.fields(DatasetSpec)}
 # Batching, workers and where the data files sit change speed, not results.
 _IDENTITY = ("model", "dtype", "prefill", "max_new_tokens", "shard_size", "families", "rls_seeds", "config_ids")
 _DATASET_IDENTITY = tuple(sorted(_DATASET_FIELDS - {"data_dir"}))
+_SCORING_FIELDS = {f.name for f in dataclasses.fields(ScoringOptions)}
 
 
 @dataclass(frozen=True)
@@ -44,9 +47,13 @@ class JobSpec:
     max_rows: int = DEFAULT_MAX_ROWS  # engine rows (prompt x layer set) decoded together
     shard_size: int = 64  # examples per shard file, the unit of work and of resume
     workers: int | None = None  # None: one per GPU, or one CPU worker
+    scoring: ScoringOptions = ScoringOptions()  # [scoring]: stemming, sentence_split, tokenizer
+    start_timeout: float = 600.0  # seconds to wait for workers to be placed and load the model, or to come back
     out: str = ""
+    trust_remote_code: bool = False  # run a model folder's own Python code (recorded in run.json); off by default
 
     def __post_init__(self) -> None:
+        _check_types(self, "")
         if not self.out:
             object.__setattr__(self, "out", str(Path("outputs") / self.name))
         _validate(self)
@@ -64,6 +71,7 @@ class JobSpec:
         for key in ("families", "rls_seeds", "config_ids"):  # order does not change the rows
             ident[key] = sorted(ident[key])
         ident["dataset"] = {key: getattr(self.dataset, key) for key in _DATASET_IDENTITY}
+        ident["scoring"] = self.scoring.to_dict()
         return ident
 
     def select_configs(self, configs: list[SkipConfig]) -> list[SkipConfig]:
@@ -80,8 +88,10 @@ class JobSpec:
 
 
 def _validate(spec: JobSpec) -> None:
-    if not spec.name or "/" in spec.name:
-        raise ValueError(f"job name {spec.name!r} must be non-empty and contain no '/'")
+    _check_types(spec.dataset, "dataset.")
+    if spec.name in ("", ".", "..") or any(c in spec.name for c in "/\\\0"):
+        raise ValueError(f"job name {spec.name!r} must be a plain folder name (not '.' or '..', no '/' or '\\'): "
+                         "the run folder is outputs/<name>")
     if not isinstance(spec.model, str) or not spec.model:
         raise ValueError(f"model must be a hub id, a local folder, a GGUF file or {EMBEDDED_MODEL}, got {spec.model!r}")
     if spec.dtype != AUTO_DTYPE and spec.dtype not in DTYPES:
@@ -103,6 +113,9 @@ def _validate(spec: JobSpec) -> None:
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
     if spec.workers is not None and (not isinstance(spec.workers, int) or spec.workers < 1):
         raise ValueError(f"workers must be a positive integer, got {spec.workers!r}")
+    if isinstance(spec.start_timeout, bool) or not isinstance(spec.start_timeout, (int, float)) \
+            or not spec.start_timeout > 0:
+        raise ValueError(f"start_timeout must be a positive number of seconds, got {spec.start_timeout!r}")
     limit = spec.dataset.limit
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"dataset.limit must be a positive integer, got {limit!r}")
@@ -111,12 +124,46 @@ def _validate(spec: JobSpec) -> None:
         raise ValueError(f"dataset.prompt_budget must be a positive integer, got {budget!r}")
 
 
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", type(None): "none"}
+
+
+def _expected(hint: Any) -> str:
+    """`hint` in words: 'a string', 'an integer or none', 'a list of strings'."""
+    if typing.get_origin(hint) is tuple:
+        item = _TYPE_NAMES[typing.get_args(hint)[0]].split(" ", 1)[1]
+        return f"a list of {item}s"
+    args = typing.get_args(hint) or (hint,)
+    return " or ".join(_TYPE_NAMES[a] for a in sorted(args, key=lambda a: a is type(None)))
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, tuple) and all(_matches(v, typing.get_args(hint)[0]) for v in value)
+    args = typing.get_args(hint) or (hint,)
+    # bool is a subclass of int in Python; `workers = true` is not a number of workers
+    return any(isinstance(value, a) and not (a is int and isinstance(value, bool)) for a in args)
+
+
+def _check_types(obj: Any, prefix: str) -> None:
+    """Every field of a job (or its dataset table) has its declared type; else one line naming the field."""
+    hints = typing.get_type_hints(type(obj))
+    for field in dataclasses.fields(obj):
+        hint = hints[field.name]
+        if dataclasses.is_dataclass(hint):  # [dataset], [scoring]: checked field by field on their own
+            continue
+        value = getattr(obj, field.name)
+        if not _matches(value, hint):
+            shown = list(value) if isinstance(value, tuple) else value
+            raise ValueError(f"{prefix}{field.name} must be {_expected(hint)}, got {shown!r}")
+
+
 def _merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """`base` with the non-None values of `overrides`, tables merged key by key."""
     merged = dict(base)
     for key, value in overrides.items():
         if isinstance(value, Mapping):
-            merged[key] = _merge(merged.get(key) or {}, value)
+            if isinstance(merged.get(key) or {}, Mapping):  # else a mistyped table stays, for the type check
+                merged[key] = _merge(merged.get(key) or {}, value)
         elif value is not None:
             merged[key] = value
     return merged
@@ -131,11 +178,20 @@ def job_from_dict(raw: Mapping[str, Any]) -> JobSpec:
     data = dict(raw)
     dataset = data.get("dataset")
     if not isinstance(dataset, Mapping) or "name" not in dataset:
-        raise ValueError("the job needs a [dataset] table with a name")
+        raise ValueError(f"dataset must be a dataset name or a [dataset] table with a name, got {dataset!r}")
     unknown = sorted(set(dataset) - _DATASET_FIELDS)
     if unknown:
         raise ValueError(f"unknown dataset field {', '.join(unknown)}; known: {', '.join(sorted(_DATASET_FIELDS))}")
     data["dataset"] = DatasetSpec(**dataset)
+    _check_types(data["dataset"], "dataset.")
+    scoring = data.get("scoring", {})
+    if not isinstance(scoring, Mapping):
+        raise ValueError("scoring must be a table ([scoring]) with stemming, sentence_split, tokenizer")
+    unknown = sorted(set(scoring) - _SCORING_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown scoring field {', '.join(unknown)}; known: {', '.join(sorted(_SCORING_FIELDS))}")
+    data["scoring"] = ScoringOptions(**scoring)
+    _check_types(data["scoring"], "scoring.")
     data.setdefault("name", data["dataset"].name)
     for key in ("families", "rls_seeds", "config_ids"):
         if key in data:

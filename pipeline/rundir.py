@@ -1,9 +1,12 @@
 """One run = one folder (DESIGN.md, Parquet contract): the lock, run.json, configs.parquet and the shard files.
 
 A shard file is the completion marker of its unit of work: it is written under a temporary name in the
-same folder, fsynced, then renamed into place, so a file that exists is whole. A rerun trusts a shard
-only after reading it back (page checksums on) and finding exactly the expected (seq_id, config_id)
-rows; anything else is deleted and computed again. Only the driver writes here, under the lock.
+same folder, fsynced, then renamed into place, so a file that exists is whole. Each shard carries its
+job's identity (the run.json fields that decide its rows) and its index in its Parquet metadata, so a
+file of another job, or one copied under another shard's name, is recognised as foreign. A rerun trusts
+a shard only after reading it back (page checksums on) and finding its identity and exactly the expected
+rows; a damaged one is deleted and computed again, a foreign one makes the run refuse. Only the driver
+writes here, under the lock.
 """
 
 from __future__ import annotations
@@ -11,13 +14,15 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.atomic import write_parquet
 from pipeline.configs import SkipConfig
 from pipeline.data import Example
 from pipeline.engine import Generation
@@ -47,8 +52,72 @@ CONFIGS_SCHEMA = pa.schema([
 ])
 
 
+SHARD_METADATA_KEY = b"dynoracle.shard"  # Parquet key-value metadata: {"shard": i, "job": job_identity(run.json)}
+_JOB_KEYS = ("identity", "scoring", "dataset_fingerprint", "model_fingerprint", "dtype")
+# The temporary files `write_atomic` makes for the files a run writes (`.<name>.<random>.tmp`).
+OWN_TEMP = re.compile(r"\.(run\.json|configs\.parquet)\.[A-Za-z0-9_]+\.tmp")  # in the run folder
+OWN_SHARD_TEMP = re.compile(r"\.shard=\d{5}\.parquet\.[A-Za-z0-9_]+\.tmp")  # in a task folder
+
+
 class RunLocked(RuntimeError):
     """Another live process holds the run folder."""
+
+
+class ShardProblem(ValueError):
+    """A shard file that cannot be used: `foreign` when it belongs to another job, else damaged."""
+
+    def __init__(self, path: Path, reason: str, foreign: bool = False):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason, self.foreign = path, reason, foreign
+
+
+def job_identity(record: Mapping[str, Any]) -> dict[str, Any]:
+    """What decides a run's rows (job fields, data, model weights, dtype), as run.json records it."""
+    return {key: record.get(key) for key in _JOB_KEYS}
+
+
+def _differing(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the fields where two identities differ (nested tables walked)."""
+    names = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, Mapping) and isinstance(y, Mapping):
+            names += _differing(x, y, f"{prefix}{key}.")
+        elif x != y:
+            names.append(f"{prefix}{key}")
+    return names
+
+
+def read_shard(path: Path, shard: int, job: Mapping[str, Any], schema: pa.Schema | None = None) -> pa.Table:
+    """Read one shard file with page checksums verified and check it is shard `shard` of the job `job`.
+
+    `schema`: the task's exact schema (default: the generations').
+
+    Raises ShardProblem (damaged: unreadable, 0 bytes, other columns, no identity; foreign: another job's
+    identity or another shard's index).
+    """
+    try:
+        table = pq.read_table(path, page_checksum_verification=True)
+    except (OSError, pa.ArrowException) as exc:
+        reason = "0 bytes" if path.is_file() and path.stat().st_size == 0 else str(exc).splitlines()[0][:120]
+        raise ShardProblem(path, f"unreadable ({reason})") from None
+    if not table.schema.equals(schema or GENERATIONS_SCHEMA, check_metadata=False):
+        raise ShardProblem(path, "unexpected columns or types")
+    raw = (table.schema.metadata or {}).get(SHARD_METADATA_KEY)
+    try:
+        stamp = json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        stamp = None
+    if not isinstance(stamp, dict) or not isinstance(stamp.get("job"), dict):
+        raise ShardProblem(path, "carries no job identity (written by an older dynoracle?)")
+    differ = _differing(stamp["job"], dict(job))
+    if differ:
+        raise ShardProblem(path, f"belongs to another job ({', '.join(differ[:4])} differ)", foreign=True)
+    if stamp.get("shard") != shard or set(table.column("shard").to_pylist()) - {shard}:
+        raise ShardProblem(path, f"holds shard {stamp.get('shard')}, not shard {shard}", foreign=True)
+    return table
+
+
 
 
 def shard_table(shard: int, examples: list[Example], configs: list[SkipConfig],
@@ -71,6 +140,12 @@ def shard_table(shard: int, examples: list[Example], configs: list[SkipConfig],
         "layers_per_token": [gen.layers_per_token for _, _, gen in rows],
     }
     return pa.Table.from_pydict(columns, schema=GENERATIONS_SCHEMA)
+
+
+def write_shard(path: Path, shard: int, table: pa.Table, job: Mapping[str, Any]) -> None:
+    """Write a shard file atomically, stamped with its index and its job's identity (see `read_shard`)."""
+    stamp = json.dumps({"shard": shard, "job": dict(job)}, sort_keys=True, default=str).encode()
+    write_parquet(table.replace_schema_metadata({**(table.schema.metadata or {}), SHARD_METADATA_KEY: stamp}), path)
 
 
 def configs_table(configs: list[SkipConfig]) -> pa.Table:
@@ -99,24 +174,36 @@ class RunDir:
         created = not self.root.exists()
         self.root.mkdir(parents=True, exist_ok=True)
         lock = self.root / ".lock"
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = None
         try:
             try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 raise RunLocked(f"run folder {self.root} is in use by another dynoracle run (pid {holder})") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             try:
-                yield
-            finally:
-                if created and [p.name for p in self.root.iterdir()] == [lock.name]:
-                    lock.unlink()
-                    with suppress(OSError):  # another run may have just opened a new lock file here
-                        self.root.rmdir()
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except OSError as exc:  # a full disk: say which file
+                raise OSError(f"cannot write {lock}: {os.strerror(exc.errno)}") from None
+            yield
         finally:
-            os.close(fd)
+            if created:
+                self._remove_if_unused(lock)
+            if fd is not None:
+                os.close(fd)
+
+    def _remove_if_unused(self, lock: Path) -> None:
+        """Remove a folder `lock` created if the run left nothing in it but the lock and an empty generations/."""
+        names = {p.name for p in self.root.iterdir()}
+        if not names <= {lock.name, self.generations.name}:
+            return
+        with suppress(OSError):  # another run may have just opened a new lock file here
+            if self.generations.is_dir():
+                self.generations.rmdir()
+            lock.unlink(missing_ok=True)
+            self.root.rmdir()
 
     def read_run_json(self) -> dict[str, Any] | None:
         if not self.run_json.is_file():
@@ -127,32 +214,37 @@ class RunDir:
             raise ValueError(f"{self.run_json} is unreadable ({exc}); remove it or choose another --out") from None
 
     def remove_stale_temp_files(self) -> int:
-        """Delete half-written files a killed run left behind in the folder and its task folders (we hold the lock)."""
-        folders = [self.root, *(p for p in self.root.iterdir() if p.is_dir())] if self.root.is_dir() else []
-        stale = [p for folder in folders for p in folder.glob(".*.tmp")]
+        """Delete half-written files a killed run left behind in the folder and its task folders (we hold the lock).
+
+        Only temporary files of the names a run writes are touched; any other `.*.tmp` is not ours.
+        """
+        folders = [p for p in self.root.iterdir() if p.is_dir()] if self.root.is_dir() else []
+        stale = [p for folder, pattern in [(self.root, OWN_TEMP), *((f, OWN_SHARD_TEMP) for f in folders)]
+                 for p in folder.iterdir() if pattern.fullmatch(p.name) and p.is_file()]
         for path in stale:
             path.unlink(missing_ok=True)
         return len(stale)
 
 
 def table_problem(path: Path, schema: pa.Schema, shard: int, key_columns: tuple[str, ...],
-                  expected: set[tuple]) -> str | None:
-    """Why a shard file cannot be trusted ('missing', 'unreadable: ...', ...), or None when it is whole.
+                  expected: set[tuple], job: Mapping[str, Any]) -> str | None:
+    """Why a shard file must be (re)computed ('missing', 'unreadable ...', ...), or None when it is whole.
 
-    Whole means: readable with page checksums verified, exactly `schema`, a `shard` column equal to
-    `shard`, and one row per key tuple of `expected` (over `key_columns`), no other rows.
+    Whole means: readable with page checksums verified (`read_shard`: exactly `schema`, shard `shard` of
+    the job `job`), and one row per key tuple of `expected` (over `key_columns`), no other rows. Raises
+    ShardProblem when the file belongs to another job: that is the user's data, not ours to delete.
     """
     if not path.is_file():
         return "missing"
     try:
-        table = pq.read_table(path, page_checksum_verification=True)
-    except (OSError, pa.ArrowException) as exc:
-        return f"unreadable: {str(exc).splitlines()[0][:120]}"
-    if not table.schema.equals(schema, check_metadata=False):
-        return "unexpected columns or types"
+        table = read_shard(path, shard, job, schema)
+    except ShardProblem as problem:
+        if problem.foreign:
+            raise
+        return problem.reason
     if table.num_rows != len(expected):
         return f"{table.num_rows} rows, expected {len(expected)}"
     found = set(zip(*(table.column(name).to_pylist() for name in key_columns)))
-    if found != expected or set(table.column("shard").to_pylist()) != {shard}:
+    if found != expected:
         return "rows of other sequences or configurations"
     return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import os
 import platform
 import subprocess
 import time
@@ -21,16 +22,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 import ray
+import torch
 
 from pipeline.atomic import write_json, write_parquet
 from pipeline.configs import build_configs
 from pipeline.data import Example, load_examples, shard_examples
-from pipeline.executor import (ExecSummary, RunError, ShardDispatcher, ShardTask, execute, log, ray_session,
+from pipeline.cluster import describe_nodes, plan_workers, ray_session
+from pipeline.executor import (ExecSummary, RunError, ShardDispatcher, ShardTask, execute, log, shards_to_compute,
                                start_workers)
 from pipeline.generation import GenerateTask
 from pipeline.job import JobSpec, job_from_dict
 from pipeline.models import load_tokenizer
-from pipeline.rundir import RunDir, configs_table
+from pipeline.preflight import check_job
+from pipeline.rundir import RunDir, configs_table, job_identity
+from pipeline.scoring import mostly_dropped
 
 __all__ = ["RunError", "RunSummary", "run_job", "run_task"]
 
@@ -99,34 +104,68 @@ def run_job(spec: JobSpec, address: str | None = None,
     """
     start = time.monotonic()
     run = RunDir(spec.run_dir)
-    examples = load_examples(spec.dataset, load_tokenizer(spec.model))  # before the folder exists: bad data
-    shards = shard_examples(examples, spec.shard_size)                  # leaves no empty run folder behind
+    examples = load_examples(spec.dataset, load_tokenizer(spec.model, spec.trust_remote_code))  # before the folder
+    shards = shard_examples(examples, spec.shard_size)                  # exists: bad data leaves no run folder behind
+    check_job(spec, examples)
+    if not (address or os.environ.get("RAY_ADDRESS")):  # a private local Ray gets exactly these resources
+        local = [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
+        plan = plan_workers(spec, local)
+        if not plan.fits(local):
+            raise ValueError(f"cannot place {plan.describe()} on this machine ({describe_nodes(local)})")
     data_print = dataset_fingerprint(examples)
+    if spec.scoring.tokenizer == "default":
+        _warn_non_latin(examples)
     with run.lock():
         previous = run.read_run_json()
         _check_same(previous, "identity", spec.identity(), run.root)
         _check_same(previous, "dataset_fingerprint", data_print, run.root)
         if run.remove_stale_temp_files():
             log("removed half-written files of an interrupted run")
-        with ray_session(address):
+        with ray_session(address) as session:
             log(f"{spec.name}: {len(examples)} sequences in {len(shards)} shards")
-            with start_workers(spec) as (workers, infos):
+            with start_workers(spec, session) as pool:
+                infos = pool.infos
                 num_layers, model_print, dtype = infos[0]["num_layers"], infos[0]["fingerprint"], infos[0]["dtype"]
                 log(f"model loaded: {num_layers} layers, {dtype}")
                 _check_same(previous, "dtype", dtype, run.root)
                 _check_same(previous, "model_fingerprint", model_print, run.root)
+                scoring = _scoring_record(spec, examples, infos)
+                _check_same(previous, "scoring", scoring, run.root)
+                log(f"split {spec.dataset.split}; ROUGE {'with' if scoring['stemming'] else 'without'} stemming, "
+                    f"{scoring['tokenizer']} tokenizer, rougeLsum sentence splitting "
+                    f"{scoring['sentence_splitter'] if scoring['sentence_split'] else 'off'}")
                 configs = spec.select_configs(build_configs(num_layers, spec.families, spec.rls_seeds))
-                record = {"job": spec.to_dict(), "identity": spec.identity(), "model_fingerprint": model_print,
+                record = {"job": spec.to_dict(), "identity": spec.identity(), "scoring": scoring, "model_fingerprint": model_print,
                           "dtype": dtype, "num_layers": num_layers, "dataset_fingerprint": data_print, "sequences": len(examples),
                           "configs": len(configs), "shards": len(shards), "versions": _versions(),
                           "git_sha": _git_sha(), "started": _now(), "finished": None, "workers": infos}
+                task = GenerateTask(tuple(configs), spec.max_new_tokens, spec.prefill, spec.batch_size, spec.max_rows,
+                                    spec.scoring)
+                todo = shards_to_compute(task, run, shards, job_identity(record))  # before run.json claims the folder
                 write_parquet(configs_table(configs), run.configs)
                 write_json(record, run.run_json)
-                task = GenerateTask(tuple(configs), spec.max_new_tokens, spec.prefill, spec.batch_size, spec.max_rows)
-                done = execute(task, run, shards, workers, infos, on_dispatch)
+                done = execute(task, run, shards, pool, job_identity(record), on_dispatch, todo)
         write_json({**record, "finished": _now(), "rows": len(examples) * len(configs)}, run.run_json)
     return RunSummary(run.root, done.shards, done.skipped, done.computed, len(examples) * len(configs), done.tokens,
                       done.seconds, time.monotonic() - start)
+
+
+def _warn_non_latin(examples: list[Example]) -> None:
+    """One line when the default ROUGE tokenizer would drop most of some references (they would score 0)."""
+    dropped = [ex.seq_id for ex in examples if any(mostly_dropped(text) for text in ex.references)]
+    if dropped:
+        log(f"warning: {len(dropped)} of {len(examples)} references (first {dropped[0]}) are mostly outside [a-z0-9], "
+            "which the default ROUGE tokenizer drops; set tokenizer = \"unicode\" in [scoring] (--tokenizer unicode)")
+
+
+def _scoring_record(spec: JobSpec, examples: list[Example], infos: list[dict]) -> dict[str, Any]:
+    """The scoring as run: the job's options with sentence splitting resolved, and the workers' sentence splitter."""
+    split = spec.scoring.sentence_split if spec.scoring.sentence_split is not None else examples[0].summary
+    splitters = sorted({info["sentence_splitter"] for info in infos})
+    if split and len(splitters) > 1:
+        raise RunError(f"workers split sentences differently ({', '.join(splitters)}): install nltk's punkt data "
+                       "on every node, or on none")
+    return {**spec.scoring.to_dict(), "sentence_split": split, "sentence_splitter": splitters[0] if split else None}
 
 
 def run_task(run_dir: str | Path, make_task: Callable[[JobSpec, dict[str, Any]], ShardTask],
@@ -143,7 +182,7 @@ def run_task(run_dir: str | Path, make_task: Callable[[JobSpec, dict[str, Any]],
         raise ValueError(f"{run.root} holds no finished run (run.json missing or unfinished); "
                          f"finish it first with `dynoracle run`")
     spec = job_from_dict({**record["job"], "workers": workers or record["job"].get("workers")})
-    examples = load_examples(spec.dataset, load_tokenizer(spec.model))
+    examples = load_examples(spec.dataset, load_tokenizer(spec.model, spec.trust_remote_code))
     if dataset_fingerprint(examples) != record["dataset_fingerprint"]:
         raise ValueError(f"the dataset of {run.root} changed since it ran; its rows would not line up")
     shards = shard_examples(examples, spec.shard_size)
@@ -151,8 +190,8 @@ def run_task(run_dir: str | Path, make_task: Callable[[JobSpec, dict[str, Any]],
     with run.lock():
         if run.remove_stale_temp_files():
             log("removed half-written files of an interrupted run")
-        with ray_session(address):
-            with start_workers(spec) as (actors, infos):
-                if infos[0]["fingerprint"] != record["model_fingerprint"]:
+        with ray_session(address) as session:
+            with start_workers(spec, session) as pool:
+                if pool.infos[0]["fingerprint"] != record["model_fingerprint"]:
                     raise RunError(f"the model of {run.root} changed since it ran (fingerprint differs)")
-                return execute(task, run, shards, actors, infos)
+                return execute(task, run, shards, pool, job_identity(record))

@@ -71,7 +71,7 @@ def read_files(paths: Sequence[Path], label: str) -> Table:
 
 def _read_jsonl(path: Path) -> Table:
     rows, origins = [], []
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:  # -sig: a leading byte-order mark is not data
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -88,7 +88,7 @@ def _read_jsonl(path: Path) -> Table:
 
 def _read_json(path: Path) -> Table:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):

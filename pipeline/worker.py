@@ -13,11 +13,13 @@ import socket
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
+import ray
 import torch
 
 from pipeline.data import Example
 from pipeline.job import JobSpec
-from pipeline.models import load_model
+from pipeline.models import cache_dir, load_model
+from pipeline.scoring import sentence_splitter
 
 if TYPE_CHECKING:
     from pipeline.executor import ShardTask
@@ -31,18 +33,21 @@ class ShardWorker:
             torch.set_num_threads(cpu_threads)  # the actor's CPU share, not every core of the node
         self.spec = spec
         self.device = device
-        self.lm = load_model(spec.model, spec.dtype, device)
+        self.lm = load_model(spec.model, spec.dtype, device, spec.trust_remote_code)
 
     def info(self) -> dict:
         """What the driver needs before dispatching: the model's depth and fingerprint, and where we run."""
         return {
             "pid": os.getpid(),
             "host": socket.gethostname(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "cache": str(cache_dir()),  # DYNORACLE_CACHE as the driver set it, if it did (runtime_env)
             "device": self.device,
             "threads": torch.get_num_threads(),
             "dtype": self.lm.dtype,
             "num_layers": self.lm.num_layers,
             "fingerprint": self.lm.fingerprint(),
+            "sentence_splitter": sentence_splitter(),
         }
 
     def run(self, task: ShardTask, shard: int, examples: list[Example]) -> pa.Table:

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.configs import build_configs
+from pipeline.rundir import GENERATIONS_SCHEMA, RunDir, job_identity, write_shard
 
 L = 6
 MAX_NEW_TOKENS = 24
@@ -28,8 +29,6 @@ def make_run(root: Path, num_sequences: int = 10, seed: int = 0) -> Path:
     pq.write_table(pa.Table.from_pylist([c.to_dict() for c in CONFIGS], schema=pa.schema([
         ("config_id", pa.string()), ("family", pa.string()), ("budget", pa.int16()),
         ("layers", pa.list_(pa.int16())), ("cost", pa.int16())])), _mkdir(root) / "configs.parquet")
-    (root / "run.json").write_text(json.dumps({"job": {"model": "toy-lm", "max_new_tokens": MAX_NEW_TOKENS,
-                                                       "dataset": {"name": "toyset", "split": "test"}}}))
     rng = np.random.default_rng(seed)
     rows = []
     for n in range(num_sequences):
@@ -47,10 +46,21 @@ def make_run(root: Path, num_sequences: int = 10, seed: int = 0) -> Path:
                 "layers_per_token": float(cfg.cost),
             })
     schema = pa.schema(GENERATION_COLUMNS)
-    for shard in (0, 1):
-        part = [r for r in rows if r["shard"] == shard]
-        pq.write_table(pa.Table.from_pylist(part, schema=schema), _mkdir(root / "generations") / f"shard={shard:05d}.parquet")
+    write_run(root, {"model": "toy-lm", "max_new_tokens": MAX_NEW_TOKENS, "dataset": {"name": "toyset", "split": "test"}},
+              [pa.Table.from_pylist([r for r in rows if r["shard"] == shard], schema=schema) for shard in (0, 1)])
     return root
+
+
+def write_run(root: Path, job: dict, shards: list[pa.Table]) -> dict:
+    """run.json and the shard files as `dynoracle run` writes them (identity in run.json and each shard)."""
+    record = {"job": job, "identity": {"max_new_tokens": job.get("max_new_tokens"), "model": job.get("model")},
+              "dataset_fingerprint": "toy-data", "model_fingerprint": "toy-weights", "dtype": "float32",
+              "shards": len(shards), "started": "2026-01-01T00:00:00+00:00", "finished": "2026-01-01T00:01:00+00:00"}
+    (root / "run.json").write_text(json.dumps(record))
+    run = RunDir(root)
+    for index, table in enumerate(shards):
+        write_shard(run.shard_path(index), index, table.cast(GENERATIONS_SCHEMA), job_identity(record))
+    return record
 
 
 def _mkdir(path: Path) -> Path:

@@ -10,7 +10,7 @@ import pytest
 from pipeline import models
 from pipeline.configs import build_configs
 from pipeline.job import JOBS_DIR, load_job
-from pipeline.executor import plan_workers
+from pipeline.cluster import plan_workers
 
 
 @pytest.mark.parametrize("path", sorted(JOBS_DIR.glob("*.toml")), ids=lambda p: p.stem)
@@ -42,6 +42,8 @@ def test_dataset_default_job_and_overrides():
     ({"dtype": "int8"}, "unknown dtype"),
     ({"prefill": "half"}, "unknown prefill"),
     ({"device": "tpu"}, "unknown device"),
+    ({"scoring": {"stem": False}}, "unknown scoring field stem; known: sentence_split, stemming, tokenizer"),
+    ({"scoring": {"tokenizer": "icu"}}, "unknown scoring.tokenizer 'icu'"),
 ])
 def test_bad_fields_are_one_line_errors(overrides, message):
     with pytest.raises(ValueError, match=message) as info:
@@ -67,6 +69,19 @@ def test_identity_ignores_speed_settings_and_order():
     assert base.identity() == faster.identity()
     assert base.identity() != load_job(dataset="alpaca", overrides={"max_new_tokens": 3}).identity()
     assert base.identity() != load_job(dataset="alpaca", overrides={"dataset": {"limit": 3}}).identity()
+    for scoring in ({"stemming": False}, {"sentence_split": True}, {"tokenizer": "unicode"}):
+        assert base.identity() != load_job(dataset="alpaca", overrides={"scoring": scoring}).identity()
+
+
+def test_study_jobs_use_the_studys_settings():
+    alpaca, cnn = load_job(JOBS_DIR / "study_opt_iml.toml"), load_job(JOBS_DIR / "study_opt_iml_cnn.toml")
+    assert (alpaca.dataset.name, alpaca.dataset.split, alpaca.dataset.prompt_budget, alpaca.max_new_tokens) == (
+        "alpaca", "test", 128, 300)
+    assert (cnn.dataset.name, cnn.dataset.split, cnn.dataset.prompt_budget, cnn.max_new_tokens) == (
+        "cnn_dailymail", "test", 1433, 200)
+    for name in ("study_opt_iml", "study_opt_iml_cnn", "study_smollm2_alpaca", "study_smollm2_cnn"):
+        scoring = load_job(JOBS_DIR / f"{name}.toml").scoring
+        assert (scoring.stemming, scoring.tokenizer) == (False, "default")
 
 
 def test_config_selection_keeps_full():
@@ -77,17 +92,24 @@ def test_config_selection_keeps_full():
         load_job(dataset="alpaca", overrides={"config_ids": ["uls-99"]}).select_configs(configs)
 
 
-def test_worker_plan():
+def test_worker_plan_fits_each_node():
     cpu = load_job(dataset="alpaca", overrides={"workers": 2})
-    assert plan_workers(cpu, {"CPU": 8}) == plan_workers(cpu, {"CPU": 8.0})
-    assert (plan_workers(cpu, {"CPU": 8}).num_cpus, plan_workers(cpu, {"CPU": 8}).threads) == (4, 4)
-    gpu = plan_workers(dataclasses.replace(cpu, workers=None), {"CPU": 16, "GPU": 3})
-    assert (gpu.count, gpu.device, gpu.num_gpus) == (3, "cuda", 1)
-    assert plan_workers(cpu, {"CPU": 16, "GPU": 3}).count == 2
-    study = plan_workers(load_job(JOBS_DIR / "study_opt_iml.toml"), {"CPU": 4})  # GPU nodes not up yet
-    assert (study.count, study.device) == (4, "cuda")
-    with pytest.raises(ValueError, match="need at least 3 CPUs"):
-        plan_workers(load_job(dataset="alpaca", overrides={"workers": 3}), {"CPU": 2})
+    one_node = plan_workers(cpu, [{"CPU": 8}])
+    assert (one_node.count, one_node.num_cpus, one_node.threads, one_node.bundle) == (2, 4, 4, {"CPU": 4})
+    # four 1-CPU nodes: a worker can never have 2 CPUs (the whole cluster's 4 / 2 workers)
+    assert plan_workers(cpu, [{"CPU": 1}] * 4).threads == 1
+    assert plan_workers(cpu, [{"CPU": 3}, {"CPU": 1}, {"CPU": 1}]).threads == 1
+    assert plan_workers(cpu, [{"CPU": 6}, {"CPU": 2}]).threads == 3
+    three = plan_workers(load_job(dataset="alpaca", overrides={"workers": 3}), [{"CPU": 1}] * 2)
+    assert (three.threads, three.fits([{"CPU": 1}] * 2), three.fits([{"CPU": 1}] * 3)) == (1, False, True)
+    gpu = plan_workers(dataclasses.replace(cpu, workers=None), [{"CPU": 4}, {"CPU": 16, "GPU": 3}])
+    assert (gpu.count, gpu.device, gpu.bundle) == (3, "cuda", {"CPU": 1, "GPU": 1})
+    assert plan_workers(cpu, [{"CPU": 16, "GPU": 3}]).count == 2
+    study = plan_workers(load_job(JOBS_DIR / "study_opt_iml.toml"), [{"CPU": 4}])  # GPU nodes not up yet
+    assert (study.count, study.device, study.fits([{"CPU": 4}]), study.fits([{"CPU": 4, "GPU": 1}] * 4)) == (
+        4, "cuda", False, True)
+    with pytest.raises(ValueError, match="no GPUs yet"):
+        plan_workers(dataclasses.replace(cpu, device="cuda", workers=None), [{"CPU": 4}])
 
 
 @pytest.mark.parametrize("flags, expected", [("fpu sse avx2", "float32"), ("avx512f avx512_bf16", "bfloat16"),

@@ -109,3 +109,36 @@ def test_missing_oracle_view_says_how_to_make_it(run: Path) -> None:
     assert result.exit_code == 2
     assert f"{run}/oracle/fidelity/allocations.parquet is missing" in result.output
     assert f"dynoracle reduce {run} --metric fidelity" in result.output
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("sql", "message"),
+    [
+        ("copy generations to '{shard}' (use_tmp_file false)",
+         "query only reads the run: COPY statements are not allowed; use SELECT (or EXPLAIN)"),
+        ("attach '{outside}/new.duckdb' as db", "query only reads the run: ATTACH statements are not allowed"),
+        ("install httpfs", "query only reads the run: LOAD statements are not allowed"),
+        ("load httpfs", "query only reads the run: LOAD statements are not allowed"),
+        ("set enable_external_access = true", "query only reads the run: SET statements are not allowed"),
+        ("select * from read_csv('/etc/hostname')", 'Permission Error: Cannot access file "/etc/hostname"'),
+        ("select * from read_parquet('{shard}')", "Permission Error: Cannot access file"),
+        ("select * from read_text('{outside}/secret.txt')", "Permission Error: Cannot access file"),
+        ("select 1 from generations; copy configs to '{outside}/x.csv'", "COPY statements are not allowed"),
+    ],
+)
+def test_query_cannot_write_attach_install_or_read_outside(run: Path, tmp_path: Path, sql: str, message: str) -> None:
+    """Only SELECT/EXPLAIN run, and DuckDB itself has no file access: not even the run's own files by path."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("not yours")
+    before, outside_before = _tree(run), _tree(outside)
+    result = query(run, sql.format(shard=run / "generations" / "shard=00000.parquet", outside=outside))
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+    assert _tree(run) == before and _tree(outside) == outside_before
+    assert not list(Path.home().glob(".duckdb/extensions/*/*/httpfs*"))

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from handmade_run import write_run
 from pipeline.cli import app
 from pipeline.oracle import allocate, build_frontier, min_budget_to_match
 from pipeline.reduce import reduce_run
@@ -28,7 +29,7 @@ def make_run(root: Path, scores: np.ndarray, tokens: np.ndarray | None = None, p
     n = scores.shape[0]
     tokens = np.full(scores.shape, 5) if tokens is None else tokens
     per_token = np.broadcast_to(COSTS, scores.shape) if per_token is None else per_token
-    (root / "generations").mkdir(parents=True)
+    root.mkdir(parents=True)
     pq.write_table(
         pa.table(
             {
@@ -61,7 +62,7 @@ def make_run(root: Path, scores: np.ndarray, tokens: np.ndarray | None = None, p
         **{m: scores[seq, cfg] for m in METRIC_COLUMNS},
         "layers_per_token": per_token[seq, cfg],
     }
-    pq.write_table(pa.table(rows), root / "generations" / "shard=00000.parquet")
+    write_run(root, {"model": "toy-lm", "max_new_tokens": 5}, [pa.table(rows)])
     return root
 
 
@@ -152,7 +153,8 @@ def test_measured_cost_is_the_token_weighted_layers_per_token(tmp_path: Path, sc
     ("args", "message"),
     [
         (["{missing}"], "does not exist"),
-        (["{bare}"], "no generations in"),
+        (["{bare}"], "bare is incomplete: 1 of 1 shard files missing (first shard=00000.parquet); finish it with"),
+        (["{bare}", "--partial"], "bare has no shard files yet"),
         (["{run}", "--metric", "bleu"], "unknown metric 'bleu'"),
         (["{run}", "--families", "uls,xx"], "unknown family xx"),
         (["{run}", "--budget", "0.5"], "below the cheapest"),
@@ -165,7 +167,8 @@ def test_errors_are_one_line_exit_2_and_write_nothing(
     run = make_run(tmp_path / "run", scores)
     bare = tmp_path / "bare"  # configs but not one shard yet
     (bare / "generations").mkdir(parents=True)
-    (bare / "configs.parquet").write_bytes((run / "configs.parquet").read_bytes())
+    for name in ("configs.parquet", "run.json"):
+        (bare / name).write_bytes((run / name).read_bytes())
     result = invoke(*(a.format(run=run, bare=bare, missing=tmp_path / "nope") for a in args))
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()

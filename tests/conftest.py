@@ -1,0 +1,24 @@
+"""Suite-wide options: `--device` runs the engine checks on another device (e.g. `pytest tests/test_engine.py
+--device cuda`, as `benchmarks/gpu.sh` does); $DYNORACLE_TEST_DEVICE sets its default."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", default=os.environ.get("DYNORACLE_TEST_DEVICE", "cpu"),
+                     help="torch device for the engine's exactness checks (cpu, cuda, cuda:1, ...)")
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest) -> str:
+    name = request.config.getoption("--device")
+    if name.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.fail(f"--device {name}, but torch sees no CUDA device")
+    return name
