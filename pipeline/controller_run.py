@@ -76,7 +76,7 @@ def evaluate_run(run_dir: str | Path, metric: str = "rougeL", families: list[str
     if resamples < 1:
         raise ValueError(f"resamples must be at least 1, got {resamples}")
     run_dir = Path(run_dir)
-    matrix = load_matrix(run_dir, metric, families, "nominal")
+    matrix, _ = load_matrix(run_dir, metric, families, "nominal")
     scores, costs = matrix.scores, matrix.costs
     layers = sorted(set(layers)) or stored_layers(run_dir)
     if not layers:

@@ -118,7 +118,7 @@ def write_features(run_dir: Path, vectors: dict[str, np.ndarray], layer: int = 1
 def handmade(tmp_path_factory) -> Path:
     """A hand-made run whose layer-1 features are each sequence's own rougeL scores (an exact function)."""
     run_dir = make_run(tmp_path_factory.mktemp("runs") / "toy", num_sequences=60)
-    matrix = load_matrix(run_dir, "rougeL", None, "nominal")
+    matrix, _ = load_matrix(run_dir, "rougeL", None, "nominal")
     write_features(run_dir, dict(zip(matrix.seq_ids, matrix.scores)))
     return run_dir
 
@@ -132,7 +132,7 @@ def test_controller_command_on_a_handmade_run(handmade):
     out = handmade / "controller" / "rougeL"
     curves = pq.read_table(out / "curves.parquet")
     assert curves.schema.equals(CURVES_SCHEMA, check_metadata=False)
-    matrix = load_matrix(handmade, "rougeL", None, "nominal")
+    matrix, _ = load_matrix(handmade, "rougeL", None, "nominal")
     grid = np.array(budget_grid(matrix.costs.min(), matrix.costs.max()))
     integers = grid[grid == np.round(grid)]
     frame = curves.to_pandas()
