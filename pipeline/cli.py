@@ -186,6 +186,49 @@ def features(
     typer.echo(f"next: dynoracle controller {run_dir}")
 
 
+@app.command()
+def finetune(
+    model: str = typer.Option(..., "--model", "-m", help="Starting model: hub id, local folder, GGUF file or embedded."),
+    config_id: str = typer.Option(..., "--config", help="Configuration to train for: full, uls-C, ee-C or rls-C-sS."),
+    dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset; trains on its train split."),
+    out: str = typer.Option(..., "--out", "-o", help="Output model folder; rerunning resumes it."),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", help="Only the first N training rows."),
+    epochs: float = typer.Option(2.0, "--epochs", help="Epochs (the study: 2)."),
+    lr: float = typer.Option(2e-5, "--lr", help="Learning rate (the study: 2e-5)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Global batch (the study: 8)."),
+    seed: int = typer.Option(42, "--seed", help="Seed (the study: 42)."),
+    prefill: str = typer.Option("full", "--prefill", help="full (prompt through all layers) or skip."),
+    max_response_tokens: int = typer.Option(256, "--max-response-tokens", help="Cut references to N tokens."),
+    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="Validation rows for the eval loss."),
+    save_steps: int = typer.Option(500, "--save-steps", help="Steps between resumable checkpoints."),
+    bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast (weights stay float32)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Ray Train workers (data-parallel)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster for --workers; default local."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Local data root; default $DYNORACLE_DATA_DIR."),
+    path: Optional[str] = typer.Option(None, "--file", "--path", help="File (dataset file) or hub id (dataset hub)."),
+    prompt_column: Optional[str] = typer.Option(None, "--prompt-column", help="Prompt column (file, hub)."),
+    reference_column: Optional[str] = typer.Option(None, "--reference-column", help="Reference column (file, hub)."),
+    prompt_format: str = typer.Option("plain", "--format", help="plain (dataset template) or chat (chat template)."),
+    prompt_budget: int = typer.Option(1024, "--prompt-budget", help="Max prompt tokens; 0 turns truncation off."),
+) -> None:
+    """Fine-tune a model for one configuration (skipped layers frozen and never run, loss on the response)."""
+    from pipeline.data import DataError, DatasetSpec
+    from pipeline.finetune import FinetuneSpec, finetune as run_finetune
+
+    data = DatasetSpec(dataset, "train", path, data_dir, prompt_column, reference_column, prompt_format,
+                       prompt_budget or None, limit)
+    try:
+        spec = FinetuneSpec(model, config_id, data, out, epochs, lr, batch_size, seed, prefill, max_response_tokens,
+                            eval_limit, save_steps, bf16, workers)
+        record = run_finetune(spec, address)
+    except (ValueError, OSError, DataError) as exc:
+        fail(str(exc).strip().splitlines()[0])
+    losses = ", ".join(f"{k} {record[k]:.4f}" for k in ("train_loss", "eval_loss") if k in record)
+    typer.echo(f"{record['config']['config_id']}: {record['train_rows']} rows, {record['steps']} steps in "
+               f"{record['seconds']:.0f} s; {losses}")
+    typer.echo(f"model: {out} (dynoracle run --model {out}, or name it in a job's [checkpoints] table)")
+
+
 @app.command("reduce")
 def reduce_command(
     run_dir: str = typer.Argument(..., help="Run folder holding configs.parquet and generations/."),

@@ -5,12 +5,16 @@ Pure functions over the model depth L; nothing here touches a model. Layer indic
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
 
 FAMILIES = ("uls", "ee", "rls")
 FULL_ID = "full"
+CUSTOM = "custom"  # a layer set a job names itself (DESIGN.md, Definitions)
+KNOWN_FAMILIES = (*FAMILIES, CUSTOM)
+_BUILT_ID = re.compile(r"^(full|uls-\d+|ee-\d+|rls-\d+-s\d+)$")
 
 
 @dataclass(frozen=True)
@@ -99,3 +103,55 @@ def build_configs(
 
 def configs_by_id(configs: list[SkipConfig]) -> dict[str, SkipConfig]:
     return {cfg.config_id: cfg for cfg in configs}
+
+
+def config_for_id(num_layers: int, config_id: str) -> SkipConfig:
+    """The built-in configuration named `config_id` (`full`, `uls-c`, `ee-c`, `rls-c-sS`) of an L-layer model.
+
+    Raises ValueError for an id of no family or a budget outside 1..L-1.
+    """
+    match = re.fullmatch(r"(uls|ee)-(\d+)|rls-(\d+)-s(\d+)|full", config_id)
+    if match is None:
+        raise ValueError(f"unknown config id {config_id!r}; expected full, uls-C, ee-C or rls-C-sS")
+    if config_id == FULL_ID:
+        return full_config(num_layers)
+    family, budget, rls_budget, seed = match.groups()
+    budget = int(budget or rls_budget)
+    if not 1 <= budget < num_layers:
+        raise ValueError(f"{config_id}: budget {budget} is outside 1..{num_layers - 1} for a {num_layers}-layer model")
+    if seed is not None:
+        return SkipConfig(config_id, "rls", budget, rls_layers(num_layers, budget, int(seed)))
+    layers = uls_layers(num_layers, budget) if family == "uls" else ee_layers(num_layers, budget)
+    return SkipConfig(config_id, family, budget, layers)
+
+
+def check_custom_layers(name: object, layers: object) -> tuple[int, ...]:
+    """Validate a custom layer set without knowing the model: a free name, a non-empty list of distinct
+    non-negative integers that includes layer 0. Returns the sorted layers; raises ValueError (one line)."""
+    if not isinstance(name, str) or not name or "/" in name or _BUILT_ID.match(name):
+        raise ValueError(f"custom configuration name {name!r} must be non-empty, without '/', and not a built-in "
+                         "id (full, uls-C, ee-C, rls-C-sS)")
+    if not isinstance(layers, (list, tuple)) or not layers:
+        raise ValueError(f"custom configuration {name}: layers must be a non-empty list of layer indices")
+    if any(not isinstance(j, int) or isinstance(j, bool) or j < 0 for j in layers):
+        raise ValueError(f"custom configuration {name}: layers must be non-negative integers, got {list(layers)}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"custom configuration {name}: layer listed twice in {list(layers)}")
+    if 0 not in layers:
+        raise ValueError(f"custom configuration {name}: layer 0 is always executed and must be listed")
+    return tuple(sorted(layers))
+
+
+def custom_configs(sets: dict[str, list[int]], num_layers: int) -> list[SkipConfig]:
+    """Family `custom` configurations of an L-layer model from a job's `[configs]` table (name -> layers).
+
+    Budget and cost are the number of executed layers. Raises ValueError naming the first bad set.
+    """
+    configs = []
+    for name, layers in sets.items():
+        chosen = check_custom_layers(name, layers)
+        if chosen[-1] >= num_layers:
+            raise ValueError(f"custom configuration {name}: layer {chosen[-1]} is out of range for a "
+                             f"{num_layers}-layer model (0..{num_layers - 1})")
+        configs.append(SkipConfig(name, CUSTOM, len(chosen), chosen))
+    return configs

@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import pyarrow as pa
 
+from pipeline.checkpoints import model_groups
 from pipeline.configs import FULL_ID, SkipConfig
 from pipeline.data import Example
 from pipeline.engine import Generation, generate
@@ -22,7 +23,11 @@ from pipeline.scoring import ScoringOptions, score
 
 @dataclass(frozen=True)
 class GenerateTask(ShardTask):
-    """Generate every example under every configuration, then score against references and `full`."""
+    """Generate every example under every configuration, then score against references and `full`.
+
+    A configuration named in `checkpoints` runs on that model (loaded once per worker process), the
+    others on the worker's model; each model's configurations are decoded together.
+    """
 
     configs: tuple[SkipConfig, ...]
     max_new_tokens: int
@@ -30,6 +35,7 @@ class GenerateTask(ShardTask):
     batch_size: int
     max_rows: int
     scoring: ScoringOptions = ScoringOptions()
+    checkpoints: tuple[tuple[str, str], ...] = ()  # (config id, model) pairs of the job's checkpoint table
 
     folder: ClassVar[str] = "generations"
     schema: ClassVar[pa.Schema] = GENERATIONS_SCHEMA
@@ -46,12 +52,19 @@ class GenerateTask(ShardTask):
         # Batches of similar prompt length waste less compute on left padding; the order is deterministic.
         order = sorted(range(len(examples)), key=lambda i: (examples[i].prompt_tokens, i))
         generations: list[list[Generation]] = [[] for _ in examples]
+        groups = model_groups(lm, dict(self.checkpoints), configs)  # configurations sharing weights
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
-            outputs = generate(lm, [list(examples[i].prompt_ids) for i in batch], configs,
-                               self.max_new_tokens, prefill=self.prefill, max_rows=self.max_rows)
-            for i, per_config in zip(batch, outputs):
-                generations[i] = per_config
+            prompts = [list(examples[i].prompt_ids) for i in batch]
+            per_prompt: list[list[Generation | None]] = [[None] * len(configs) for _ in batch]
+            for model, indices in groups:
+                outputs = generate(model, prompts, [configs[k] for k in indices], self.max_new_tokens,
+                                   prefill=self.prefill, max_rows=self.max_rows)
+                for row, per_config in zip(per_prompt, outputs):
+                    for k, gen in zip(indices, per_config):
+                        row[k] = gen
+            for i, row in zip(batch, per_prompt):
+                generations[i] = row
         full = next(k for k, cfg in enumerate(configs) if cfg.config_id == FULL_ID)
         scores = score(
             outputs=[gen.text for per_config in generations for gen in per_config],

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline.configs import FAMILIES, SkipConfig
+from pipeline.configs import FAMILIES, SkipConfig, build_configs, check_custom_layers, custom_configs
 from pipeline.data import DatasetSpec
 from pipeline.engine import DEFAULT_MAX_ROWS, PREFILL_POLICIES
 from pipeline.models import AUTO_DTYPE, DTYPES, EMBEDDED_MODEL
@@ -49,6 +49,8 @@ class JobSpec:
     workers: int | None = None  # None: one per GPU, or one CPU worker
     scoring: ScoringOptions = ScoringOptions()  # [scoring]: stemming, sentence_split, tokenizer
     start_timeout: float = 600.0  # seconds to wait for workers to be placed and load the model, or to come back
+    configs: Mapping[str, list[int]] = dataclasses.field(default_factory=dict)  # [configs]: custom layer sets
+    checkpoints: Mapping[str, str] = dataclasses.field(default_factory=dict)  # [checkpoints]: config id -> model
     out: str = ""
     trust_remote_code: bool = False  # run a model folder's own Python code (recorded in run.json); off by default
 
@@ -72,19 +74,29 @@ class JobSpec:
             ident[key] = sorted(ident[key])
         ident["dataset"] = {key: getattr(self.dataset, key) for key in _DATASET_IDENTITY}
         ident["scoring"] = self.scoring.to_dict()
+        if self.configs:  # only when used, so runs from before these tables keep their identity
+            ident["configs"] = {name: sorted(layers) for name, layers in sorted(self.configs.items())}
+        if self.checkpoints:
+            ident["checkpoints"] = dict(sorted(self.checkpoints.items()))
         return ident
 
     def select_configs(self, configs: list[SkipConfig]) -> list[SkipConfig]:
         """Restrict built configurations to `config_ids` (keeping `full`, which fidelity needs)."""
         if not self.config_ids:
             return configs
-        known = {cfg.config_id for cfg in configs}
+        known = {cfg.config_id for cfg in configs} | set(self.configs)
         unknown = [c for c in self.config_ids if c not in known]
         if unknown:
             raise ValueError(f"unknown config id {', '.join(unknown)} for this model and families "
                              f"(see `dynoracle configs --layers L`)")
         wanted = set(self.config_ids)
         return [cfg for cfg in configs if cfg.family == "full" or cfg.config_id in wanted]
+
+    def configurations(self, num_layers: int) -> list[SkipConfig]:
+        """Every configuration this job runs on an L-layer model: the chosen built-in ones, then its custom
+        layer sets (always included). Raises ValueError for a set that does not fit the model."""
+        return [*self.select_configs(build_configs(num_layers, self.families, self.rls_seeds)),
+                *custom_configs(dict(self.configs), num_layers)]
 
 
 def _validate(spec: JobSpec) -> None:
@@ -116,6 +128,15 @@ def _validate(spec: JobSpec) -> None:
     if isinstance(spec.start_timeout, bool) or not isinstance(spec.start_timeout, (int, float)) \
             or not spec.start_timeout > 0:
         raise ValueError(f"start_timeout must be a positive number of seconds, got {spec.start_timeout!r}")
+    if not isinstance(spec.configs, Mapping):
+        raise ValueError("configs must be a table ([configs]) of name = [executed layers]")
+    for name, layers in spec.configs.items():
+        check_custom_layers(name, layers)
+    if not isinstance(spec.checkpoints, Mapping):
+        raise ValueError("checkpoints must be a table ([checkpoints]) of config id = model")
+    for config_id, source in spec.checkpoints.items():
+        if not isinstance(source, str) or not source:
+            raise ValueError(f"checkpoint of {config_id} must be a hub id, a local folder or a GGUF file, got {source!r}")
     limit = spec.dataset.limit
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"dataset.limit must be a positive integer, got {limit!r}")

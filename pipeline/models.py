@@ -211,6 +211,11 @@ def load_tokenizer(name: str = EMBEDDED_MODEL, trust_remote_code: bool = False) 
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
 
 
+def model_depth(name: str = EMBEDDED_MODEL, trust_remote_code: bool = False) -> int:
+    """The number of decoder layers, read from the model's configuration (no weights loaded)."""
+    return load_config(name, trust_remote_code).get_text_config().num_hidden_layers
+
+
 def load_model(name: str = EMBEDDED_MODEL, dtype: str = AUTO_DTYPE, device: str | None = None,
                trust_remote_code: bool = False) -> LoadedModel:
     """Load a causal LM by hub id, local folder, GGUF file path, the embedded default, or `random:<shape>`

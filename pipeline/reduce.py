@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.configs import FAMILIES, FULL_ID
+from pipeline.configs import FULL_ID, KNOWN_FAMILIES
 from pipeline.oracle import Frontier, allocate, build_frontier, min_budget_to_match
 from pipeline.atomic import replace_folder, write_json, write_parquet
 from pipeline.verify import verify_run
@@ -155,11 +155,11 @@ def load_matrix(run_dir: Path, metric: str, families: tuple[str, ...] | list[str
     configs_path, shards = run_dir / "configs.parquet", run.shards
 
     configs = pq.read_table(configs_path, columns=["config_id", "family", "cost"]).to_pandas()
-    present = [f for f in FAMILIES if f in set(configs["family"])]
+    present = [f for f in KNOWN_FAMILIES if f in set(configs["family"])]
     chosen = present if families is None else [f for f in families if f != FULL_ID]
-    unknown = sorted(set(chosen) - set(FAMILIES))
+    unknown = sorted(set(chosen) - set(KNOWN_FAMILIES))
     if unknown:
-        raise ValueError(f"unknown family {', '.join(unknown)}; choose from {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown family {', '.join(unknown)}; choose from {', '.join(KNOWN_FAMILIES)}")
     absent = [f for f in chosen if f not in present]
     if absent:
         raise ValueError(f"this run has no configurations of family {', '.join(absent)}")

@@ -21,7 +21,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import PercentFormatter
 
-from pipeline.configs import FAMILIES, FULL_ID
+from pipeline.configs import CUSTOM, FULL_ID, KNOWN_FAMILIES
 from pipeline.query import open_run
 from pipeline.reduce import reduce_run
 from pipeline.atomic import write_atomic
@@ -33,6 +33,7 @@ STYLE = {
     "uls": ("ULS (uniform skip)", "tab:blue", "Blues"),
     "ee": ("EE (early exit)", "tab:orange", "Oranges"),
     "rls": ("RLS (random skip)", "tab:green", "Greens"),
+    CUSTOM: ("custom layer sets", "tab:purple", "Purples"),
     FULL_ID: ("full model", "0.3", "Greys"),
 }
 # One row per configuration; each has every sequence (the reducer checks that), so means of means are fair.
@@ -123,10 +124,11 @@ def stale_reason(run_dir: Path, metric: str, families: list[str] | None, present
 
 
 def family_curves(per_config: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Each static family's means by cost (RLS seeds averaged), ending at the full model: budget L is `full`."""
+    """Each static family's means by cost (RLS seeds and custom sets of one cost averaged), ending at the full
+    model: budget L is `full`."""
     full = per_config[per_config["family"] == FULL_ID]
     curves = {}
-    for family in FAMILIES:
+    for family in KNOWN_FAMILIES:
         rows = per_config[per_config["family"] == family]
         if rows.empty:
             continue
@@ -139,7 +141,7 @@ def family_curves(per_config: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 def _label(family: str, curve: pd.DataFrame) -> str:
     seeds = int(curve["configs"].max())
-    return STYLE[family][0] + (f", mean of {seeds} seeds" if seeds > 1 else "")
+    return STYLE[family][0] + (f", mean of {seeds} {'sets' if family == CUSTOM else 'seeds'}" if seeds > 1 else "")
 
 
 def plot_cost_quality(per_config: pd.DataFrame, frontier: pd.DataFrame, summary: dict, title: str,
@@ -217,7 +219,7 @@ def plot_shares(per_config: pd.DataFrame, frontier: pd.DataFrame, summary: dict,
         for item in row_shares:
             shares.setdefault(item["config_id"], np.zeros(len(grid)))[i] = item["share"]
     meta = per_config.set_index("config_id")
-    rank = {f: i for i, f in enumerate((*FAMILIES, FULL_ID))}
+    rank = {f: i for i, f in enumerate((*KNOWN_FAMILIES, FULL_ID))}
     order = sorted(shares, key=lambda c: (rank[meta.at[c, "family"]], meta.at[c, "cost"], c))
     colors = [_shade(meta.at[c, "family"], meta.at[c, "cost"] / L) for c in order]
 

@@ -11,6 +11,7 @@ the same executor over the same shards: `run_task` reopens the run folder from i
 from __future__ import annotations
 
 import hashlib
+import json
 import importlib.metadata
 import os
 import platform
@@ -25,14 +26,14 @@ import ray
 import torch
 
 from pipeline.atomic import write_json, write_parquet
-from pipeline.configs import build_configs
+from pipeline.checkpoints import check_checkpoints, with_resolved_checkpoints
 from pipeline.data import Example, load_examples, shard_examples
 from pipeline.cluster import describe_nodes, plan_workers, ray_session
 from pipeline.executor import (ExecSummary, RunError, ShardDispatcher, ShardTask, execute, log, shards_to_compute,
                                start_workers)
 from pipeline.generation import GenerateTask
 from pipeline.job import JobSpec, job_from_dict
-from pipeline.models import load_tokenizer
+from pipeline.models import load_tokenizer, model_depth
 from pipeline.preflight import check_job
 from pipeline.rundir import RunDir, configs_table, job_identity
 from pipeline.scoring import mostly_dropped
@@ -104,9 +105,13 @@ def run_job(spec: JobSpec, address: str | None = None,
     """
     start = time.monotonic()
     run = RunDir(spec.run_dir)
+    spec = with_resolved_checkpoints(spec)
     examples = load_examples(spec.dataset, load_tokenizer(spec.model, spec.trust_remote_code))  # before the folder
     shards = shard_examples(examples, spec.shard_size)                  # exists: bad data leaves no run folder behind
     check_job(spec, examples)
+    depth = model_depth(spec.model, spec.trust_remote_code)  # configurations and checkpoints: checked up front too
+    configs = spec.configurations(depth)
+    check_checkpoints(spec, configs, depth)
     if not (address or os.environ.get("RAY_ADDRESS")):  # a private local Ray gets exactly these resources
         local = [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
         plan = plan_workers(spec, local)
@@ -134,13 +139,17 @@ def run_job(spec: JobSpec, address: str | None = None,
                 log(f"split {spec.dataset.split}; ROUGE {'with' if scoring['stemming'] else 'without'} stemming, "
                     f"{scoring['tokenizer']} tokenizer, rougeLsum sentence splitting "
                     f"{scoring['sentence_splitter'] if scoring['sentence_split'] else 'off'}")
-                configs = spec.select_configs(build_configs(num_layers, spec.families, spec.rls_seeds))
+                if num_layers != depth or len({json.dumps(i["checkpoint_fingerprints"]) for i in infos}) > 1:
+                    raise RunError("workers loaded models of another depth or different checkpoints")
+                checkpoint_prints = infos[0]["checkpoint_fingerprints"]
+                _check_same(previous, "checkpoint_fingerprints", checkpoint_prints, run.root)
                 record = {"job": spec.to_dict(), "identity": spec.identity(), "scoring": scoring, "model_fingerprint": model_print,
+                          "checkpoint_fingerprints": checkpoint_prints,
                           "dtype": dtype, "num_layers": num_layers, "dataset_fingerprint": data_print, "sequences": len(examples),
                           "configs": len(configs), "shards": len(shards), "versions": _versions(),
                           "git_sha": _git_sha(), "started": _now(), "finished": None, "workers": infos}
                 task = GenerateTask(tuple(configs), spec.max_new_tokens, spec.prefill, spec.batch_size, spec.max_rows,
-                                    spec.scoring)
+                                    spec.scoring, tuple(sorted(spec.checkpoints.items())))
                 todo = shards_to_compute(task, run, shards, job_identity(record))  # before run.json claims the folder
                 write_parquet(configs_table(configs), run.configs)
                 write_json(record, run.run_json)

@@ -16,6 +16,7 @@ import pyarrow as pa
 import ray
 import torch
 
+from pipeline.checkpoints import load_checkpoints
 from pipeline.data import Example
 from pipeline.job import JobSpec
 from pipeline.models import cache_dir, load_model
@@ -34,6 +35,7 @@ class ShardWorker:
         self.spec = spec
         self.device = device
         self.lm = load_model(spec.model, spec.dtype, device, spec.trust_remote_code)
+        self.checkpoint_fingerprints = load_checkpoints(dict(spec.checkpoints), self.lm)
 
     def info(self) -> dict:
         """What the driver needs before dispatching: the model's depth and fingerprint, and where we run."""
@@ -48,6 +50,7 @@ class ShardWorker:
             "num_layers": self.lm.num_layers,
             "fingerprint": self.lm.fingerprint(),
             "sentence_splitter": sentence_splitter(),
+            "checkpoint_fingerprints": self.checkpoint_fingerprints,
         }
 
     def run(self, task: ShardTask, shard: int, examples: list[Example]) -> pa.Table:
