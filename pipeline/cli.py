@@ -166,6 +166,27 @@ def run(
 
 
 @app.command()
+def features(
+    run_dir: str = typer.Argument(..., help="A finished run folder."),
+    layer: Optional[list[int]] = typer.Option(None, "--layer", "-l", help="Hidden state after this many layers (repeatable; default 1 and L)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Worker actors; default the run's."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (auto, or host:port); default local."),
+) -> None:
+    """Prompt features of a run's sequences (one prefill each, the run's model) into features/; reruns resume."""
+    from pipeline.feature_task import run_features
+    from pipeline.rundir import RunLocked
+    from pipeline.runner import RunError
+
+    try:
+        summary = run_features(run_dir, tuple(layer or ()), workers, address)
+    except (ValueError, OSError, RunLocked, RunError) as exc:
+        fail(str(exc).strip().splitlines()[0])
+    typer.echo(f"features of {summary.shards} shards ({summary.computed} computed, {summary.skipped} skipped) "
+               f"in {summary.seconds:.1f} s")
+    typer.echo(f"next: dynoracle controller {run_dir}")
+
+
+@app.command()
 def finetune(
     model: str = typer.Option(..., "--model", "-m", help="Starting model: hub id, local folder, GGUF file or embedded."),
     config_id: str = typer.Option(..., "--config", help="Configuration to train for: full, uls-C, ee-C or rls-C-sS."),
@@ -283,6 +304,60 @@ def similarity(
         fail(str(exc).strip().splitlines()[0])
     typer.echo(f"{done['rows']} rows in {done['shards']} shards ({done['computed']} computed, {done['skipped']} "
                f"skipped) in {done['seconds']:.1f} s; summary: {done['summary']}")
+
+
+@app.command()
+def controller(
+    run_dir: str = typer.Argument(..., help="Run folder with generations/ and features/."),
+    metric: str = typer.Option("rougeL", "--metric", help="rougeL, rougeLsum, rouge1, rouge2 or fidelity."),
+    families: Optional[str] = typer.Option(None, "--families", help="Comma-separated: uls,ee,rls; default all."),
+    layer: Optional[list[int]] = typer.Option(None, "--layer", "-l", help="Feature layer (repeatable); default every stored one."),
+    learner: Optional[list[str]] = typer.Option(None, "--learner", help="ridge, boosting or classifier (repeatable); default all."),
+    folds: int = typer.Option(5, "--folds", help="Cross-fitting folds over sequences."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the folds, the learners and the shuffled-feature null."),
+    resamples: int = typer.Option(1000, "--resamples", help="Bootstrap resamples for the matching budget's interval."),
+) -> None:
+    """Learn each sequence's configuration from its prompt features; compare with the oracle and static choices."""
+    import numpy as np
+    import pandas as pd
+
+    from pipeline.controller import LEARNERS
+    from pipeline.controller_run import evaluate_run
+
+    chosen = None if families is None else tuple(f.strip() for f in families.split(",") if f.strip())
+    try:
+        result = evaluate_run(run_dir, metric, chosen, tuple(layer or ()), tuple(learner or LEARNERS), folds, seed,
+                              resamples)
+    except (ValueError, OSError) as exc:
+        fail(str(exc).strip().splitlines()[0])
+    s, curves = result.summary, result.curves
+    typer.echo(f"{metric} controllers: {s['num_sequences']} sequences x {s['num_configs']} configurations, "
+               f"{folds}-fold cross-fitting (seed {seed}); written to {result.out_dir}")
+    typer.echo("share = (controller - best static) / (oracle - best static); null = shuffled features")
+    learners = list(s["learners"])
+    for j in s["layers"]:
+        at = curves[(curves["layer"] == j) & np.isclose(curves["budget"], np.round(curves["budget"]))]
+        typer.echo(f"\nfeatures after layer {j}{' (final)' if j == s['num_layers'] else ''}")
+        typer.echo(f"{'budget':>6} {'oracle':>7} {'static':>7}" + "".join(f" | {name[:10]:>10} {'cost':>5} {'share':>6}"
+                   for name in learners) + " | null shares")
+        for budget, rows in at.groupby("budget"):
+            first = rows.iloc[0]
+            line = f"{budget:>6g} {first['oracle']:>7.4f} {first['static']:>7.4f}"
+            for name in learners:
+                real = rows[(rows["learner"] == name) & ~rows["null"]].iloc[0]
+                line += f" | {real['value']:>10.4f} {real['cost']:>5.2f} {real['share']:>6.1%}"
+            nulls = [rows[(rows["learner"] == name) & rows["null"]].iloc[0]["share"] for name in learners]
+            typer.echo(line + " | " + " ".join(f"{v:.1%}" for v in nulls))
+    typer.echo(f"\nleast budget matching the full model (mean {s['full_mean']:.4f}), 95% bootstrap interval:")
+    for m in result.matches.itertuples():
+        if pd.isna(m.match_budget):
+            where = "no budget matches"
+        else:
+            interval = f"{m.match_low:.2f}" if pd.notna(m.match_low) else "none"
+            interval += f"-{m.match_high:.2f}" if pd.notna(m.match_high) else "-no match"
+            where = f"{m.match_budget:.2f} layers [{interval}]"
+        typer.echo(f"  layer {m.layer:>2} {m.learner:<10} {'null' if m.null else 'real':<4} {where}; "
+                   f"overall share {m.overall_share:.1%}; {m.seconds:.1f} s")
 
 
 @app.command("query")

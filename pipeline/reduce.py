@@ -19,6 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.atomic import replace_folder, write_json, write_parquet
 from pipeline.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, BootstrapDraws, bootstrap_oracle
 from pipeline.configs import FULL_ID, KNOWN_FAMILIES
 from pipeline.oracle import Frontier, allocate, build_frontier, min_budget_to_match

@@ -79,8 +79,10 @@ def build_report(run_dir: str | Path, metric: str = "rougeL", families: list[str
     job = _job(run_dir)
     title = _describe(job, run_dir)
 
+    from pipeline.controller_run import read_curves  # scikit-learn is imported only when a report is made
+
     figures = {
-        "cost_quality.png": plot_cost_quality(per_config, frontier, summary, title),
+        "cost_quality.png": plot_cost_quality(per_config, frontier, summary, title, read_curves(run_dir, metric)),
         "oracle_shares.png": plot_shares(per_config, frontier, summary, title),
         "lengths.png": plot_lengths(per_config, summary, title, job.get("max_new_tokens")),
     }
@@ -153,8 +155,10 @@ def _label(family: str, curve: pd.DataFrame) -> str:
     return STYLE[family][0] + (f", mean of {seeds} {'sets' if family == CUSTOM else 'seeds'}" if seeds > 1 else "")
 
 
-def plot_cost_quality(per_config: pd.DataFrame, frontier: pd.DataFrame, summary: dict, title: str) -> Figure:
-    """The study's figure 2: static families and the oracle frontier against cost, with the matching budget."""
+def plot_cost_quality(per_config: pd.DataFrame, frontier: pd.DataFrame, summary: dict, title: str,
+                      controllers: pd.DataFrame | None = None) -> Figure:
+    """The study's figure 2: static families and the oracle frontier against cost, with the matching budget,
+    and the prompt-feature controllers (`dynoracle controller`) when the run has them."""
     L, metric, full_mean = summary["num_layers"], summary["metric"], summary["full_mean"]
     fig = Figure(figsize=(10, 5.5), layout="constrained")
     ax = fig.add_subplot()
@@ -169,6 +173,8 @@ def plot_cost_quality(per_config: pd.DataFrame, frontier: pd.DataFrame, summary:
     if summary.get("bootstrap"):
         ax.fill_between(line["budget"], line["value_lo"], line["value_hi"], color="black", alpha=0.15, lw=0,
                         label=f"{summary['bootstrap']['level']:.0%} bootstrap intervals (bands)")
+    if controllers is not None:
+        plot_controllers(ax, controllers, L)
 
     match = summary["min_budget_to_match"]
     if match is None:
@@ -201,6 +207,25 @@ def plot_cost_quality(per_config: pd.DataFrame, frontier: pd.DataFrame, summary:
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False, fontsize=9)
     ax.set_title(f"{title}\n{metric} against cost: static configurations and the per-sequence oracle", fontsize=11)
     return fig
+
+
+CONTROLLER_COLORS = {"ridge": "tab:purple", "boosting": "tab:brown", "classifier": "tab:pink"}
+
+
+def plot_controllers(ax, curves: pd.DataFrame, num_layers: float) -> None:
+    """The controllers on the cheapest stored feature layer at their true (mean score, mean cost), and the
+    shuffled-feature null of the first of them, dotted."""
+    layer = int(curves["layer"].min())
+    where = f"after layer {layer}" if layer < num_layers else "final layer"
+    on_layer = curves[curves["layer"] == layer]
+    learners = list(dict.fromkeys(on_layer["learner"]))
+    for learner in learners:
+        curve = on_layer[(on_layer["learner"] == learner) & ~on_layer["null"]].sort_values("budget")
+        ax.plot(curve["cost"], curve["value"], color=CONTROLLER_COLORS[learner], lw=1.4, marker=".", ms=3,
+                label=f"controller: {learner}, prompt features {where}")
+    null = on_layer[(on_layer["learner"] == learners[0]) & on_layer["null"]].sort_values("budget")
+    ax.plot(null["cost"], null["value"], color=CONTROLLER_COLORS[learners[0]], lw=1.2, ls=":",
+            label=f"controller: {learners[0]}, shuffled features (null)")
 
 
 def plot_shares(per_config: pd.DataFrame, frontier: pd.DataFrame, summary: dict, title: str) -> Figure:
