@@ -7,6 +7,10 @@ import os
 
 import pytest
 
+# Ray's memory monitor kills worker processes when the machine as a whole nears full memory, whoever holds
+# it; on a shared developer or CI machine that turns other programs' memory into failures of these tests.
+os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--device", default=os.environ.get("DYNORACLE_TEST_DEVICE", "cpu"),
