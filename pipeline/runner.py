@@ -115,12 +115,16 @@ def _versions() -> dict[str, str]:
 
 
 def _git_sha() -> str | None:
+    """The commit of the checkout the package runs from; None for an installed package (even one whose
+    site-packages sits inside some other repository)."""
+    checkout = Path(__file__).resolve().parents[1]
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=checkout, capture_output=True,
                              text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    lines = out.stdout.split()
+    return lines[1] if len(lines) == 2 and Path(lines[0]).resolve() == checkout else None
 
 
 def _now() -> str:
