@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from pipeline.configs import FAMILIES, SkipConfig
 from pipeline.data import DATASETS, DatasetSpec
 from pipeline.engine import DEFAULT_MAX_ROWS, PREFILL_POLICIES
+from pipeline.location import RunPath, locate
 from pipeline.models import AUTO_DTYPE, DTYPES, EMBEDDED_MODEL
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -32,7 +33,7 @@ _DATASET_IDENTITY = tuple(sorted(_DATASET_FIELDS - {"data_dir"}))
 
 @dataclass(frozen=True)
 class JobSpec:
-    """One resolved job. `out` is the run folder (default outputs/<name>)."""
+    """One resolved job. `out` is the run folder (default outputs/<name>): a path or an object-store URI."""
 
     name: str
     dataset: DatasetSpec
@@ -56,8 +57,8 @@ class JobSpec:
         _validate(self)
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.out)
+    def run_dir(self) -> RunPath:
+        return locate(self.out)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

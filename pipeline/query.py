@@ -3,6 +3,8 @@
 The views are thin `read_parquet` wrappers, so a query reads only the columns and row groups it needs
 and nothing is loaded up front. A view whose files are absent is left out, and a query that names it
 is told which file is missing and how to make it, instead of DuckDB's bare "table does not exist".
+A run in an object store is read through pyarrow's filesystem registered with DuckDB (read-only), and
+DuckDB never installs or loads extensions at run time.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ import numbers
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
 import duckdb
 import pandas as pd
 
+from pipeline.location import RunPath, StorePath, locate, read_only_fsspec
 from pipeline.reduce import METRICS
 
 FORMATS = ("table", "csv", "json")
@@ -69,11 +71,11 @@ class RunDatabase:
         return " ".join(line for line in lines if line and not line.startswith("LINE ") and set(line) != {"^"})
 
 
-def open_run(run_dir: str | Path, metric: str = "rougeL") -> RunDatabase:
+def open_run(run_dir: str | RunPath, metric: str = "rougeL") -> RunDatabase:
     """Views generations, configs, and frontier/allocations of `metric`'s oracle, for whichever files exist."""
     if metric not in METRICS:
         raise ValueError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
-    run_dir = Path(run_dir)
+    run_dir = locate(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} does not exist")
     oracle = run_dir / "oracle" / metric
@@ -84,7 +86,9 @@ def open_run(run_dir: str | Path, metric: str = "rougeL") -> RunDatabase:
         "frontier": ([oracle / "frontier.parquet"], f"{oracle / 'frontier.parquet'} is missing; {reduce_hint}"),
         "allocations": ([oracle / "allocations.parquet"], f"{oracle / 'allocations.parquet'} is missing; {reduce_hint}"),
     }
-    connection = duckdb.connect()
+    connection = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    if isinstance(run_dir, StorePath):
+        connection.register_filesystem(read_only_fsspec(run_dir))
     missing = {}
     for name, (paths, why) in sources.items():
         paths = [p for p in paths if p.is_file()]
@@ -101,7 +105,7 @@ def open_run(run_dir: str | Path, metric: str = "rougeL") -> RunDatabase:
     return RunDatabase(connection, missing)
 
 
-def query_run(run_dir: str | Path, sql: str, metric: str = "rougeL") -> tuple[list[str], list[tuple]]:
+def query_run(run_dir: str | RunPath, sql: str, metric: str = "rougeL") -> tuple[list[str], list[tuple]]:
     """Column names and rows of one query over a run, on a connection of its own."""
     db = open_run(run_dir, metric)
     try:

@@ -4,22 +4,22 @@ The I/O edge around `pipeline.oracle`: reads `generations/*.parquet` and `config
 metric into the sequences x configurations matrix, and writes `oracle/<metric>/{frontier.parquet,
 allocations.parquet, summary.json}` (columns as in DESIGN.md; the report reads them). Everything is
 checked and computed before the first file is written, and each file is renamed into place whole.
+The run folder may be a path or an object-store URI (`pipeline.location`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.configs import FAMILIES, FULL_ID
 from pipeline.oracle import Frontier, allocate, build_frontier, min_budget_to_match
 from pipeline.atomic import write_json, write_parquet
+from pipeline.location import RunPath, locate, read_parquet
 
 METRICS = ("rougeL", "rougeLsum", "rouge1", "rouge2", "fidelity")
 COST_MODES = ("nominal", "measured")
@@ -53,7 +53,7 @@ class FrontierRow:
 
 @dataclass(frozen=True)
 class ReduceResult:
-    out_dir: Path
+    out_dir: RunPath
     summary: dict
     rows: list[FrontierRow]
 
@@ -71,7 +71,7 @@ class Matrix:
 
 
 def reduce_run(
-    run_dir: str | Path,
+    run_dir: str | RunPath,
     metric: str = "rougeL",
     families: tuple[str, ...] | list[str] | None = None,
     budgets: tuple[float, ...] | list[float] = (),
@@ -86,7 +86,7 @@ def reduce_run(
         raise ValueError(f"unknown cost mode '{cost}'; choose from {', '.join(COST_MODES)}")
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance}")
-    run_dir = Path(run_dir)
+    run_dir = locate(run_dir)
     matrix = load_matrix(run_dir, metric, families, cost)
     frontier = build_frontier(matrix.scores, matrix.costs)
     full_mean = float(matrix.scores[:, 0].mean())
@@ -135,7 +135,7 @@ def reduce_run(
     return ReduceResult(out_dir, summary, rows)
 
 
-def load_matrix(run_dir: Path, metric: str, families: tuple[str, ...] | list[str] | None, cost: str) -> Matrix:
+def load_matrix(run_dir: RunPath, metric: str, families: tuple[str, ...] | list[str] | None, cost: str) -> Matrix:
     """Read configs and generations, keep `full` plus the chosen families, pivot one metric to N x K."""
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} does not exist")
@@ -146,7 +146,7 @@ def load_matrix(run_dir: Path, metric: str, families: tuple[str, ...] | list[str
     if not shards:
         raise FileNotFoundError(f"no generations in {run_dir / 'generations'}")
 
-    configs = pq.read_table(configs_path, columns=["config_id", "family", "cost"]).to_pandas()
+    configs = read_parquet(configs_path, columns=["config_id", "family", "cost"]).to_pandas()
     present = [f for f in FAMILIES if f in set(configs["family"])]
     chosen = present if families is None else [f for f in families if f != FULL_ID]
     unknown = sorted(set(chosen) - set(FAMILIES))
@@ -162,7 +162,7 @@ def load_matrix(run_dir: Path, metric: str, families: tuple[str, ...] | list[str
     config_ids = selected["config_id"].tolist()
 
     wanted = ["seq_id", "config_id", metric, "gen_tokens", "layers_per_token"]
-    gens = pa.concat_tables([pq.read_table(p, columns=wanted) for p in shards]).to_pandas()
+    gens = pa.concat_tables([read_parquet(p, columns=wanted) for p in shards]).to_pandas()
     gens = gens[gens["config_id"].isin(config_ids)]
     seq_codes, seq_ids = pd.factorize(gens["seq_id"].astype(str), sort=True)
     cfg_codes = pd.Categorical(gens["config_id"], categories=config_ids).codes.astype(np.intp)

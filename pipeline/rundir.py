@@ -4,6 +4,9 @@ A shard file is the completion marker of its unit of work: it is written under a
 same folder, fsynced, then renamed into place, so a file that exists is whole. A rerun trusts a shard
 only after reading it back (page checksums on) and finding exactly the expected (seq_id, config_id)
 rows; anything else is deleted and computed again. Only the driver writes here, under the lock.
+
+The folder may be an object-store URI (`pipeline.location`): there a shard is uploaded whole, a rerun
+finds the complete shards by listing `generations/` once, and the lock is an object (see `_store_lock`).
 """
 
 from __future__ import annotations
@@ -11,16 +14,18 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import socket
+import uuid
 from contextlib import contextmanager, suppress
-from pathlib import Path
+from datetime import datetime, timezone
 from typing import Any, Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.configs import SkipConfig
 from pipeline.data import Example
 from pipeline.engine import Generation
+from pipeline.location import RunPath, StorePath, locate, read_parquet
 from pipeline.scoring import SCORE_COLUMNS
 
 GENERATIONS_SCHEMA = pa.schema([
@@ -80,14 +85,18 @@ def configs_table(configs: list[SkipConfig]) -> pa.Table:
 class RunDir:
     """The files of one run folder, and the checks that make reruns safe."""
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
+    def __init__(self, root: str | RunPath):
+        self.root = locate(root)
         self.generations = self.root / "generations"
         self.run_json = self.root / "run.json"
         self.configs = self.root / "configs.parquet"
 
-    def shard_path(self, shard: int) -> Path:
+    def shard_path(self, shard: int) -> RunPath:
         return self.generations / f"shard={shard:05d}.parquet"
+
+    def listed_shards(self) -> set[str]:
+        """Names of the shard files present, from one listing of generations/ (one request on a store)."""
+        return {path.name for path in self.generations.glob("shard=*.parquet")} if self.generations.is_dir() else set()
 
     @contextmanager
     def lock(self) -> Iterator[None]:
@@ -95,7 +104,12 @@ class RunDir:
 
         A folder this call created is removed again if the run wrote nothing into it (it failed early,
         say on reaching the cluster), so a failed first attempt leaves no empty run folder behind.
+        An object store has no flock: see `_store_lock`.
         """
+        if isinstance(self.root, StorePath):
+            with _store_lock(self.root):
+                yield
+            return
         created = not self.root.exists()
         self.root.mkdir(parents=True, exist_ok=True)
         lock = self.root / ".lock"
@@ -139,7 +153,7 @@ class RunDir:
         if not path.is_file():
             return "missing"
         try:
-            table = pq.read_table(path, page_checksum_verification=True)
+            table = read_parquet(path)
         except (OSError, pa.ArrowException) as exc:
             return f"unreadable: {str(exc).splitlines()[0][:120]}"
         if not table.schema.equals(GENERATIONS_SCHEMA, check_metadata=False):
@@ -151,3 +165,52 @@ class RunDir:
         if found != expected or set(table.column("shard").to_pylist()) != {shard}:
             return "rows of other sequences or configurations"
         return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def _store_lock(root: StorePath) -> Iterator[None]:
+    """The single-writer rule of a run folder in an object store, which has no flock.
+
+    The driver writes `.lock` (host, pid, a fresh token) before anything else and deletes it when it ends.
+    A run refuses to start while `.lock` names another host, or a live process on this host; a lock left
+    by a process of this host that no longer exists (a killed driver) is taken over. After writing, the
+    lock is read back, so of two drivers starting together at most one sees its own token and goes on.
+    A driver killed on another host leaves its `.lock` behind: delete it once that run is surely gone.
+    """
+    lock = root / ".lock"
+    mine = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
+            "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    holder = _lock_holder(lock)
+    if holder is not None and not (holder.get("host") == mine["host"] and not _alive(int(holder.get("pid", 0)))):
+        raise RunLocked(f"run folder {root} is in use by another dynoracle run (pid {holder.get('pid')} on "
+                        f"{holder.get('host')} since {holder.get('since')}); if that run is gone, delete {lock}")
+    lock.write_text(json.dumps(mine) + "\n")
+    if (_lock_holder(lock) or {}).get("token") != mine["token"]:
+        raise RunLocked(f"run folder {root} is in use by another dynoracle run that started at the same time")
+    try:
+        yield
+    finally:
+        with suppress(OSError):
+            if (_lock_holder(lock) or {}).get("token") == mine["token"]:
+                lock.unlink()
+
+
+def _lock_holder(lock: StorePath) -> dict[str, Any] | None:
+    """The lock object's content; None when there is none; {} when it is unreadable (then it blocks)."""
+    try:
+        holder = json.loads(lock.read_text())
+    except FileNotFoundError:
+        return None
+    except (ValueError, OSError):
+        return {}
+    return holder if isinstance(holder, dict) else {}

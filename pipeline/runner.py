@@ -33,7 +33,9 @@ from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 from pipeline.configs import SkipConfig, build_configs
 from pipeline.data import Example, load_examples, shard_examples
 from pipeline.job import JobSpec
+from pipeline.location import RunPath
 from pipeline.models import load_tokenizer
+from pipeline.progress import RunProgress
 from pipeline.atomic import write_json, write_parquet
 from pipeline.rundir import RunDir, configs_table
 from pipeline.worker import ShardGenerator
@@ -51,7 +53,7 @@ def log(message: str) -> None:
 
 @dataclass
 class RunSummary:
-    run_dir: Path
+    run_dir: RunPath
     shards: int
     skipped: int
     computed: int
@@ -156,30 +158,6 @@ def _one_line(exc: BaseException) -> str:
         cause = inner
     lines = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
-
-
-class Progress:
-    """Shards done/total, sequences/s, generated tokens/s and ETA on stderr, one line per shard."""
-
-    def __init__(self, total_shards: int, skipped: int, todo_sequences: int):
-        self.total, self.done = total_shards, skipped
-        self.todo_sequences, self.sequences, self.tokens = todo_sequences, 0, 0
-        self.start = time.monotonic()
-
-    def shard_done(self, shard: int, worker: int, sequences: int, tokens: int, seconds: float) -> None:
-        self.done += 1
-        self.sequences += sequences
-        self.tokens += tokens
-        elapsed = max(time.monotonic() - self.start, 1e-9)
-        rate = self.sequences / elapsed
-        eta = (self.todo_sequences - self.sequences) / rate if rate else 0.0
-        log(f"shard {shard:05d} done by worker {worker} in {seconds:.1f} s | {self.done}/{self.total} shards | "
-            f"{rate:.2f} seq/s | {self.tokens / elapsed:.0f} tok/s | ETA {_clock(eta)}")
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class ShardDispatcher:
@@ -309,9 +287,9 @@ def run_job(spec: JobSpec, address: str | None = None,
 
 def _shards_to_compute(run: RunDir, shards: list[list[Example]], configs: list[SkipConfig]) -> list[int]:
     """Indices of shards with no valid file; invalid files are deleted (they will be rewritten whole)."""
-    todo = []
+    todo, listed = [], run.listed_shards()
     for index, examples in enumerate(shards):
-        problem = run.shard_problem(index, examples, configs)
+        problem = run.shard_problem(index, examples, configs) if run.shard_path(index).name in listed else "missing"
         if problem is None:
             continue
         if problem != "missing":
@@ -327,18 +305,19 @@ def _dispatch(run: RunDir, workers: list[Any], infos: list[dict], shards: list[l
               on_dispatch: Callable[[ShardDispatcher], None] | None) -> RunSummary:
     start = time.monotonic()
     dispatcher = ShardDispatcher(workers, [info["pid"] for info in infos])
-    progress = Progress(len(shards), len(shards) - len(todo), sum(len(shards[i]) for i in todo))
+    progress = RunProgress(len(shards), len(shards) - len(todo), sum(len(shards[i]) for i in todo))
     configs_ref = ray.put(configs)
 
     def submit(worker: Any, shard: int) -> Any:
-        return worker.run_shard.remote(shard, shards[shard], configs_ref)
+        return worker.run_shard.remote(shard, shards[shard], configs_ref, progress.counter)
 
     def done(shard: int, worker: int, table: Any, seconds: float) -> None:
         write_parquet(table, run.shard_path(shard))
         tokens = int(table.column("gen_tokens").to_numpy().sum())
         progress.shard_done(shard, worker, len(shards[shard]), tokens, seconds)
 
-    dispatcher.run(todo, submit, done, on_dispatch)
+    with progress:
+        dispatcher.run(todo, submit, done, on_dispatch)
     elapsed = time.monotonic() - start
     return RunSummary(run.root, len(shards), len(shards) - len(todo), len(todo),
                       sum(len(s) for s in shards) * len(configs), progress.tokens, elapsed)

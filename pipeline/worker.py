@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
 import pyarrow as pa
 import torch
@@ -21,6 +22,7 @@ from pipeline.data import Example
 from pipeline.engine import Generation, generate
 from pipeline.job import JobSpec
 from pipeline.models import load_model
+from pipeline.progress import shard_reporter
 from pipeline.rundir import shard_table
 from pipeline.scoring import score
 
@@ -47,8 +49,11 @@ class ShardGenerator:
             "fingerprint": self.lm.fingerprint(),
         }
 
-    def run_shard(self, shard: int, examples: list[Example], configs: list[SkipConfig]) -> pa.Table:
-        """Generate every example under every configuration, then score against references and `full`."""
+    def run_shard(self, shard: int, examples: list[Example], configs: list[SkipConfig],
+                  counter: Any = None) -> pa.Table:
+        """Generate every example under every configuration, then score against references and `full`.
+
+        `counter` (a `pipeline.progress.ProgressCounter` actor, or None) hears the tokens as they come."""
         spec = self.spec
         # Batches of similar prompt length waste less compute on left padding; the order is deterministic.
         order = sorted(range(len(examples)), key=lambda i: (examples[i].prompt_tokens, i))
@@ -56,7 +61,8 @@ class ShardGenerator:
         for start in range(0, len(order), spec.batch_size):
             batch = order[start : start + spec.batch_size]
             outputs = generate(self.lm, [list(examples[i].prompt_ids) for i in batch], configs,
-                               spec.max_new_tokens, prefill=spec.prefill, max_rows=spec.max_rows)
+                               spec.max_new_tokens, prefill=spec.prefill, max_rows=spec.max_rows,
+                               on_group_done=shard_reporter(counter, shard))
             for i, per_config in zip(batch, outputs):
                 generations[i] = per_config
         full = next(k for k, cfg in enumerate(configs) if cfg.config_id == FULL_ID)
