@@ -13,6 +13,8 @@ import typer
 
 from pipeline.configs import FAMILIES, build_configs
 
+SPLIT_HELP = ("train, validation or test (default). alpaca: the study's split, datasets' train_test_split twice with "
+              "seed 42 (52,002 rows -> 36,401 / 7,800 / 7,801; a local slice is split likewise).")
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 
 
@@ -50,7 +52,7 @@ def configs(
 @app.command()
 def prompts(
     dataset: str = typer.Option("alpaca", "--dataset", "-d", help="alpaca, cnn_dailymail, samsum, file or hub."),
-    split: str = typer.Option("test", "--split", help="Split (for alpaca: the study's seeded 70/15/15 split)."),
+    split: str = typer.Option("test", "--split", help=SPLIT_HELP),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Local data root; default $DYNORACLE_DATA_DIR."),
     path: Optional[str] = typer.Option(None, "--file", "--path", help="File (dataset file) or hub id (dataset hub)."),
     prompt_column: Optional[str] = typer.Option(None, "--prompt-column", help="Prompt column (file, hub)."),
@@ -88,6 +90,7 @@ def run(
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset; its default job is jobs/<name>.toml."),
     job: Optional[str] = typer.Option(None, "--job", "-j", help="Job file (TOML); flags below override it."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id, local folder, GGUF file or embedded."),
+    split: Optional[str] = typer.Option(None, "--split", help=SPLIT_HELP),
     limit: Optional[int] = typer.Option(None, "--limit", "-n", help="Only the first N sequences of the split."),
     families: Optional[str] = typer.Option(None, "--families", help="Comma-separated: uls,ee,rls."),
     config_ids: Optional[str] = typer.Option(None, "--configs", help="Only these config ids (comma-separated)."),
@@ -102,8 +105,18 @@ def run(
     name: Optional[str] = typer.Option(None, "--name", help="Run name (and folder outputs/<name>)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (auto, or host:port); default local."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Local data root; default $DYNORACLE_DATA_DIR."),
+    stemming: Optional[bool] = typer.Option(None, "--stemming/--no-stemming",
+                                            help="Porter-stem ROUGE tokens; default on (the study: off)."),
+    sentence_split: Optional[bool] = typer.Option(None, "--sentence-split/--no-sentence-split",
+                                                  help="One sentence per line for rougeLsum; default on for "
+                                                       "cnn_dailymail and samsum only."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="ROUGE tokenizer: default (rouge_score's, "
+                                            "a-z and 0-9 only) or unicode (letters and digits of every script)."),
 ) -> None:
-    """Generate and score every (sequence, configuration) of a job into sharded Parquet; reruns resume."""
+    """Generate and score every (sequence, configuration) of a job into sharded Parquet; reruns resume.
+
+    Scoring options are part of the run's identity and recorded in run.json with the sentence splitter used.
+    """
     from pipeline.job import load_job
     from pipeline.rundir import RunLocked
     from pipeline.runner import RunError, run_job
@@ -111,7 +124,8 @@ def run(
     overrides = {"name": name, "model": model, "families": families, "config_ids": config_ids,
                  "max_new_tokens": max_new_tokens, "batch_size": batch_size, "shard_size": shard_size,
                  "workers": workers, "prefill": prefill, "dtype": dtype, "device": device, "out": out,
-                 "dataset": {"limit": limit, "data_dir": data_dir}}
+                 "dataset": {"split": split, "limit": limit, "data_dir": data_dir},
+                 "scoring": {"stemming": stemming, "sentence_split": sentence_split, "tokenizer": tokenizer}}
     try:
         summary = run_job(load_job(job, dataset, overrides), address)
     except (ValueError, OSError, RunLocked, RunError) as exc:

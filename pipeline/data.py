@@ -6,37 +6,44 @@ answer cue ("### Response:", "### Summary:", "Summary:") always survive. A promp
 tokens from the left of its body (DESIGN.md: "truncated from the left of the article/input").
 
 Seq ids are `<dataset>-<split>-<position>` (`file`: `<file stem>-<position>`), the position of the row in
-the split as served: for Alpaca, its place in the seeded permutation below; otherwise its row index in the
+the split as served: for Alpaca, its place in the study's split below; otherwise its row index in the
 source. They are the same on every run and machine for the same source data (the hub and a local mirror
 are different sources).
 
-The Alpaca split is the study's 70/15/15 train/validation/test split with seed 42:
-`np.random.default_rng(42).permutation(n)` over all n rows, train = the first n*70//100 positions,
-validation = the next n*15//100, test = the rest (52,002 hub rows -> 36,401 / 7,800 / 7,801). Rows of a
-split keep the permutation's order, so the first N of a split (`limit`) are a random sample of it.
+The Alpaca split is the study's (Glavas et al., 2024, `src/utils/prepare_dataset.py`), made by the same
+two calls of `datasets.Dataset.train_test_split`: `train_test_split(test_size=0.3, seed=42)` over all rows
+gives train (its `train` part); the held-out part is split again with `test_size=0.5, seed=42`, whose `test`
+part is the test split and whose `train` part is the validation split (52,002 hub rows -> 36,401 / 7,800 /
+7,801). Rows keep the order those calls give (shuffled), so the first N of a split (`limit`) are a random
+sample of it. A local slice is split the same way, so its splits are splits of the slice, not the study's rows.
+
+References. A reference is one non-empty text, or a list of them (scored against the best match); a null
+or empty reference is refused with the row named, before anything is generated. `empty_references = "keep"`
+keeps empty ones (they score 0, as in the study, whose Alpaca rows include some with an empty output).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from pipeline.sources import DATA_DIR_ENV, DataError, Table, data_dir, read_file, read_files, read_hub
+from pipeline.sources import DATA_DIR_ENV, DataError, Table, _first_line, data_dir, read_file, read_files, read_hub
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 __all__ = ["DATASETS", "DataError", "DatasetSpec", "Example", "Record", "load_examples", "load_records",
-           "shard_examples", "split_indices"]
+           "load_split", "shard_examples", "split_indices"]
 
 DATASETS = ("alpaca", "cnn_dailymail", "samsum", "file", "hub")
 PROMPT_FORMATS = ("plain", "chat")
 SPLITS = ("train", "validation", "test")
+EMPTY_REFERENCES = ("refuse", "keep")
 SPLIT_SEED = 42
+HELD_OUT = 0.3  # first call's test_size; the held-out part is then halved (second call's test_size 0.5)
 
 ALPACA_HEADER = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
@@ -60,6 +67,7 @@ class DatasetSpec:
     prompt_format: str = "plain"
     prompt_budget: int | None = 1024
     limit: int | None = None
+    empty_references: str = "refuse"
 
 
 @dataclass(frozen=True)
@@ -70,12 +78,16 @@ class Record:
     head: str
     body: str
     tail: str
-    reference: str
+    references: tuple[str, ...]
     summary: bool
 
     @property
     def plain_prompt(self) -> str:
         return self.head + self.body + self.tail
+
+    @property
+    def reference(self) -> str:
+        return reference_text(self.references)
 
 
 @dataclass(frozen=True)
@@ -85,13 +97,22 @@ class Example:
     seq_id: str
     prompt: str
     prompt_ids: tuple[int, ...]
-    reference: str
+    references: tuple[str, ...]
     prompt_truncated: bool
     summary: bool
 
     @property
     def prompt_tokens(self) -> int:
         return len(self.prompt_ids)
+
+    @property
+    def reference(self) -> str:
+        return reference_text(self.references)
+
+
+def reference_text(references: tuple[str, ...]) -> str:
+    """How a reference is stored (Parquet `reference`): the text itself, or a JSON list when there are several."""
+    return references[0] if len(references) == 1 else json.dumps(list(references), ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -132,14 +153,25 @@ _NAMED = {
 
 
 def split_indices(n: int, split: str) -> list[int]:
-    """Row indices of one split of the study's seeded 70/15/15 split of n rows, in permutation order."""
+    """Row indices (into n source rows) of one split of the study's split, in the order it serves them.
+
+    The study's two `train_test_split` calls (module docstring), run on a column of row indices: the
+    shuffle depends only on n and the seed, so this equals splitting the rows themselves. Raises
+    DataError for an unknown split or when n is too small to split (fewer than 4 rows).
+    """
+    import datasets
+
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
-    order = np.random.default_rng(SPLIT_SEED).permutation(n)
-    n_train, n_val = n * 70 // 100, n * 15 // 100
-    bounds = {"train": (0, n_train), "validation": (n_train, n_train + n_val), "test": (n_train + n_val, n)}
-    start, stop = bounds[split]
-    return order[start:stop].tolist()
+    rows = datasets.Dataset.from_dict({"index": list(range(n))})
+    try:
+        first = rows.train_test_split(test_size=HELD_OUT, seed=SPLIT_SEED)
+        if split == "train":
+            return list(first["train"]["index"])
+        second = first["test"].train_test_split(test_size=0.5, seed=SPLIT_SEED)
+    except ValueError as exc:
+        raise DataError(f"cannot split {n} rows into train, validation and test: {_first_line(exc)}") from None
+    return list(second["test" if split == "test" else "train"]["index"])
 
 
 def _check_spec(spec: DatasetSpec) -> _Adapter:
@@ -151,6 +183,8 @@ def _check_spec(spec: DatasetSpec) -> _Adapter:
         raise DataError(f"prompt budget must be at least 1 token, got {spec.prompt_budget}")
     if spec.limit is not None and spec.limit < 1:
         raise DataError(f"limit must be at least 1, got {spec.limit}")
+    if spec.empty_references not in EMPTY_REFERENCES:
+        raise DataError(f"unknown empty_references {spec.empty_references!r}; choose from {', '.join(EMPTY_REFERENCES)}")
     if spec.name == "alpaca" and spec.split not in SPLITS:
         raise DataError(f"unknown split {spec.split!r}; choose from {', '.join(SPLITS)}")
     if spec.name in _NAMED:
@@ -186,7 +220,7 @@ def _read(spec: DatasetSpec, adapter: _Adapter) -> Table:
     return read_files(files, str(folder))
 
 
-def _record(adapter: _Adapter, table: Table, index: int, seq_id: str) -> Record:
+def _record(adapter: _Adapter, table: Table, index: int, seq_id: str, keep_empty: bool) -> Record:
     row = table.rows[index]
     origin = table.origin(index)
     for column in (adapter.prompt_column, adapter.reference_column):
@@ -195,7 +229,20 @@ def _record(adapter: _Adapter, table: Table, index: int, seq_id: str) -> Record:
     if not _text(row[adapter.prompt_column]).strip():
         raise DataError(f"{origin}: empty prompt (column {adapter.prompt_column!r})")
     head, body, tail = adapter.parts(row)
-    return Record(seq_id, head, body, tail, _text(row[adapter.reference_column]), adapter.summary)
+    references = _references(row[adapter.reference_column], origin, adapter.reference_column, keep_empty)
+    return Record(seq_id, head, body, tail, references, adapter.summary)
+
+
+def _references(value: object, origin: str, column: str, keep_empty: bool) -> tuple[str, ...]:
+    """One reference, or each of a list; null ones, and unless kept empty or blank ones, are refused."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not values or None in values:
+        raise DataError(f"{origin}: {'null' if values else 'empty'} reference (column {column!r}); "
+                        "every row needs a reference")
+    if not keep_empty and any(not str(item).strip() for item in values):
+        raise DataError(f"{origin}: empty reference (column {column!r}); it would score 0 under every configuration "
+                        "(set empty_references = \"keep\" in [dataset] to score it anyway)")
+    return tuple(str(item) for item in values)
 
 
 def _id_prefix(spec: DatasetSpec) -> str:
@@ -205,8 +252,8 @@ def _id_prefix(spec: DatasetSpec) -> str:
     return f"{source}-{spec.split}"
 
 
-def load_records(spec: DatasetSpec) -> list[Record]:
-    """The split's rows as prompt parts with seq ids, before tokenization (no tokenizer needed)."""
+def _split(spec: DatasetSpec) -> tuple[_Adapter, Table, Sequence[int]]:
+    """The source table and the row indices of the spec's split (within `limit`), in the order served."""
     adapter = _check_spec(spec)
     table = _read(spec, adapter)
     indices: Sequence[int] = split_indices(len(table), spec.split) if adapter.own_split else range(len(table))
@@ -217,8 +264,25 @@ def load_records(spec: DatasetSpec) -> list[Record]:
         if spec.limit > len(indices):
             raise DataError(f"limit {spec.limit} is more than the {len(indices)} rows in {where}")
         indices = indices[: spec.limit]
+    return adapter, table, indices
+
+
+def load_split(spec: DatasetSpec) -> list[dict]:
+    """The raw source rows of the split `spec.split` of dataset `spec.name` (within `limit`), in the order served.
+
+    For Alpaca this is the study's split (module docstring); other datasets serve their own splits.
+    Raises DataError on an unknown dataset or split, or missing data.
+    """
+    _, table, indices = _split(spec)
+    return [dict(table.rows[int(index)]) for index in indices]
+
+
+def load_records(spec: DatasetSpec) -> list[Record]:
+    """The split's rows as prompt parts with seq ids, before tokenization (no tokenizer needed)."""
+    adapter, table, indices = _split(spec)
     prefix = _id_prefix(spec)
-    return [_record(adapter, table, int(index), f"{prefix}-{position:06d}") for position, index in enumerate(indices)]
+    keep = spec.empty_references == "keep"
+    return [_record(adapter, table, int(index), f"{prefix}-{position:06d}", keep) for position, index in enumerate(indices)]
 
 
 def load_examples(spec: DatasetSpec, tokenizer: PreTrainedTokenizerBase) -> list[Example]:
@@ -233,7 +297,7 @@ def load_examples(spec: DatasetSpec, tokenizer: PreTrainedTokenizerBase) -> list
         truncated = spec.prompt_budget is not None and len(ids) > spec.prompt_budget
         if truncated:
             prompt, ids = _truncate(tokenizer, record, chat, spec.prompt_budget, len(ids))
-        examples.append(Example(record.seq_id, prompt, tuple(ids), record.reference, truncated, record.summary))
+        examples.append(Example(record.seq_id, prompt, tuple(ids), record.references, truncated, record.summary))
     return examples
 
 

@@ -19,6 +19,7 @@ from pipeline.data import DATASETS, DatasetSpec
 from pipeline.engine import DEFAULT_MAX_ROWS, PREFILL_POLICIES
 from pipeline.location import RunPath, locate
 from pipeline.models import AUTO_DTYPE, DTYPES, EMBEDDED_MODEL
+from pipeline.scoring import ScoringOptions
 
 _PACKAGE = Path(__file__).resolve().parent
 # An installed wheel carries the named jobs as pipeline/jobs/; a checkout (or editable install) has them in jobs/.
@@ -29,6 +30,7 @@ _DATASET_FIELDS = {f.name for f in dataclasses.fields(DatasetSpec)}
 # Batching, workers and where the data files sit change speed, not results.
 _IDENTITY = ("model", "dtype", "prefill", "max_new_tokens", "shard_size", "families", "rls_seeds", "config_ids")
 _DATASET_IDENTITY = tuple(sorted(_DATASET_FIELDS - {"data_dir"}))
+_SCORING_FIELDS = {f.name for f in dataclasses.fields(ScoringOptions)}
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class JobSpec:
     max_rows: int = DEFAULT_MAX_ROWS  # engine rows (prompt x layer set) decoded together
     shard_size: int = 64  # examples per shard file, the unit of work and of resume
     workers: int | None = None  # None: one per GPU, or one CPU worker
+    scoring: ScoringOptions = ScoringOptions()  # [scoring]: stemming, sentence_split, tokenizer
     out: str = ""
 
     def __post_init__(self) -> None:
@@ -69,6 +72,7 @@ class JobSpec:
         for key in ("families", "rls_seeds", "config_ids"):  # order does not change the rows
             ident[key] = sorted(ident[key])
         ident["dataset"] = {key: getattr(self.dataset, key) for key in _DATASET_IDENTITY}
+        ident["scoring"] = self.scoring.to_dict()
         return ident
 
     def select_configs(self, configs: list[SkipConfig]) -> list[SkipConfig]:
@@ -141,6 +145,13 @@ def job_from_dict(raw: Mapping[str, Any]) -> JobSpec:
     if unknown:
         raise ValueError(f"unknown dataset field {', '.join(unknown)}; known: {', '.join(sorted(_DATASET_FIELDS))}")
     data["dataset"] = DatasetSpec(**dataset)
+    scoring = data.get("scoring", {})
+    if not isinstance(scoring, Mapping):
+        raise ValueError("scoring must be a table ([scoring]) with stemming, sentence_split, tokenizer")
+    unknown = sorted(set(scoring) - _SCORING_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown scoring field {', '.join(unknown)}; known: {', '.join(sorted(_SCORING_FIELDS))}")
+    data["scoring"] = ScoringOptions(**scoring)
     data.setdefault("name", data["dataset"].name)
     for key in ("families", "rls_seeds", "config_ids"):
         if key in data:

@@ -89,8 +89,9 @@ class RunProgress:
         elapsed = max(time.monotonic() - self.start, 1e-9)
         rate = self.sequences / elapsed
         eta = (self.todo_sequences - self.sequences) / rate if rate else 0.0
+        speed = f" | {self.tokens / elapsed:.0f} tok/s" if self.tokens else ""  # tasks that generate nothing
         print(f"shard {shard:05d} done by worker {worker} in {seconds:.1f} s | {self.done}/{self.total} shards | "
-                 f"{rate:.2f} seq/s | {self.tokens / elapsed:.0f} tok/s | ETA {_clock(eta)}", file=sys.stderr, flush=True)
+              f"{rate:.2f} seq/s{speed} | ETA {_clock(eta)}", file=sys.stderr, flush=True)
         if self._bar is not None:
             self._refresh({})
 

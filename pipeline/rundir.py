@@ -94,9 +94,10 @@ class RunDir:
     def shard_path(self, shard: int) -> RunPath:
         return self.generations / f"shard={shard:05d}.parquet"
 
-    def listed_shards(self) -> set[str]:
-        """Names of the shard files present, from one listing of generations/ (one request on a store)."""
-        return {path.name for path in self.generations.glob("shard=*.parquet")} if self.generations.is_dir() else set()
+    def listed_shards(self, folder: str) -> set[str]:
+        """Names of the shard files in a task folder (e.g. generations), from one listing (one request on a store)."""
+        where = self.root / folder
+        return {path.name for path in where.glob("shard=*.parquet")} if where.is_dir() else set()
 
     @contextmanager
     def lock(self) -> Iterator[None]:
@@ -141,30 +142,35 @@ class RunDir:
             raise ValueError(f"{self.run_json} is unreadable ({exc}); remove it or choose another --out") from None
 
     def remove_stale_temp_files(self) -> int:
-        """Delete half-written files a killed run left behind (safe: we hold the lock)."""
-        stale = [p for folder in (self.root, self.generations) if folder.is_dir() for p in folder.glob(".*.tmp")]
+        """Delete half-written files a killed run left behind in the folder and its task folders (we hold the lock)."""
+        folders = [self.root, *(p for p in self.root.iterdir() if p.is_dir())] if self.root.is_dir() else []
+        stale = [p for folder in folders for p in folder.glob(".*.tmp")]
         for path in stale:
             path.unlink(missing_ok=True)
         return len(stale)
 
-    def shard_problem(self, shard: int, examples: list[Example], configs: list[SkipConfig]) -> str | None:
-        """Why the shard's file cannot be trusted ('missing', 'unreadable: ...', ...), or None when it is whole."""
-        path = self.shard_path(shard)
-        if not path.is_file():
-            return "missing"
-        try:
-            table = read_parquet(path)
-        except (OSError, pa.ArrowException) as exc:
-            return f"unreadable: {str(exc).splitlines()[0][:120]}"
-        if not table.schema.equals(GENERATIONS_SCHEMA, check_metadata=False):
-            return "unexpected columns or types"
-        if table.num_rows != len(examples) * len(configs):
-            return f"{table.num_rows} rows, expected {len(examples) * len(configs)}"
-        expected = {(ex.seq_id, cfg.config_id) for ex in examples for cfg in configs}
-        found = set(zip(table.column("seq_id").to_pylist(), table.column("config_id").to_pylist()))
-        if found != expected or set(table.column("shard").to_pylist()) != {shard}:
-            return "rows of other sequences or configurations"
-        return None
+
+def table_problem(path: RunPath, schema: pa.Schema, shard: int, key_columns: tuple[str, ...],
+                  expected: set[tuple]) -> str | None:
+    """Why a shard file cannot be trusted ('missing', 'unreadable: ...', ...), or None when it is whole.
+
+    Whole means: readable with page checksums verified, exactly `schema`, a `shard` column equal to
+    `shard`, and one row per key tuple of `expected` (over `key_columns`), no other rows.
+    """
+    if not path.is_file():
+        return "missing"
+    try:
+        table = read_parquet(path)
+    except (OSError, pa.ArrowException) as exc:
+        return f"unreadable: {str(exc).splitlines()[0][:120]}"
+    if not table.schema.equals(schema, check_metadata=False):
+        return "unexpected columns or types"
+    if table.num_rows != len(expected):
+        return f"{table.num_rows} rows, expected {len(expected)}"
+    found = set(zip(*(table.column(name).to_pylist() for name in key_columns)))
+    if found != expected or set(table.column("shard").to_pylist()) != {shard}:
+        return "rows of other sequences or configurations"
+    return None
 
 
 def _alive(pid: int) -> bool:

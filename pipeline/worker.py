@@ -1,34 +1,32 @@
-"""The generator: turns one shard of examples into its scored rows, for every configuration.
+"""The shard worker: a Ray actor that holds the model and runs shard tasks on it.
 
-The runner makes one Ray actor of this class per GPU (or CPU slot), so the model is loaded once per
-worker and reused for every shard it is handed. The worker returns the shard as an Arrow table and the
-driver writes it: one writer per run folder, so the output path only has to exist where the driver runs,
+The executor makes one actor of this class per GPU (or CPU slot), so the model is loaded once per worker
+and reused for every shard of every task it is handed. A task's `run` returns the shard's Arrow table and
+the driver writes it: one writer per run folder, so the output path only has to exist where the driver runs,
 the lock and the atomic rename stay local, and a worker that dies leaves nothing half-written behind.
-(A shard of 64 Alpaca sequences x 88 configurations is a few MB; shipping it costs nothing next to
-generating it.)
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import torch
 
-from pipeline.configs import FULL_ID, SkipConfig
 from pipeline.data import Example
-from pipeline.engine import Generation, generate
 from pipeline.job import JobSpec
 from pipeline.models import load_model
 from pipeline.progress import shard_reporter
-from pipeline.rundir import shard_table
-from pipeline.scoring import score
+from pipeline.scoring import sentence_splitter
+
+if TYPE_CHECKING:
+    from pipeline.executor import ShardTask
 
 
-class ShardGenerator:
-    """Holds the model; `run_shard` generates, scores and tabulates one shard."""
+class ShardWorker:
+    """Holds the job's model; `run(task, shard, examples)` computes one shard of any shard task."""
 
     def __init__(self, spec: JobSpec, device: str, cpu_threads: int | None = None):
         if cpu_threads is not None:
@@ -47,29 +45,9 @@ class ShardGenerator:
             "dtype": self.lm.dtype,
             "num_layers": self.lm.num_layers,
             "fingerprint": self.lm.fingerprint(),
+            "sentence_splitter": sentence_splitter(),
         }
 
-    def run_shard(self, shard: int, examples: list[Example], configs: list[SkipConfig],
-                  counter: Any = None) -> pa.Table:
-        """Generate every example under every configuration, then score against references and `full`.
-
-        `counter` (a `pipeline.progress.ProgressCounter` actor, or None) hears the tokens as they come."""
-        spec = self.spec
-        # Batches of similar prompt length waste less compute on left padding; the order is deterministic.
-        order = sorted(range(len(examples)), key=lambda i: (examples[i].prompt_tokens, i))
-        generations: list[list[Generation]] = [[] for _ in examples]
-        for start in range(0, len(order), spec.batch_size):
-            batch = order[start : start + spec.batch_size]
-            outputs = generate(self.lm, [list(examples[i].prompt_ids) for i in batch], configs,
-                               spec.max_new_tokens, prefill=spec.prefill, max_rows=spec.max_rows,
-                               on_group_done=shard_reporter(counter, shard))
-            for i, per_config in zip(batch, outputs):
-                generations[i] = per_config
-        full = next(k for k, cfg in enumerate(configs) if cfg.config_id == FULL_ID)
-        scores = score(
-            outputs=[gen.text for per_config in generations for gen in per_config],
-            references=[ex.reference for ex in examples for _ in configs],
-            full_outputs=[per_config[full].text for per_config in generations for _ in configs],
-            summary=[ex.summary for ex in examples for _ in configs],
-        )
-        return shard_table(shard, examples, configs, generations, scores)
+    def run(self, task: ShardTask, shard: int, examples: list[Example], counter: Any = None) -> pa.Table:
+        """`counter` (a `pipeline.progress.ProgressCounter` actor, or None) hears the tokens as they come."""
+        return task.run(self.lm, shard, examples, on_tokens=shard_reporter(counter, shard))

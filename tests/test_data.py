@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
+import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -16,7 +17,8 @@ from typer.testing import CliRunner
 
 from pipeline import sources
 from pipeline.cli import app
-from pipeline.data import DataError, DatasetSpec, Record, load_examples, load_records, shard_examples, split_indices
+from pipeline.data import (DataError, DatasetSpec, Record, load_examples, load_records, load_split, shard_examples,
+                           split_indices)
 from pipeline.models import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +38,7 @@ def local_data(monkeypatch):
 
 def alpaca_records() -> dict[str, Record]:
     """Every row of the slice, found by its prompt text, across the three splits."""
-    return {r.plain_prompt: r for split in ("train", "validation", "test") for r in load_records(DatasetSpec("alpaca", split))}
+    return {r.plain_prompt: r for split in ("train", "validation", "test") for r in load_records(DatasetSpec("alpaca", split, empty_references="keep"))}
 
 
 def test_alpaca_prompt_without_input():
@@ -61,13 +63,38 @@ def test_alpaca_prompt_with_input():
 def test_split_sizes_disjoint_and_complete():
     n = ALPACA_ROWS
     parts = {split: split_indices(n, split) for split in ("train", "validation", "test")}
-    assert [len(parts[s]) for s in parts] == [n * 70 // 100, n * 15 // 100, n - n * 70 // 100 - n * 15 // 100]
+    held_out = math.ceil(n * 0.3)
+    assert [len(parts[s]) for s in parts] == [n - held_out, held_out - math.ceil(held_out / 2), math.ceil(held_out / 2)]
     assert sorted(parts["train"] + parts["validation"] + parts["test"]) == list(range(n))
     for split, indices in parts.items():
-        assert len(load_records(DatasetSpec("alpaca", split))) == len(indices)
+        assert len(load_records(DatasetSpec("alpaca", split, empty_references="keep"))) == len(indices)
     assert len(alpaca_records()) == n
-    study = [len(split_indices(52002, s)) for s in ("train", "validation", "test")]
-    assert study == [36401, 7800, 7801]
+
+
+def test_split_equals_the_studys_two_train_test_split_calls(tmp_path):
+    """A 52,002-row Alpaca mirror: each split is, row for row and in order, what the study's calls give."""
+    rows = [{"instruction": f"Task {i}.", "input": f"in {i}" if i % 3 else "", "output": f"out {i}"} for i in range(52002)]
+    (tmp_path / "alpaca").mkdir()
+    with (tmp_path / "alpaca" / "mirror.jsonl").open("w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    first = datasets.Dataset.from_list(rows).train_test_split(test_size=0.3, seed=42)
+    second = first["test"].train_test_split(test_size=0.5, seed=42)
+    expected = {"train": first["train"], "validation": second["train"], "test": second["test"]}
+    for split, part in expected.items():
+        served = load_split(DatasetSpec("alpaca", split, data_dir=str(tmp_path)))
+        assert len(served) == {"train": 36401, "validation": 7800, "test": 7801}[split]
+        assert served == part.to_list()
+    records = load_records(DatasetSpec("alpaca", data_dir=str(tmp_path), limit=50))
+    assert [r.references[0] for r in records] == expected["test"]["output"][:50]
+    assert DatasetSpec("alpaca").split == "test"
+
+
+def test_tiny_alpaca_cannot_be_split(tmp_path):
+    (tmp_path / "alpaca").mkdir()
+    (tmp_path / "alpaca" / "three.jsonl").write_text("".join(json.dumps({"instruction": "x", "output": "y"}) + "\n"
+                                                              for _ in range(3)))
+    with pytest.raises(DataError, match="^cannot split 3 rows into train, validation and test: "):
+        load_records(DatasetSpec("alpaca", data_dir=str(tmp_path)))
 
 
 def test_split_and_ids_stable_across_calls_and_processes():
@@ -112,7 +139,7 @@ def test_long_article_is_cut_from_the_left_within_budget(tokenizer):
 def test_alpaca_truncation_keeps_instruction_and_cue(tokenizer, tmp_path):
     (tmp_path / "alpaca").mkdir()
     row = {"instruction": "Summarise the text.", "input": " ".join(f"word{i}" for i in range(400)), "output": "ok"}
-    (tmp_path / "alpaca" / "one.jsonl").write_text(json.dumps(row) + "\n")
+    (tmp_path / "alpaca" / "four.jsonl").write_text((json.dumps(row) + "\n") * 4)  # the smallest splittable
     [example] = load_examples(DatasetSpec("alpaca", data_dir=str(tmp_path), prompt_budget=60), tokenizer)
     assert example.prompt_truncated and example.prompt_tokens <= 60
     assert "### Instruction:\nSummarise the text.\n\n### Input:\n" in example.prompt
@@ -152,6 +179,19 @@ def test_shards_are_fixed_size_and_in_order(tokenizer):
         shard_examples(examples, 0)
 
 
+def test_list_references_and_kept_empty_ones(tokenizer, tmp_path):
+    rows = [{"q": "Colour of the sky?", "a": ["The sky is blue.", "Blue."]}, {"q": "Say nothing.", "a": ""}]
+    path = _write(tmp_path / "multi.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    spec = DatasetSpec("file", path=path, prompt_column="q", reference_column="a", empty_references="keep")
+    first, second = load_examples(spec, tokenizer)
+    assert first.references == ("The sky is blue.", "Blue.") and second.references == ("",)
+    assert json.loads(first.reference) == rows[0]["a"] and second.reference == ""
+    with pytest.raises(DataError, match="^multi.jsonl line 2: empty reference"):
+        load_records(DatasetSpec("file", path=path, prompt_column="q", reference_column="a"))
+    with pytest.raises(DataError, match="^unknown empty_references 'drop'; choose from refuse, keep$"):
+        load_records(DatasetSpec("file", path=path, prompt_column="q", reference_column="a", empty_references="drop"))
+
+
 def _write(path: Path, text: str) -> str:
     path.write_text(text)
     return str(path)
@@ -178,6 +218,12 @@ def _write(path: Path, text: str) -> str:
         (lambda tmp: DatasetSpec("alpaca", split="dev"), r"unknown split 'dev'"),
         (lambda tmp: DatasetSpec("file", path="x.jsonl"), r"needs a file path, a prompt column and a reference column"),
         (lambda tmp: DatasetSpec("alpaca", prompt_format="markdown"), r"unknown prompt format 'markdown'"),
+        (lambda tmp: DatasetSpec("file", path=_write(tmp / "null.jsonl", '{"q": "x", "a": "y"}\n{"q": "z", "a": null}\n'),
+                                 prompt_column="q", reference_column="a"), r"^null.jsonl line 2: null reference \(column 'a'\)"),
+        (lambda tmp: DatasetSpec("file", path=_write(tmp / "none.jsonl", '{"q": "x", "a": []}\n'),
+                                 prompt_column="q", reference_column="a"), r"^none.jsonl line 1: empty reference"),
+        (lambda tmp: DatasetSpec("file", path=_write(tmp / "blanks.jsonl", '{"q": "x", "a": ["ok", " "]}\n'),
+                                 prompt_column="q", reference_column="a"), r"^blanks.jsonl line 1: empty reference"),
     ],
 )
 def test_bad_input_raises_one_line_data_error(tokenizer, tmp_path, make_spec, message):
@@ -206,7 +252,7 @@ def test_hub_sources_and_splits(monkeypatch):
 
     monkeypatch.delenv("DYNORACLE_DATA_DIR")
     monkeypatch.setattr(sources, "_hub_reachable", lambda: True)
-    monkeypatch.setitem(sys.modules, "datasets", SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     alpaca = load_records(DatasetSpec("alpaca"))
     assert len(alpaca) == 20 - 14 - 3 and alpaca[0].body == f"Do {split_indices(20, 'test')[0]}."
     assert load_records(DatasetSpec("cnn_dailymail", limit=2))[1].body == "Story 1."

@@ -10,7 +10,7 @@ import pytest
 from pipeline import models
 from pipeline.configs import build_configs
 from pipeline.job import JOBS_DIR, load_job
-from pipeline.runner import plan_workers
+from pipeline.executor import plan_workers
 
 
 @pytest.mark.parametrize("path", sorted(JOBS_DIR.glob("*.toml")), ids=lambda p: p.stem)
@@ -42,6 +42,8 @@ def test_dataset_default_job_and_overrides():
     ({"dtype": "int8"}, "unknown dtype"),
     ({"prefill": "half"}, "unknown prefill"),
     ({"device": "tpu"}, "unknown device"),
+    ({"scoring": {"stem": False}}, "unknown scoring field stem; known: sentence_split, stemming, tokenizer"),
+    ({"scoring": {"tokenizer": "icu"}}, "unknown scoring.tokenizer 'icu'"),
 ])
 def test_bad_fields_are_one_line_errors(overrides, message):
     with pytest.raises(ValueError, match=message) as info:
@@ -67,6 +69,19 @@ def test_identity_ignores_speed_settings_and_order():
     assert base.identity() == faster.identity()
     assert base.identity() != load_job(dataset="alpaca", overrides={"max_new_tokens": 3}).identity()
     assert base.identity() != load_job(dataset="alpaca", overrides={"dataset": {"limit": 3}}).identity()
+    for scoring in ({"stemming": False}, {"sentence_split": True}, {"tokenizer": "unicode"}):
+        assert base.identity() != load_job(dataset="alpaca", overrides={"scoring": scoring}).identity()
+
+
+def test_study_jobs_use_the_studys_settings():
+    alpaca, cnn = load_job(JOBS_DIR / "study_opt_iml.toml"), load_job(JOBS_DIR / "study_opt_iml_cnn.toml")
+    assert (alpaca.dataset.name, alpaca.dataset.split, alpaca.dataset.prompt_budget, alpaca.max_new_tokens) == (
+        "alpaca", "test", 128, 300)
+    assert (cnn.dataset.name, cnn.dataset.split, cnn.dataset.prompt_budget, cnn.max_new_tokens) == (
+        "cnn_dailymail", "test", 1433, 200)
+    for name in ("study_opt_iml", "study_opt_iml_cnn", "study_smollm2_alpaca", "study_smollm2_cnn"):
+        scoring = load_job(JOBS_DIR / f"{name}.toml").scoring
+        assert (scoring.stemming, scoring.tokenizer) == (False, "default")
 
 
 def test_config_selection_keeps_full():

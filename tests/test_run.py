@@ -27,6 +27,7 @@ from pipeline.job import load_job
 from pipeline.models import load_model
 from pipeline.rundir import GENERATIONS_SCHEMA, RunDir
 from pipeline.runner import run_job
+from pipeline.scoring import sentence_splitter
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DYNORACLE_DATA_DIR") or REPO.parent / "shared" / "data")
@@ -152,7 +153,7 @@ def test_driver_killed_then_resumed_and_second_run_refused(reference, job_file, 
 
     rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert rerun.returncode == 0, rerun.stderr
-    assert f"shards: {present} of {SHARDS} already complete (skipped), computing {SHARDS - present}" in rerun.stderr
+    assert f"generations: {present} of {SHARDS} shards already complete (skipped), computing {SHARDS - present}" in rerun.stderr
     assert f"next: dynoracle reduce {out} --match-full" in rerun.stdout
     assert read_rows(out) == reference[1]
 
@@ -193,3 +194,35 @@ def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path):
     with fresh.lock():
         (fresh.root / "run.json").write_text("{}")
     assert (fresh.root / "run.json").is_file()  # a folder the run wrote into stays
+
+
+def test_scoring_recorded_and_a_resume_with_other_scoring_refused(reference, job_file, tmp_path, capsys):
+    record = json.loads((reference[0] / "run.json").read_text())
+    assert record["scoring"] == {"stemming": True, "sentence_split": False, "tokenizer": "default",
+                                 "sentence_splitter": None}
+    assert record["identity"]["scoring"] == {"stemming": True, "sentence_split": None, "tokenizer": "default"}
+    with pytest.raises(ValueError, match=r"holds a different job \(scoring differ\)"):
+        run_job(load_job(job_file, overrides={"out": str(reference[0]), "scoring": {"stemming": False}}))
+
+    rows = [{"q": "Какая столица России?", "a": "Москва — столица России."}, {"q": "中国的首都是哪里？", "a": ["北京。", "北京是首都。"]}]
+    data = tmp_path / "world.jsonl"
+    data.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    out = tmp_path / "world"
+    job = {"name": "world", "out": str(out), "dtype": "float32", "families": ["ee"], "config_ids": ["ee-10"],
+           "max_new_tokens": 2, "shard_size": 2, "workers": 1,
+           "dataset": {"name": "file", "path": str(data), "prompt_column": "q", "reference_column": "a", "limit": 2},
+           "scoring": {"stemming": False, "sentence_split": True, "tokenizer": "unicode"}}
+    run_job(load_job(job_file, overrides=job))
+    assert "warning" not in capsys.readouterr().err
+    record = json.loads((out / "run.json").read_text())
+    assert record["scoring"] == {"stemming": False, "sentence_split": True, "tokenizer": "unicode",
+                                 "sentence_splitter": sentence_splitter()}
+    table = pq.read_table(out / "generations").to_pylist()
+    assert sorted(row["reference"] for row in table) == sorted([rows[0]["a"]] * 2 + [json.dumps(rows[1]["a"], ensure_ascii=False)] * 2)
+
+    job["scoring"]["tokenizer"] = "default"
+    with pytest.raises(ValueError, match=r"holds a different job \(scoring differ\)"):
+        run_job(load_job(job_file, overrides=job))
+    warning = capsys.readouterr().err
+    assert "warning: 2 of 2 references (first world-000000) are mostly outside [a-z0-9]" in warning
+    assert 'set tokenizer = "unicode" in [scoring]' in warning

@@ -123,7 +123,8 @@ def bucket_run(s3, job_file, reference) -> str:
 
     rerun = dynoracle("run", "--job", job_file, "--out", uri)  # ... which this host takes over (its pid is gone)
     assert rerun.returncode == 0, rerun.stderr
-    assert f"shards: {len(shards)} of {SHARDS} already complete (skipped), computing {SHARDS - len(shards)}" in rerun.stderr
+    assert (f"generations: {len(shards)} of {SHARDS} shards already complete (skipped), "
+            f"computing {SHARDS - len(shards)}") in rerun.stderr
     assert f"next: dynoracle reduce {uri} --match-full" in rerun.stdout
     return uri
 
@@ -184,7 +185,8 @@ def test_damaged_object_refused_then_recomputed(s3, job_file, bucket_run, refere
 
     rerun = dynoracle("run", "--job", job_file, "--out", bucket_run)
     assert rerun.returncode == 0, rerun.stderr
-    assert "shard 00001: unreadable" in rerun.stderr and f"{SHARDS - 1} of {SHARDS} already complete" in rerun.stderr
+    assert "generations shard 00001: unreadable" in rerun.stderr
+    assert f"generations: {SHARDS - 1} of {SHARDS} shards already complete" in rerun.stderr
     assert rows(bucket_run) == reference[1]
 
 
