@@ -1,9 +1,9 @@
 """A job: what to generate (model, dataset, configurations) and how (batching, sharding, workers).
 
-Named jobs are edited in `jobs/*.toml` and ship inside the wheel as `pipeline/jobs/*.toml` (pyproject.toml maps
-the one folder onto the other), so `--dataset NAME` means the same job in a checkout and an installed package.
-Command-line flags override single fields. Everything is checked here,
-before any run folder is touched, and a bad field becomes one ValueError line naming it.
+Named jobs are edited in `jobs/*.toml` and ship inside the wheel as `pipeline/jobs/*.toml` (pyproject.toml
+maps the one folder onto the other), so `--dataset NAME` means the same job in a checkout and an installed
+package. Command-line flags override single fields. Everything is checked here, before any run folder is
+touched, and a bad field becomes one ValueError line naming it.
 """
 
 from __future__ import annotations
