@@ -1,13 +1,15 @@
 """What a person watching `dynoracle run` sees: a live bar in a terminal, one line per shard elsewhere.
 
 Workers report the tokens each engine call's row groups generate (the engine's `on_group_done`) to a
-small Ray actor, `ProgressCounter`; in a terminal the driver polls it a few times a second, so the bar's
-token count, tokens/s and ETA move while a shard runs. Without a terminal (`ray job logs`, a pipe, a
-file) nothing is polled and each finished shard prints one plain line on stderr, as before.
+small async Ray actor, `ProgressCounter`; in a terminal a driver thread waits on it for each new report
+and redraws the bar at once, so the bar's token count, tokens/s and ETA move while a shard runs. Without
+a terminal (`ray job logs`, a pipe, a file) there is no counter and each finished shard prints one plain
+line on stderr, as before.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import threading
 import time
@@ -17,20 +19,31 @@ import ray
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
 
-POLL_S = 0.25  # how often the driver asks the counter for the running shards' tokens
+WAIT_S = 1.0  # longest a driver's wait for a report lasts, so that it notices the end of the run
 
 
 class ProgressCounter:
-    """Ray actor: tokens generated so far by each running shard, as its worker reports them."""
+    """Async Ray actor: tokens generated so far by each running shard, as its worker reports them."""
 
     def __init__(self) -> None:
         self.tokens: dict[int, int] = {}
+        self.version = 0  # reports so far
+        self._reported = asyncio.Condition()
 
-    def add(self, shard: int, tokens: int) -> None:
-        self.tokens[shard] = self.tokens.get(shard, 0) + tokens
+    async def add(self, shard: int, tokens: int) -> None:
+        async with self._reported:
+            self.tokens[shard] = self.tokens.get(shard, 0) + tokens
+            self.version += 1
+            self._reported.notify_all()
 
-    def snapshot(self) -> dict[int, int]:
-        return dict(self.tokens)
+    async def after(self, version: int, timeout: float) -> tuple[int, dict[int, int]]:
+        """(version, tokens per shard) once there are reports beyond `version`, or after `timeout` seconds."""
+        async with self._reported:
+            try:
+                await asyncio.wait_for(self._reported.wait_for(lambda: self.version > version), timeout)
+            except asyncio.TimeoutError:
+                pass
+            return self.version, dict(self.tokens)
 
 
 def shard_reporter(counter: Any, shard: int) -> Callable[[int], None] | None:
@@ -43,7 +56,7 @@ def shard_reporter(counter: Any, shard: int) -> Callable[[int], None] | None:
 class RunProgress:
     """Shards done/total, sequences, generated tokens (and per second), ETA: live or one line per shard.
 
-    Use as a context manager around the dispatch. `counter` is polled only when `live` (stderr is a
+    Use as a context manager around the dispatch. The counter actor exists only when `live` (stderr is a
     terminal); while the bar shows, rich moves whatever is printed on stderr above it.
     """
 
@@ -68,14 +81,14 @@ class RunProgress:
             self._task = self._bar.add_task("run", total=self.todo_sequences, shards=f"{self.done}/{self.total}",
                                             tokens=0, rate=0.0)
             self._bar.start()
-            self._poller = threading.Thread(target=self._poll, name="dynoracle-progress", daemon=True)
-            self._poller.start()
+            self._follower = threading.Thread(target=self._follow, name="dynoracle-progress", daemon=True)
+            self._follower.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
             self._stop.set()
-            self._poller.join()
+            self._follower.join()
             self._refresh({})
             self._bar.stop()
             ray.kill(self.counter)
@@ -95,11 +108,13 @@ class RunProgress:
         if self._bar is not None:
             self._refresh({})
 
-    def _poll(self) -> None:
-        while not self._stop.wait(POLL_S):
+    def _follow(self) -> None:
+        """Redraw the bar on every report of the counter, until the dispatch ends."""
+        version = 0
+        while not self._stop.is_set():
             try:
-                running = ray.get(self.counter.snapshot.remote(), timeout=5)
-            except Exception:  # noqa: BLE001 - a late or lost snapshot only delays the bar
+                version, running = ray.get(self.counter.after.remote(version, WAIT_S), timeout=WAIT_S + 30)
+            except Exception:  # noqa: BLE001 - a late or lost answer only delays the bar
                 continue
             self._refresh(running)
 
@@ -109,6 +124,7 @@ class RunProgress:
         elapsed = max(time.monotonic() - self.start, 1e-9)
         self._bar.update(self._task, completed=self.sequences, shards=f"{self.done}/{self.total}", tokens=tokens,
                          rate=tokens / elapsed)
+        self._bar.refresh()
 
 
 def _clock(seconds: float) -> str:
