@@ -60,14 +60,15 @@ class RunProgress:
     terminal); while the bar shows, rich moves whatever is printed on stderr above it.
     """
 
-    def __init__(self, total_shards: int, skipped: int, todo_sequences: int, live: bool | None = None):
+    def __init__(self, total_shards: int, skipped: int, todo_sequences: int):
         self.total, self.done = total_shards, skipped
         self.todo_sequences, self.sequences, self.tokens = todo_sequences, 0, 0
         self.finished: set[int] = set()
         self.start = time.monotonic()
         self.console = Console(stderr=True)
-        self.live = self.console.is_terminal if live is None else live
+        self.live = self.console.is_terminal
         self.counter: Any = None
+        self._running: dict[int, int] = {}  # the counter's last answer: tokens per shard reported so far
         self._stop = threading.Event()
         self._bar: Progress | None = None
 
@@ -89,7 +90,7 @@ class RunProgress:
         if self._bar is not None:
             self._stop.set()
             self._follower.join()
-            self._refresh({})
+            self._refresh()
             self._bar.stop()
             ray.kill(self.counter)
 
@@ -106,7 +107,7 @@ class RunProgress:
         print(f"shard {shard:05d} done by worker {worker} in {seconds:.1f} s | {self.done}/{self.total} shards | "
               f"{rate:.2f} seq/s{speed} | ETA {_clock(eta)}", file=sys.stderr, flush=True)
         if self._bar is not None:
-            self._refresh({})
+            self._refresh()
 
     def _follow(self) -> None:
         """Redraw the bar on every report of the counter, until the dispatch ends."""
@@ -116,11 +117,12 @@ class RunProgress:
                 version, running = ray.get(self.counter.after.remote(version, WAIT_S), timeout=WAIT_S + 30)
             except Exception:  # noqa: BLE001 - a late or lost answer only delays the bar
                 continue
-            self._refresh(running)
+            self._running = running
+            self._refresh()
 
-    def _refresh(self, running: dict[int, int]) -> None:
+    def _refresh(self) -> None:
         """Finished shards' exact tokens plus what the running ones have reported so far."""
-        tokens = self.tokens + sum(n for shard, n in running.items() if shard not in self.finished)
+        tokens = self.tokens + sum(n for shard, n in self._running.items() if shard not in self.finished)
         elapsed = max(time.monotonic() - self.start, 1e-9)
         self._bar.update(self._task, completed=self.sequences, shards=f"{self.done}/{self.total}", tokens=tokens,
                          rate=tokens / elapsed)
