@@ -111,7 +111,8 @@ def bucket_run(s3, job_file, reference) -> str:
     command = [sys.executable, "-m", "pipeline.cli", "run", "--job", str(job_file), "--out", uri]
     first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: keys(s3, "tiny/generations/") or first.poll() is not None, 300, "the first shard object")
+        _wait_for(lambda: keys(s3, "tiny/generations/") or first.poll() is not None, 900, "the first shard object")
+        assert first.poll() is None, first.communicate()[1]  # it must still be running, not have failed
         first.send_signal(signal.SIGKILL)
         first.wait(30)
     finally:
