@@ -46,7 +46,7 @@ data_dir = "{DATA}"
 """
 
 
-def dynoracle(*args: object, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def dynoracle(*args: object, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
