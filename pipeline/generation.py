@@ -7,7 +7,7 @@ per (sequence, configuration) in the Parquet contract's columns.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import pyarrow as pa
 
@@ -41,7 +41,8 @@ class GenerateTask(ShardTask):
     def tokens(self, table: pa.Table) -> int:
         return int(table.column("gen_tokens").to_numpy().sum())
 
-    def run(self, lm: LoadedModel, shard: int, examples: list[Example]) -> pa.Table:
+    def run(self, lm: LoadedModel, shard: int, examples: list[Example],
+            on_tokens: Callable[[int], None] | None = None) -> pa.Table:
         configs = list(self.configs)
         # Batches of similar prompt length waste less compute on left padding; the order is deterministic.
         order = sorted(range(len(examples)), key=lambda i: (examples[i].prompt_tokens, i))
@@ -49,7 +50,8 @@ class GenerateTask(ShardTask):
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
             outputs = generate(lm, [list(examples[i].prompt_ids) for i in batch], configs,
-                               self.max_new_tokens, prefill=self.prefill, max_rows=self.max_rows)
+                               self.max_new_tokens, prefill=self.prefill, max_rows=self.max_rows,
+                               on_group_done=on_tokens)
             for i, per_config in zip(batch, outputs):
                 generations[i] = per_config
         full = next(k for k, cfg in enumerate(configs) if cfg.config_id == FULL_ID)
