@@ -175,7 +175,8 @@ def test_reduce_query_report_on_the_uri(s3, bucket_run, reference):
 def test_damaged_object_refused_then_recomputed(s3, job_file, bucket_run, reference):
     key = "tiny/generations/shard=00001.parquet"
     data = bytearray(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
-    middle = len(data) // 2
+    footer = int.from_bytes(data[-8:-4], "little")  # Parquet: pages, then the footer (which holds the stamp)
+    middle = (4 + len(data) - 8 - footer) // 2  # amid the pages, behind the leading magic
     data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
     s3.put_object(Bucket=BUCKET, Key=key, Body=bytes(data))
 
