@@ -29,7 +29,6 @@ from abc import ABC, abstractmethod
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
 
 import pyarrow as pa
@@ -42,7 +41,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from pipeline.cluster import RaySession, WorkerPlan, alive_nodes, describe_nodes, plan_workers, worker_env
 from pipeline.data import Example
 from pipeline.job import JobSpec
+from pipeline.location import RunPath
 from pipeline.models import LoadedModel
+from pipeline.progress import RunProgress
 from pipeline.rundir import RunDir, ShardProblem, table_problem, write_shard
 from pipeline.worker import ShardWorker
 
@@ -77,14 +78,16 @@ class ShardTask(ABC):
         """The key tuples a complete shard of these examples holds."""
 
     @abstractmethod
-    def run(self, lm: LoadedModel, shard: int, examples: list[Example]) -> pa.Table:
-        """Compute the shard's table (runs inside a worker, next to the model)."""
+    def run(self, lm: LoadedModel, shard: int, examples: list[Example],
+            on_tokens: Callable[[int], None] | None = None) -> pa.Table:
+        """Compute the shard's table (runs inside a worker, next to the model); a task that generates tells
+        `on_tokens(n)` about every n tokens as they come, for the live progress display."""
 
     def tokens(self, table: pa.Table) -> int:
         """Tokens the shard generated, for the progress line's tokens/s (0 for tasks that generate none)."""
         return 0
 
-    def shard_path(self, run: RunDir, shard: int) -> Path:
+    def shard_path(self, run: RunDir, shard: int) -> RunPath:
         return run.root / self.folder / f"shard={shard:05d}.parquet"
 
     def shard_problem(self, run: RunDir, shard: int, examples: list[Example], job: dict[str, Any]) -> str | None:
@@ -115,31 +118,6 @@ def one_line(exc: BaseException) -> str:
         cause = inner
     lines = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
-
-
-class Progress:
-    """Shards done/total, sequences/s, generated tokens/s and ETA on stderr, one line per shard."""
-
-    def __init__(self, total_shards: int, skipped: int, todo_sequences: int):
-        self.total, self.done = total_shards, skipped
-        self.todo_sequences, self.sequences, self.tokens = todo_sequences, 0, 0
-        self.start = time.monotonic()
-
-    def shard_done(self, shard: int, worker: int, sequences: int, tokens: int, seconds: float) -> None:
-        self.done += 1
-        self.sequences += sequences
-        self.tokens += tokens
-        elapsed = max(time.monotonic() - self.start, 1e-9)
-        rate = self.sequences / elapsed
-        eta = (self.todo_sequences - self.sequences) / rate if rate else 0.0
-        tokens = f" | {self.tokens / elapsed:.0f} tok/s" if self.tokens else ""
-        log(f"shard {shard:05d} done by worker {worker} in {seconds:.1f} s | {self.done}/{self.total} shards | "
-            f"{rate:.2f} seq/s{tokens} | ETA {_clock(eta)}")
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class WorkerPool:
@@ -347,17 +325,18 @@ def execute(task: ShardTask, run: RunDir, shards: list[list[Example]], pool: Wor
     todo = shards_to_compute(task, run, shards, job) if todo is None else todo
     start = time.monotonic()
     dispatcher = ShardDispatcher(pool)
-    progress = Progress(len(shards), len(shards) - len(todo), sum(len(shards[i]) for i in todo))
+    progress = RunProgress(len(shards), len(shards) - len(todo), sum(len(shards[i]) for i in todo))
     task_ref = ray.put(task)
 
     def submit(worker: Any, shard: int) -> Any:
-        return worker.run.remote(task_ref, shard, shards[shard])
+        return worker.run.remote(task_ref, shard, shards[shard], progress.counter)
 
     def done(shard: int, worker: int, table: pa.Table, seconds: float) -> None:
         write_shard(task.shard_path(run, shard), shard, table, job)
         progress.shard_done(shard, worker, len(shards[shard]), task.tokens(table), seconds)
 
-    dispatcher.run(todo, submit, done, on_dispatch)
+    with progress:
+        dispatcher.run(todo, submit, done, on_dispatch)
     return ExecSummary(len(shards), len(shards) - len(todo), len(todo), progress.tokens, time.monotonic() - start)
 
 
@@ -366,8 +345,11 @@ def shards_to_compute(task: ShardTask, run: RunDir, shards: list[list[Example]],
 
     A shard file of another job makes the run refuse (ValueError) before anything is deleted or written.
     """
+    listed = run.listed_shards(task.folder)  # one listing, not a request per shard on a store
     try:
-        problems = {index: task.shard_problem(run, index, examples, job) for index, examples in enumerate(shards)}
+        problems = {index: task.shard_problem(run, index, examples, job)
+                    if task.shard_path(run, index).name in listed else "missing"
+                    for index, examples in enumerate(shards)}
     except ShardProblem as foreign:
         raise ValueError(f"run folder {run.root} holds a shard file of a different job: {foreign}; "
                          "choose another --name or --out, or remove the folder") from None

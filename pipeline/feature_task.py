@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Callable, Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -53,7 +53,8 @@ class FeatureTask(ShardTask):
     def expected_keys(self, examples: list[Example]) -> set[tuple]:
         return {(ex.seq_id, j, p) for ex in examples for j in self.layers for p in POOLINGS}
 
-    def run(self, lm: LoadedModel, shard: int, examples: list[Example]) -> pa.Table:
+    def run(self, lm: LoadedModel, shard: int, examples: list[Example],
+            on_tokens: Callable[[int], None] | None = None) -> pa.Table:
         rows: dict[str, list[Any]] = {name: [] for name in FEATURES_SCHEMA.names}
         for ex in examples:
             for (j, pooling), vector in prompt_features(lm, ex.prompt_ids, self.layers).items():

@@ -7,7 +7,7 @@ per (sequence, configuration) in the Parquet contract's columns.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import pyarrow as pa
 
@@ -47,7 +47,8 @@ class GenerateTask(ShardTask):
     def tokens(self, table: pa.Table) -> int:
         return int(table.column("gen_tokens").to_numpy().sum())
 
-    def run(self, lm: LoadedModel, shard: int, examples: list[Example]) -> pa.Table:
+    def run(self, lm: LoadedModel, shard: int, examples: list[Example],
+            on_tokens: Callable[[int], None] | None = None) -> pa.Table:
         configs = list(self.configs)
         # Batches of similar prompt length waste less compute on left padding; the order is deterministic.
         order = sorted(range(len(examples)), key=lambda i: (examples[i].prompt_tokens, i))
@@ -59,7 +60,7 @@ class GenerateTask(ShardTask):
             per_prompt: list[list[Generation | None]] = [[None] * len(configs) for _ in batch]
             for model, indices in groups:
                 outputs = generate(model, prompts, [configs[k] for k in indices], self.max_new_tokens,
-                                   prefill=self.prefill, max_rows=self.max_rows)
+                                   prefill=self.prefill, max_rows=self.max_rows, on_group_done=on_tokens)
                 for row, per_config in zip(per_prompt, outputs):
                     for k, gen in zip(indices, per_config):
                         row[k] = gen

@@ -1,7 +1,9 @@
 """A job: what to generate (model, dataset, configurations) and how (batching, sharding, workers).
 
-Jobs live in `jobs/*.toml`; command-line flags override single fields. Everything is checked here,
-before any run folder is touched, and a bad field becomes one ValueError line naming it.
+Named jobs are edited in `jobs/*.toml` and ship inside the wheel as `pipeline/jobs/*.toml` (pyproject.toml
+maps the one folder onto the other), so `--dataset NAME` means the same job in a checkout and an installed
+package. Command-line flags override single fields. Everything is checked here, before any run folder is
+touched, and a bad field becomes one ValueError line naming it.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.configs import FAMILIES, SkipConfig, build_configs, check_custom_layers, custom_configs
-from pipeline.data import DatasetSpec
+from pipeline.data import DATASETS, DatasetSpec
 from pipeline.engine import DEFAULT_MAX_ROWS, PREFILL_POLICIES
+from pipeline.location import RunPath, locate
 from pipeline.models import AUTO_DTYPE, DTYPES, EMBEDDED_MODEL
 from pipeline.scoring import ScoringOptions
 
-JOBS_DIR = Path(__file__).resolve().parents[1] / "jobs"
+_PACKAGE = Path(__file__).resolve().parent
+# An installed wheel carries the named jobs as pipeline/jobs/; a checkout (or editable install) has them in jobs/.
+JOBS_DIR = _PACKAGE / "jobs" if (_PACKAGE / "jobs").is_dir() else _PACKAGE.parent / "jobs"
 DEVICES = ("auto", "cpu", "cuda")
 _DATASET_FIELDS = {f.name for f in dataclasses.fields(DatasetSpec)}
 # Fields that change what a run's rows mean; two runs may share a folder only if these agree.
@@ -32,7 +37,7 @@ _SCORING_FIELDS = {f.name for f in dataclasses.fields(ScoringOptions)}
 
 @dataclass(frozen=True)
 class JobSpec:
-    """One resolved job. `out` is the run folder (default outputs/<name>)."""
+    """One resolved job. `out` is the run folder (default outputs/<name>): a path or an object-store URI."""
 
     name: str
     dataset: DatasetSpec
@@ -62,8 +67,8 @@ class JobSpec:
         _validate(self)
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.out)
+    def run_dir(self) -> RunPath:
+        return locate(self.out)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -232,7 +237,10 @@ def job_from_dict(raw: Mapping[str, Any]) -> JobSpec:
 
 def load_job(path: str | Path | None = None, dataset: str | None = None,
              overrides: Mapping[str, Any] | None = None) -> JobSpec:
-    """A job from a TOML file, or the default job of a dataset (jobs/<dataset>.toml when it exists).
+    """A job from a TOML file, or a named job (jobs/<dataset>.toml, as shipped in the package).
+
+    A dataset kind without a named job (file, hub) starts from the defaults; any other unknown name is a
+    ValueError listing the named jobs.
 
     `overrides` is TOML-shaped (`{"dataset": {"limit": 8}, "workers": 2}`); None values are ignored.
     Renaming a job without a new `out` moves it to outputs/<new name>.
@@ -247,14 +255,28 @@ def load_job(path: str | Path | None = None, dataset: str | None = None,
             raise ValueError(f"job file {path} does not exist")
         raw = _read_toml(path)
     else:
-        default = JOBS_DIR / f"{dataset}.toml"
-        raw = _read_toml(default) if default.is_file() else {"dataset": {"name": dataset}}
+        raw = _named_job(dataset)
     if isinstance(raw.get("dataset"), str):
         raw["dataset"] = {"name": raw["dataset"]}
     overrides = dict(overrides or {})
     if overrides.get("name") and not overrides.get("out"):
         raw.pop("out", None)
     return job_from_dict(_merge(raw, overrides))
+
+
+def named_jobs() -> list[str]:
+    """The names `--dataset` accepts with a job spec behind them (the stems of JOBS_DIR/*.toml), sorted."""
+    return sorted(path.stem for path in JOBS_DIR.glob("*.toml"))
+
+
+def _named_job(name: str) -> dict[str, Any]:
+    path = JOBS_DIR / f"{name}.toml"
+    if path.is_file():
+        return _read_toml(path)
+    if name in DATASETS:
+        return {"dataset": {"name": name}}
+    raise ValueError(f"no job named {name!r}; named jobs: {', '.join(named_jobs())} "
+                     f"(or a dataset kind without one: {', '.join(d for d in DATASETS if d not in named_jobs())})")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -6,6 +6,8 @@ DuckDB itself gets no file system at all: external access is off (no file reads 
 no extension install or load), extension autoloading is off, the configuration is locked, and only
 SELECT and EXPLAIN statements run. A view whose files are absent is left out, and a query that names it
 is told which file is missing and how to make it, instead of DuckDB's bare "table does not exist".
+A run in an object store is read the same way: the Arrow datasets read through pyarrow's filesystem, so
+DuckDB needs no extension for it.
 """
 
 from __future__ import annotations
@@ -18,15 +20,13 @@ import numbers
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
 import duckdb
 import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
+from pipeline.location import RunPath, parquet_dataset, read_parquet
 from pipeline.reduce import METRICS
 from pipeline.verify import RunFolderError, verify_run
 
@@ -84,7 +84,7 @@ class RunDatabase:
         return " ".join(line for line in lines if line and not line.startswith("LINE ") and set(line) != {"^"})
 
 
-def open_run(run_dir: str | Path, metric: str = "rougeL", partial: bool = False) -> RunDatabase:
+def open_run(run_dir: str | RunPath, metric: str = "rougeL", partial: bool = False) -> RunDatabase:
     """Views generations, configs, and frontier/allocations of `metric`'s oracle, for whichever files exist.
 
     The run is verified first (`verify_run`; `partial` allows missing shard files), and the oracle's files
@@ -103,7 +103,7 @@ def open_run(run_dir: str | Path, metric: str = "rougeL", partial: bool = False)
             missing[name] = f"{path} is missing; {reduce_hint}"
             continue
         try:
-            pq.read_table(path, page_checksum_verification=True)
+            read_parquet(path)
         except (OSError, pa.ArrowException) as exc:
             raise RunFolderError(f"{path} is damaged ({str(exc).splitlines()[0][:120]}); "
                                  f"rerun `dynoracle reduce {run.root} --metric {metric}`") from None
@@ -111,13 +111,13 @@ def open_run(run_dir: str | Path, metric: str = "rougeL", partial: bool = False)
     connection = duckdb.connect(config={"autoload_known_extensions": False, "autoinstall_known_extensions": False})
     for name, paths in sources.items():
         # Explicit file lists, no partitioning: `shard` is the column stored in each file, not a path's.
-        connection.register(name, ds.dataset([str(p) for p in paths], format="parquet"))
+        connection.register(name, parquet_dataset(paths))
     for setting, value in LOCKED_DOWN:
         connection.execute(f"set {setting} = {str(value).lower()}")
     return RunDatabase(connection, missing)
 
 
-def query_run(run_dir: str | Path, sql: str, metric: str = "rougeL",
+def query_run(run_dir: str | RunPath, sql: str, metric: str = "rougeL",
               partial: bool = False) -> tuple[list[str], list[tuple]]:
     """Column names and rows of one read-only query over a run, on a connection of its own."""
     db = open_run(run_dir, metric, partial)

@@ -6,6 +6,8 @@ allocations.parquet, config_means.parquet, summary.json}` (columns as in DESIGN.
 intervals of pipeline.bootstrap; the report reads them). It reads only the
 run's own shard files, verified (`pipeline.verify`). Everything is checked and computed before the first
 file is written, and the folder of three files is replaced as a set, whole or not at all.
+The run folder may be a path or an object-store URI (`pipeline.location`; there the set is
+replaced as closely as an object store allows, see `atomic.replace_folder`).
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.atomic import replace_folder, write_json, write_parquet
 from pipeline.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, BootstrapDraws, bootstrap_oracle
 from pipeline.configs import FULL_ID, KNOWN_FAMILIES
 from pipeline.oracle import Frontier, allocate, build_frontier, min_budget_to_match
+from pipeline.location import RunPath, locate, read_parquet
 from pipeline.verify import verify_run
 
 METRICS = ("rougeL", "rougeLsum", "rouge1", "rouge2", "fidelity")
@@ -63,7 +65,7 @@ class FrontierRow:
 
 @dataclass(frozen=True)
 class ReduceResult:
-    out_dir: Path
+    out_dir: RunPath
     summary: dict
     rows: list[FrontierRow]
 
@@ -82,7 +84,7 @@ class Matrix:
 
 
 def reduce_run(
-    run_dir: str | Path,
+    run_dir: str | RunPath,
     metric: str = "rougeL",
     families: tuple[str, ...] | list[str] | None = None,
     budgets: tuple[float, ...] | list[float] = (),
@@ -112,7 +114,7 @@ def reduce_run(
         raise ValueError(f"bootstrap resamples must be >= 0 (0 turns it off), got {resamples}")
     if resamples and not 0.0 < level < 1.0:
         raise ValueError(f"confidence level must lie strictly between 0 and 1, got {level}")
-    run_dir = Path(run_dir)
+    run_dir = locate(run_dir)
     matrix, missing = load_matrix(run_dir, metric, families, cost, partial)
     frontier = build_frontier(matrix.scores, matrix.costs)
     full_mean = float(matrix.scores[:, 0].mean())
@@ -166,6 +168,7 @@ def reduce_run(
         "allocations.parquet": allocations_table(frontier, matrix, allocation_budgets),
         "config_means.parquet": config_means_table(matrix, draws),
     }
+
     def write(folder: Path) -> None:
         for name, table in tables.items():
             write_parquet(table, folder / name)
@@ -180,7 +183,7 @@ def _pair(bounds: np.ndarray) -> list[float]:
     return [float(bounds[0]), float(bounds[1])]
 
 
-def load_matrix(run_dir: Path, metric: str, families: tuple[str, ...] | list[str] | None, cost: str,
+def load_matrix(run_dir: RunPath, metric: str, families: tuple[str, ...] | list[str] | None, cost: str,
                 partial: bool = False) -> tuple[Matrix, int]:
     """Read configs and the verified generations, keep `full` plus the chosen families, pivot one metric to N x K.
 
@@ -189,7 +192,7 @@ def load_matrix(run_dir: Path, metric: str, families: tuple[str, ...] | list[str
     run = verify_run(run_dir, partial)
     configs_path, shards = run_dir / "configs.parquet", run.shards
 
-    configs = pq.read_table(configs_path, columns=["config_id", "family", "cost"]).to_pandas()
+    configs = read_parquet(configs_path, columns=["config_id", "family", "cost"]).to_pandas()
     present = [f for f in KNOWN_FAMILIES if f in set(configs["family"])]
     chosen = present if families is None else [f for f in families if f != FULL_ID]
     unknown = sorted(set(chosen) - set(KNOWN_FAMILIES))
@@ -205,7 +208,7 @@ def load_matrix(run_dir: Path, metric: str, families: tuple[str, ...] | list[str
     config_ids = selected["config_id"].tolist()
 
     wanted = ["seq_id", "config_id", metric, "gen_tokens", "layers_per_token"]
-    gens = pa.concat_tables([pq.read_table(p, columns=wanted) for p in shards]).to_pandas()
+    gens = pa.concat_tables([read_parquet(p, columns=wanted) for p in shards]).to_pandas()
     gens = gens[gens["config_id"].isin(config_ids)]
     seq_codes, seq_ids = pd.factorize(gens["seq_id"].astype(str), sort=True)
     cfg_codes = pd.Categorical(gens["config_id"], categories=config_ids).codes.astype(np.intp)

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -26,6 +24,7 @@ from pipeline.query import open_run
 from pipeline.reduce import reduce_run
 from pipeline.similarity_report import load_summary, plot_final_against_cost, plot_layers, similarity_section
 from pipeline.atomic import write_atomic
+from pipeline.location import RunPath, locate, read_parquet
 
 ORACLE_FILES = ("frontier.parquet", "allocations.parquet", "config_means.parquet", "summary.json")
 HEADLINE_FRACTIONS = (0.25, 0.5, 0.75)
@@ -47,13 +46,13 @@ CONFIG_MEANS = """
 
 @dataclass(frozen=True)
 class Report:
-    markdown: Path
-    figures: list[Path]
+    markdown: RunPath
+    figures: list[RunPath]
     summary: dict
     reduced: str | None  # why the reducer ran first; None when its files were reused
 
 
-def build_report(run_dir: str | Path, metric: str = "rougeL", families: list[str] | None = None,
+def build_report(run_dir: str | RunPath, metric: str = "rougeL", families: list[str] | None = None,
                  partial: bool = False) -> Report:
     """Reduce if needed, then write cost_quality.png, oracle_shares.png, lengths.png and report.md, plus the
     hidden-state similarity figures when `dynoracle similarity` has run.
@@ -61,7 +60,7 @@ def build_report(run_dir: str | Path, metric: str = "rougeL", families: list[str
     `partial` allows a run with shard files missing (see `pipeline.verify`); the report then covers the
     sequences present.
     """
-    run_dir = Path(run_dir)
+    run_dir = locate(run_dir)
     db = open_run(run_dir, metric, partial)
     try:
         present = db.frame("select distinct family from configs")["family"].tolist()
@@ -73,8 +72,8 @@ def build_report(run_dir: str | Path, metric: str = "rougeL", families: list[str
         reduce_run(run_dir, metric, families, match_full=True, partial=partial)
     out = run_dir / "oracle" / metric
     summary = json.loads((out / "summary.json").read_text())
-    frontier = pq.read_table(out / "frontier.parquet").to_pandas()
-    intervals = pq.read_table(out / "config_means.parquet", columns=["config_id", "mean_lo", "mean_hi"]).to_pandas()
+    frontier = read_parquet(out / "frontier.parquet").to_pandas()
+    intervals = read_parquet(out / "config_means.parquet", columns=["config_id", "mean_lo", "mean_hi"]).to_pandas()
     per_config = per_config[per_config["family"].isin(summary["families"])].merge(intervals, on="config_id")
     job = _job(run_dir)
     title = _describe(job, run_dir)
@@ -103,7 +102,7 @@ def build_report(run_dir: str | Path, metric: str = "rougeL", families: list[str
     return Report(run_dir / "report.md", paths, summary, reason)
 
 
-def stale_reason(run_dir: Path, metric: str, families: list[str] | None, present: list[str]) -> str | None:
+def stale_reason(run_dir: RunPath, metric: str, families: list[str] | None, present: list[str]) -> str | None:
     """Why the oracle files of `metric` cannot serve the report (None when they can).
 
     They must exist, be newer than every input (a rewritten or deleted shard touches the generations
@@ -384,7 +383,7 @@ def no_match_sentence(summary: dict) -> str:
             f"{summary['metric']} ({summary['full_mean']:.4f})")
 
 
-def _job(run_dir: Path) -> dict:
+def _job(run_dir: RunPath) -> dict:
     """The job spec stored in run.json, or {} when there is none (hand-made folders): only titles use it."""
     try:
         return json.loads((run_dir / "run.json").read_text()).get("job", {})
@@ -392,7 +391,7 @@ def _job(run_dir: Path) -> dict:
         return {}
 
 
-def _describe(job: dict, run_dir: Path) -> str:
+def _describe(job: dict, run_dir: RunPath) -> str:
     dataset = job.get("dataset") or {}
     if not job.get("model") or not dataset.get("name"):
         return run_dir.resolve().name

@@ -7,6 +7,9 @@ file of another job, or one copied under another shard's name, is recognised as 
 a shard only after reading it back (page checksums on) and finding its identity and exactly the expected
 rows; a damaged one is deleted and computed again, a foreign one makes the run refuse. Only the driver
 writes here, under the lock.
+
+The folder may be an object-store URI (`pipeline.location`): there a shard is uploaded whole, a rerun
+finds the complete shards by listing `generations/` once, and the lock is an object (see `_store_lock`).
 """
 
 from __future__ import annotations
@@ -15,17 +18,20 @@ import fcntl
 import json
 import os
 import re
+import socket
+import uuid
 from contextlib import contextmanager, suppress
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.atomic import write_parquet
 from pipeline.configs import SkipConfig
 from pipeline.data import Example
 from pipeline.engine import Generation
+from pipeline.location import RunPath, StorePath, locate, read_parquet
 from pipeline.scoring import SCORE_COLUMNS
 
 GENERATIONS_SCHEMA = pa.schema([
@@ -66,7 +72,7 @@ class RunLocked(RuntimeError):
 class ShardProblem(ValueError):
     """A shard file that cannot be used: `foreign` when it belongs to another job, else damaged."""
 
-    def __init__(self, path: Path, reason: str, foreign: bool = False):
+    def __init__(self, path: RunPath, reason: str, foreign: bool = False):
         super().__init__(f"{path}: {reason}")
         self.path, self.reason, self.foreign = path, reason, foreign
 
@@ -88,7 +94,7 @@ def _differing(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> 
     return names
 
 
-def read_shard(path: Path, shard: int, job: Mapping[str, Any], schema: pa.Schema | None = None) -> pa.Table:
+def read_shard(path: RunPath, shard: int, job: Mapping[str, Any], schema: pa.Schema | None = None) -> pa.Table:
     """Read one shard file with page checksums verified and check it is shard `shard` of the job `job`.
 
     `schema`: the task's exact schema (default: the generations').
@@ -97,7 +103,7 @@ def read_shard(path: Path, shard: int, job: Mapping[str, Any], schema: pa.Schema
     identity or another shard's index).
     """
     try:
-        table = pq.read_table(path, page_checksum_verification=True)
+        table = read_parquet(path)
     except (OSError, pa.ArrowException) as exc:
         reason = "0 bytes" if path.is_file() and path.stat().st_size == 0 else str(exc).splitlines()[0][:120]
         raise ShardProblem(path, f"unreadable ({reason})") from None
@@ -116,8 +122,6 @@ def read_shard(path: Path, shard: int, job: Mapping[str, Any], schema: pa.Schema
     if stamp.get("shard") != shard or set(table.column("shard").to_pylist()) - {shard}:
         raise ShardProblem(path, f"holds shard {stamp.get('shard')}, not shard {shard}", foreign=True)
     return table
-
-
 
 
 def shard_table(shard: int, examples: list[Example], configs: list[SkipConfig],
@@ -142,7 +146,7 @@ def shard_table(shard: int, examples: list[Example], configs: list[SkipConfig],
     return pa.Table.from_pydict(columns, schema=GENERATIONS_SCHEMA)
 
 
-def write_shard(path: Path, shard: int, table: pa.Table, job: Mapping[str, Any]) -> None:
+def write_shard(path: RunPath, shard: int, table: pa.Table, job: Mapping[str, Any]) -> None:
     """Write a shard file atomically, stamped with its index and its job's identity (see `read_shard`)."""
     stamp = json.dumps({"shard": shard, "job": dict(job)}, sort_keys=True, default=str).encode()
     write_parquet(table.replace_schema_metadata({**(table.schema.metadata or {}), SHARD_METADATA_KEY: stamp}), path)
@@ -155,14 +159,19 @@ def configs_table(configs: list[SkipConfig]) -> pa.Table:
 class RunDir:
     """The files of one run folder, and the checks that make reruns safe."""
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
+    def __init__(self, root: str | RunPath):
+        self.root = locate(root)
         self.generations = self.root / "generations"
         self.run_json = self.root / "run.json"
         self.configs = self.root / "configs.parquet"
 
-    def shard_path(self, shard: int) -> Path:
+    def shard_path(self, shard: int) -> RunPath:
         return self.generations / f"shard={shard:05d}.parquet"
+
+    def listed_shards(self, folder: str) -> set[str]:
+        """Names of the shard files in a task folder (e.g. generations), from one listing (one request on a store)."""
+        where = self.root / folder
+        return {path.name for path in where.glob("shard=*.parquet")} if where.is_dir() else set()
 
     @contextmanager
     def lock(self) -> Iterator[None]:
@@ -170,7 +179,12 @@ class RunDir:
 
         A folder this call created is removed again if the run wrote nothing into it (it failed early,
         say on reaching the cluster), so a failed first attempt leaves no empty run folder behind.
+        An object store has no flock: see `_store_lock`.
         """
+        if isinstance(self.root, StorePath):
+            with _store_lock(self.root):
+                yield
+            return
         created = not self.root.exists()
         self.root.mkdir(parents=True, exist_ok=True)
         lock = self.root / ".lock"
@@ -226,7 +240,7 @@ class RunDir:
         return len(stale)
 
 
-def table_problem(path: Path, schema: pa.Schema, shard: int, key_columns: tuple[str, ...],
+def table_problem(path: RunPath, schema: pa.Schema, shard: int, key_columns: tuple[str, ...],
                   expected: set[tuple], job: Mapping[str, Any]) -> str | None:
     """Why a shard file must be (re)computed ('missing', 'unreadable ...', ...), or None when it is whole.
 
@@ -248,3 +262,52 @@ def table_problem(path: Path, schema: pa.Schema, shard: int, key_columns: tuple[
     if found != expected:
         return "rows of other sequences or configurations"
     return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def _store_lock(root: StorePath) -> Iterator[None]:
+    """The single-writer rule of a run folder in an object store, which has no flock.
+
+    The driver writes `.lock` (host, pid, a fresh token) before anything else and deletes it when it ends.
+    A run refuses to start while `.lock` names another host, or a live process on this host; a lock left
+    by a process of this host that no longer exists (a killed driver) is taken over. After writing, the
+    lock is read back, so of two drivers starting together at most one sees its own token and goes on.
+    A driver killed on another host leaves its `.lock` behind: delete it once that run is surely gone.
+    """
+    lock = root / ".lock"
+    mine = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
+            "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    holder = _lock_holder(lock)
+    if holder is not None and not (holder.get("host") == mine["host"] and not _alive(int(holder.get("pid", 0)))):
+        raise RunLocked(f"run folder {root} is in use by another dynoracle run (pid {holder.get('pid')} on "
+                        f"{holder.get('host')} since {holder.get('since')}); if that run is gone, delete {lock}")
+    lock.write_text(json.dumps(mine) + "\n")
+    if (_lock_holder(lock) or {}).get("token") != mine["token"]:
+        raise RunLocked(f"run folder {root} is in use by another dynoracle run that started at the same time")
+    try:
+        yield
+    finally:
+        with suppress(OSError):
+            if (_lock_holder(lock) or {}).get("token") == mine["token"]:
+                lock.unlink()
+
+
+def _lock_holder(lock: StorePath) -> dict[str, Any] | None:
+    """The lock object's content; None when there is none; {} when it is unreadable (then it blocks)."""
+    try:
+        holder = json.loads(lock.read_text())
+    except FileNotFoundError:
+        return None
+    except (ValueError, OSError):
+        return {}
+    return holder if isinstance(holder, dict) else {}

@@ -33,6 +33,7 @@ from pipeline.executor import (ExecSummary, RunError, ShardDispatcher, ShardTask
                                start_workers)
 from pipeline.generation import GenerateTask
 from pipeline.job import JobSpec, job_from_dict
+from pipeline.location import RunPath
 from pipeline.models import load_tokenizer, model_depth
 from pipeline.preflight import check_job
 from pipeline.rundir import RunDir, configs_table, job_identity
@@ -43,7 +44,7 @@ __all__ = ["RunError", "RunSummary", "run_job", "run_task"]
 
 @dataclass
 class RunSummary:
-    run_dir: Path
+    run_dir: RunPath
     shards: int
     skipped: int
     computed: int
@@ -71,19 +72,23 @@ def _versions() -> dict[str, str]:
 
 
 def _git_sha() -> str | None:
+    """The commit of the checkout the package runs from; None for an installed package (even one whose
+    site-packages sits inside some other repository)."""
+    checkout = Path(__file__).resolve().parents[1]
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=checkout, capture_output=True,
                              text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    lines = out.stdout.split()
+    return lines[1] if len(lines) == 2 and Path(lines[0]).resolve() == checkout else None
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _check_same(previous: dict[str, Any] | None, key: str, value: Any, run_dir: Path) -> None:
+def _check_same(previous: dict[str, Any] | None, key: str, value: Any, run_dir: RunPath) -> None:
     """Refuse to mix rows of two different jobs in one folder."""
     if previous is None or previous.get(key) in (None, value):
         return
@@ -177,7 +182,7 @@ def _scoring_record(spec: JobSpec, examples: list[Example], infos: list[dict]) -
     return {**spec.scoring.to_dict(), "sentence_split": split, "sentence_splitter": splitters[0] if split else None}
 
 
-def run_task(run_dir: str | Path, make_task: Callable[[JobSpec, dict[str, Any]], ShardTask],
+def run_task(run_dir: str | RunPath, make_task: Callable[[JobSpec, dict[str, Any]], ShardTask],
              address: str | None = None, workers: int | None = None) -> ExecSummary:
     """Execute another shard task over the shards of a finished run, resumably, with the run's own model.
 

@@ -4,7 +4,7 @@ layers, compared with the full model token by token (definitions in `pipeline.si
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -150,7 +150,8 @@ class SimilarityTask(ShardTask):
         text = example.reference if self.full_outputs is None else self.full_outputs[example.seq_id]
         return lm.tokenizer(text, add_special_tokens=False)["input_ids"][: self.max_tokens]
 
-    def run(self, lm: LoadedModel, shard: int, examples: list[Example]) -> pa.Table:
+    def run(self, lm: LoadedModel, shard: int, examples: list[Example],
+            on_tokens: Callable[[int], None] | None = None) -> pa.Table:
         configs = list(self.configs)
         sets = list(dict.fromkeys(cfg.layers for cfg in configs))
         responses = [self.response_ids(lm, ex) for ex in examples]

@@ -4,19 +4,19 @@ The run's own shard files are `generations/shard=00000.parquet` ... up to the co
 read back with page checksums verified and must carry the job identity run.json records (`read_shard`).
 Anything else in `generations/` (a copy a file manager made, a file of another run) is refused, not read:
 it would silently double counts. A run with shard files still missing (being written, or interrupted) is
-refused unless the caller asks for a partial reading.
+refused unless the caller asks for a partial reading. The folder may be a path or an object-store URI
+(`pipeline.location`).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from pipeline.location import RunPath, read_parquet
 from pipeline.rundir import OWN_SHARD_TEMP, RunDir, ShardProblem, job_identity, read_shard
 
 REGENERATE = "rerun the run's `dynoracle run` command to regenerate it"
@@ -31,13 +31,13 @@ class RunFolderError(ValueError):
 class VerifiedRun:
     """A run's record and the shard files a reader may read (all of them unless `partial`)."""
 
-    root: Path
+    root: RunPath
     record: dict[str, Any]
-    shards: list[Path]  # verified shard files, in shard order
+    shards: list[RunPath]  # verified shard files, in shard order
     missing: list[int]  # shard indices without a file (empty unless partial)
 
 
-def verify_run(run_dir: str | Path, partial: bool = False) -> VerifiedRun:
+def verify_run(run_dir: str | RunPath, partial: bool = False) -> VerifiedRun:
     """Check a run folder before reading it: run.json, configs.parquet and every shard file.
 
     Raises FileNotFoundError when there is no run folder, RunFolderError for anything damaged, foreign,
@@ -62,7 +62,7 @@ def verify_run(run_dir: str | Path, partial: bool = False) -> VerifiedRun:
     if not run.configs.is_file():
         raise RunFolderError(f"{run.configs} is missing; {REGENERATE}")
     try:
-        pq.read_table(run.configs, page_checksum_verification=True)
+        read_parquet(run.configs)
     except (OSError, pa.ArrowException) as exc:
         raise RunFolderError(f"{run.configs} is damaged ({str(exc).splitlines()[0][:120]}); {REGENERATE}") from None
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import ray
@@ -20,6 +20,7 @@ from pipeline.checkpoints import load_checkpoints
 from pipeline.data import Example
 from pipeline.job import JobSpec
 from pipeline.models import cache_dir, load_model
+from pipeline.progress import shard_reporter
 from pipeline.scoring import sentence_splitter
 
 if TYPE_CHECKING:
@@ -53,5 +54,6 @@ class ShardWorker:
             "checkpoint_fingerprints": self.checkpoint_fingerprints,
         }
 
-    def run(self, task: ShardTask, shard: int, examples: list[Example]) -> pa.Table:
-        return task.run(self.lm, shard, examples)
+    def run(self, task: ShardTask, shard: int, examples: list[Example], counter: Any = None) -> pa.Table:
+        """`counter` (a `pipeline.progress.ProgressCounter` actor, or None) hears the tokens as they come."""
+        return task.run(self.lm, shard, examples, on_tokens=shard_reporter(counter, shard))
