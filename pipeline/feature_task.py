@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import pyarrow as pa
