@@ -1,4 +1,4 @@
-"""Benchmark: the paired bootstrap of the reducer (pipeline.bootstrap) at the study's size and at N = 1,000,000.
+"""Benchmark: the paired bootstrap of the reducer (pipeline.analysis.bootstrap) at the study's size and at N = 1,000,000.
 
 1. The study's shape: N = 201 sequences x K = 88 configurations (ULS, EE, RLS and `full` of a 30-layer
    model), ROUGE-like scores rounded to 4 decimals, the reducer's 117 grid budgets, 1,000 resamples:
@@ -16,8 +16,8 @@ import time
 
 import numpy as np
 
-from pipeline.bootstrap import bootstrap_oracle
-from pipeline.configs import build_configs
+from pipeline.analysis.bootstrap import bootstrap_oracle
+from pipeline.generation.configs import build_configs
 
 
 def rouge_like(rng: np.random.Generator, rows: int, costs: np.ndarray) -> np.ndarray:

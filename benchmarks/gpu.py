@@ -131,12 +131,12 @@ def run(size: dict, device: str, out: Path) -> dict:
 
 def _run_in_process(job: dict) -> int:
     """The runner's shard work without Ray: load, shard, generate + score on the device, write, validate."""
-    from pipeline.atomic import write_parquet
-    from pipeline.configs import build_configs
-    from pipeline.data import load_examples, shard_examples
-    from pipeline.job import load_job
-    from pipeline.rundir import RunDir
-    from pipeline.worker import ShardGenerator
+    from pipeline.run.atomic import write_parquet
+    from pipeline.generation.configs import build_configs
+    from pipeline.data.adapters import load_examples, shard_examples
+    from pipeline.run.job import load_job
+    from pipeline.run.rundir import RunDir
+    from pipeline.run.worker import ShardGenerator
 
     overrides = {k: v for k, v in job.items() if k != "limit"} | {"dataset": {"limit": job["limit"]}}
     spec = load_job(dataset="alpaca", overrides=overrides)

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from pipeline.oracle import allocate, build_frontier, min_budget_to_match
+from pipeline.analysis.oracle import allocate, build_frontier, min_budget_to_match
 
 
 def random_scores(rng: np.random.Generator, rows: int, costs: np.ndarray) -> np.ndarray:

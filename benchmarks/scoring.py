@@ -1,4 +1,4 @@
-"""Scoring throughput: pairs/second of `pipeline.scoring.score` on ~100-word texts, next to plain rouge_score.
+"""Scoring throughput: pairs/second of `pipeline.generation.scoring.score` on ~100-word texts, next to plain rouge_score.
 
 Rates are per CPU-second of this process (scoring is single-threaded), so a busy shared machine skews them less.
 Usage: python benchmarks/scoring.py [pairs]   (texts are 100-word windows of the local CNN/DailyMail slice)
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rouge_score import rouge_scorer
 
-from pipeline.scoring import score, sentence_lines, sentence_splitter
+from pipeline.generation.scoring import score, sentence_lines, sentence_splitter
 
 DATA = Path(os.environ.get("DYNORACLE_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 

@@ -2,7 +2,7 @@
 
 All three decode the same prompts under every ULS configuration with EOS ignored, batch size = the
 number of prompts:
-- engine: `pipeline.engine.generate` (every configuration in one routed batch, shared full prefill);
+- engine: `pipeline.generation.engine.generate` (every configuration in one routed batch, shared full prefill);
 - plain:  Hugging Face `generate` per configuration on a deep copy holding only the kept layers;
 - study:  every layer computed per configuration, skipped layers' outputs masked (KV cache on).
 It also measures the device's matmul throughput and copy bandwidth and reports the fraction of each
@@ -29,10 +29,10 @@ from typing import Callable
 
 import torch
 
-from pipeline.configs import build_configs
-from pipeline.engine import generate
-from pipeline.models import EMBEDDED_MODEL, LoadedModel, load_model
-from pipeline.reference import masked_generate, subset_generate
+from pipeline.generation.configs import build_configs
+from pipeline.generation.engine import generate
+from pipeline.generation.models import EMBEDDED_MODEL, LoadedModel, load_model
+from pipeline.generation.reference import masked_generate, subset_generate
 
 ALPACA = "alpaca/alpaca_sample.jsonl"
 TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately completes the "

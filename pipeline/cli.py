@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.configs import FAMILIES, build_configs
+from pipeline.generation.configs import FAMILIES, build_configs
 
 SPLIT_HELP = ("train, validation or test (default). alpaca: the study's split, datasets' train_test_split twice with "
               "seed 42 (52,002 rows -> 36,401 / 7,800 / 7,801; a local slice is split likewise).")
@@ -73,8 +73,8 @@ def prompts(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
 ) -> None:
     """Print the prompts a run would use: seq_id, prompt tokens, truncation, and the prompt text."""
-    from pipeline.data import DataError, DatasetSpec, load_examples
-    from pipeline.models import EMBEDDED_MODEL, load_tokenizer
+    from pipeline.data.adapters import DataError, DatasetSpec, load_examples
+    from pipeline.generation.models import EMBEDDED_MODEL, load_tokenizer
 
     spec = DatasetSpec(dataset, split, path, data_dir, prompt_column, reference_column, prompt_format,
                        prompt_budget or None, limit)
@@ -134,10 +134,10 @@ def run(
 
     Scoring options are part of the run's identity and recorded in run.json with the sentence splitter used.
     """
-    from pipeline.job import load_job
-    from pipeline.rundir import RunLocked
-    from pipeline.cluster import sigterm_as_interrupt
-    from pipeline.runner import RunError, run_job
+    from pipeline.run.job import load_job
+    from pipeline.run.rundir import RunLocked
+    from pipeline.run.cluster import sigterm_as_interrupt
+    from pipeline.run.runner import RunError, run_job
 
     overrides = {"name": name, "model": model, "families": families, "config_ids": config_ids,
                  "max_new_tokens": max_new_tokens, "batch_size": batch_size, "shard_size": shard_size,
@@ -173,9 +173,9 @@ def features(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (auto, or host:port); default local."),
 ) -> None:
     """Prompt features of a run's sequences (one prefill each, the run's model) into features/; reruns resume."""
-    from pipeline.feature_task import run_features
-    from pipeline.rundir import RunLocked
-    from pipeline.runner import RunError
+    from pipeline.analysis.feature_task import run_features
+    from pipeline.run.rundir import RunLocked
+    from pipeline.run.runner import RunError
 
     try:
         summary = run_features(run_dir, tuple(layer or ()), workers, address)
@@ -212,8 +212,8 @@ def finetune(
     prompt_budget: int = typer.Option(1024, "--prompt-budget", help="Max prompt tokens; 0 turns truncation off."),
 ) -> None:
     """Fine-tune a model for one configuration (skipped layers frozen and never run, loss on the response)."""
-    from pipeline.data import DataError, DatasetSpec
-    from pipeline.finetune import FinetuneSpec, finetune as run_finetune
+    from pipeline.data.adapters import DataError, DatasetSpec
+    from pipeline.training.finetune import FinetuneSpec, finetune as run_finetune
 
     data = DatasetSpec(dataset, "train", path, data_dir, prompt_column, reference_column, prompt_format,
                        prompt_budget or None, limit)
@@ -245,7 +245,7 @@ def reduce_command(
     confidence: float = typer.Option(0.95, "--confidence", help="Level of the bootstrap intervals."),
 ) -> None:
     """Solve the oracle from a run's generations: frontier, allocations, minimal budget matching full, intervals."""
-    from pipeline.reduce import reduce_run
+    from pipeline.analysis.reduce import reduce_run
 
     chosen = None if families is None else tuple(f.strip() for f in families.split(",") if f.strip())
     try:
@@ -294,9 +294,9 @@ def similarity(
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resamples."),
 ) -> None:
     """Hidden-state similarity of every configuration to the full model (teacher-forced), per layer and final."""
-    from pipeline.rundir import RunLocked
-    from pipeline.runner import RunError
-    from pipeline.similarity import run_similarity
+    from pipeline.run.rundir import RunLocked
+    from pipeline.run.runner import RunError
+    from pipeline.analysis.similarity import run_similarity
 
     try:
         done = run_similarity(run_dir, response, workers, address, bootstrap, seed)
@@ -321,8 +321,8 @@ def controller(
     import numpy as np
     import pandas as pd
 
-    from pipeline.controller import LEARNERS
-    from pipeline.controller_run import evaluate_run
+    from pipeline.analysis.controller import LEARNERS
+    from pipeline.analysis.controller_run import evaluate_run
 
     chosen = None if families is None else tuple(f.strip() for f in families.split(",") if f.strip())
     try:
@@ -373,7 +373,7 @@ def query_command(
     Only SELECT and EXPLAIN run; DuckDB gets no file access (no COPY, ATTACH, read_csv of other files),
     cannot install or load extensions, and its settings are locked.
     """
-    from pipeline.query import query_run, render
+    from pipeline.report.query import query_run, render
 
     try:
         columns, rows = query_run(run_dir, sql, metric, partial)
@@ -392,7 +392,7 @@ def report(
     partial: bool = typer.Option(False, "--partial", help=PARTIAL_HELP),
 ) -> None:
     """Write the study's figures and report.md into a run folder, reducing first when the oracle is stale."""
-    from pipeline.report import build_report
+    from pipeline.report.figures import build_report
 
     chosen = None if families is None else [f.strip() for f in families.split(",") if f.strip()]
     try:

@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.configs import build_configs
-from pipeline.rundir import GENERATIONS_SCHEMA, RunDir, job_identity, write_shard
+from pipeline.generation.configs import build_configs
+from pipeline.run.rundir import GENERATIONS_SCHEMA, RunDir, job_identity, write_shard
 
 L = 6
 MAX_NEW_TOKENS = 24

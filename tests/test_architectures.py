@@ -1,6 +1,6 @@
 """The engine on tiny random models of many architectures from transformers' causal-LM mapping.
 
-Each model type of `pipeline.architectures` is either checked against the identity-layer reference
+Each model type of `pipeline.generation.architectures` is either checked against the identity-layer reference
 (skipped layers computed and masked out) under both prefill policies, or refused up front with one line
 saying why and what works instead; the README's list is the one `supported_markdown` makes.
 """
@@ -16,9 +16,9 @@ from transformers import AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from pipeline.architectures import CHECKED, FULL_PREFILL_REFUSED, REFUSED, architecture_problem, supported_markdown
-from pipeline.configs import build_configs
-from pipeline.models import LoadedModel, load_tokenizer
+from pipeline.generation.architectures import CHECKED, FULL_PREFILL_REFUSED, REFUSED, architecture_problem, supported_markdown
+from pipeline.generation.configs import build_configs
+from pipeline.generation.models import LoadedModel, load_tokenizer
 from test_bad_jobs import TINY, refused_run, workdir  # noqa: F401 (workdir is a fixture)
 from test_engine import _assert_engine_equals_masked
 

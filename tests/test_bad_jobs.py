@@ -17,11 +17,11 @@ from typer.testing import CliRunner
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from pipeline.cli import app
-from pipeline.configs import build_configs
-from pipeline.data import DatasetSpec, load_examples
-from pipeline.engine import generate
-from pipeline.models import load_model, load_tokenizer
-from pipeline.reference import masked_generate
+from pipeline.generation.configs import build_configs
+from pipeline.data.adapters import DatasetSpec, load_examples
+from pipeline.generation.engine import generate
+from pipeline.generation.models import load_model, load_tokenizer
+from pipeline.generation.reference import masked_generate
 from test_run_folders import folder_hash, invoke
 
 DATA = Path(os.environ.get("DYNORACLE_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")

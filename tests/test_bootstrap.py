@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from handmade_run import make_run
-from pipeline.bootstrap import bootstrap_oracle, resample_indices
-from pipeline.oracle import allocate, build_frontier, min_budget_to_match
-from pipeline.reduce import reduce_run
+from pipeline.analysis.bootstrap import bootstrap_oracle, resample_indices
+from pipeline.analysis.oracle import allocate, build_frontier, min_budget_to_match
+from pipeline.analysis.reduce import reduce_run
 
 
 def fidelity_like(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

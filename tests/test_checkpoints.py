@@ -20,15 +20,15 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from pipeline.configs import SkipConfig
-from pipeline.data import DatasetSpec, load_examples
-from pipeline.engine import generate
-from pipeline.finetune import FinetuneSpec, finetune
-from pipeline.job import job_from_dict, load_job
-from pipeline.models import load_model
-from pipeline.reduce import reduce_run
-from pipeline.report import build_report
-from pipeline.runner import run_job
+from pipeline.generation.configs import SkipConfig
+from pipeline.data.adapters import DatasetSpec, load_examples
+from pipeline.generation.engine import generate
+from pipeline.training.finetune import FinetuneSpec, finetune
+from pipeline.run.job import job_from_dict, load_job
+from pipeline.generation.models import load_model
+from pipeline.analysis.reduce import reduce_run
+from pipeline.report.figures import build_report
+from pipeline.run.runner import run_job
 from tiny_models import save_tiny
 
 DATA = os.environ.get("DYNORACLE_DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.configs import build_configs, ee_layers, rls_layers, uls_layers
+from pipeline.generation.configs import build_configs, ee_layers, rls_layers, uls_layers
 
 
 def _configs_json(*args: str) -> list[dict]:
@@ -56,7 +56,7 @@ def test_cli_json_lists_ee_and_rls():
 
 
 def test_rls_is_identical_across_processes():
-    code = "import json; from pipeline.configs import build_configs; print(json.dumps([c.to_dict() for c in build_configs(24, ('rls',), (0, 7))]))"
+    code = "import json; from pipeline.generation.configs import build_configs; print(json.dumps([c.to_dict() for c in build_configs(24, ('rls',), (0, 7))]))"
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
             for _ in range(2)]
     assert runs[0] == runs[1]

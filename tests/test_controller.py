@@ -13,13 +13,13 @@ import pytest
 from matplotlib.figure import Figure
 from typer.testing import CliRunner
 
-from pipeline.controller import (LEARNERS, best_static, bootstrap_match, fold_splits, gain_share, match_budget,
+from pipeline.analysis.controller import (LEARNERS, best_static, bootstrap_match, fold_splits, gain_share, match_budget,
                                  run_controller, shuffled)
-from pipeline.controller_run import CURVES_SCHEMA, evaluate_run
-from pipeline.features import FEATURES_SCHEMA
-from pipeline.oracle import allocate, build_frontier
-from pipeline.reduce import budget_grid, load_matrix
-from pipeline.report import build_report, plot_controllers
+from pipeline.analysis.controller_run import CURVES_SCHEMA, evaluate_run
+from pipeline.analysis.features import FEATURES_SCHEMA
+from pipeline.analysis.oracle import allocate, build_frontier
+from pipeline.analysis.reduce import budget_grid, load_matrix
+from pipeline.report.figures import build_report, plot_controllers
 from handmade_run import make_run
 from pipeline.cli import app
 

@@ -15,11 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from pipeline import sources
+from pipeline.data import sources
 from pipeline.cli import app
-from pipeline.data import (DataError, DatasetSpec, Record, load_examples, load_records, load_split, shard_examples,
+from pipeline.data.adapters import (DataError, DatasetSpec, Record, load_examples, load_records, load_split, shard_examples,
                            split_indices)
-from pipeline.models import load_tokenizer
+from pipeline.generation.models import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DYNORACLE_DATA_DIR") or REPO.parent / "shared" / "data")
@@ -107,7 +107,7 @@ def test_split_and_ids_stable_across_calls_and_processes():
     assert len({seq_id for seq_id, _, _ in first}) == len(first)
     assert listing(load_records(DatasetSpec("alpaca", limit=7))) == first[:7]
     code = (
-        "import json; from pipeline.data import DatasetSpec, load_records; "
+        "import json; from pipeline.data.adapters import DatasetSpec, load_records; "
         "print(json.dumps([(r.seq_id, r.plain_prompt, r.reference) for r in load_records(DatasetSpec('alpaca'))]))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
@@ -266,7 +266,7 @@ def test_hub_sources_and_splits(monkeypatch):
 def test_hub_offline_mode_says_how_to_use_local_data():
     env = {k: v for k, v in os.environ.items() if k != "DYNORACLE_DATA_DIR"} | {"HF_HUB_OFFLINE": "1"}
     code = (
-        "from pipeline.data import DataError, DatasetSpec, load_records\n"
+        "from pipeline.data.adapters import DataError, DatasetSpec, load_records\n"
         "try:\n    load_records(DatasetSpec('cnn_dailymail'))\nexcept DataError as exc:\n    print(exc)"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)

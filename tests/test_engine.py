@@ -13,10 +13,10 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 
-from pipeline.configs import build_configs, configs_by_id, full_config
-from pipeline.engine import _SharedPromptLayer, generate, left_pad
-from pipeline.models import LoadedModel, decoder_layers, embedded_gguf_path, load_model, load_tokenizer
-from pipeline.reference import masked_generate
+from pipeline.generation.configs import build_configs, configs_by_id, full_config
+from pipeline.generation.engine import _SharedPromptLayer, generate, left_pad
+from pipeline.generation.models import LoadedModel, decoder_layers, embedded_gguf_path, load_model, load_tokenizer
+from pipeline.generation.reference import masked_generate
 
 NEW_TOKENS = 6
 TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately completes the "

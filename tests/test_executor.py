@@ -29,13 +29,13 @@ import torch
 from ray.cluster_utils import Cluster
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipeline.cluster import worker_env
-from pipeline.configs import build_configs
-from pipeline.data import load_examples, shard_examples
-from pipeline.generation import GenerateTask
-from pipeline.job import load_job
-from pipeline.models import load_model, load_tokenizer
-from pipeline.runner import run_job
+from pipeline.run.cluster import worker_env
+from pipeline.generation.configs import build_configs
+from pipeline.data.adapters import load_examples, shard_examples
+from pipeline.generation.task import GenerateTask
+from pipeline.run.job import load_job
+from pipeline.generation.models import load_model, load_tokenizer
+from pipeline.run.runner import run_job
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DYNORACLE_DATA_DIR") or REPO.parent / "shared" / "data")
@@ -311,8 +311,8 @@ def local_ray():
 def test_only_the_shards_own_exceptions_count(local_ray, tmp_path, raises, deaths, error):
     import ray
 
-    from pipeline.cluster import WorkerPlan
-    from pipeline.executor import RunError, ShardDispatcher, WorkerPool
+    from pipeline.run.cluster import WorkerPlan
+    from pipeline.run.executor import RunError, ShardDispatcher, WorkerPool
 
     actor = ray.remote(ScriptedWorker).options(num_cpus=1, max_restarts=-1, max_task_retries=0).remote(str(tmp_path))
     pool = WorkerPool([actor], WorkerPlan(1, "cpu", 1, 0, 1), timeout=120)

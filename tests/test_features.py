@@ -15,12 +15,12 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.data import load_examples, shard_examples
-from pipeline.feature_task import run_features
-from pipeline.features import FEATURES_SCHEMA, load_features
-from pipeline.job import load_job
-from pipeline.models import load_tokenizer
-from pipeline.runner import run_job
+from pipeline.data.adapters import load_examples, shard_examples
+from pipeline.analysis.feature_task import run_features
+from pipeline.analysis.features import FEATURES_SCHEMA, load_features
+from pipeline.run.job import load_job
+from pipeline.generation.models import load_tokenizer
+from pipeline.run.runner import run_job
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DYNORACLE_DATA_DIR") or REPO.parent / "shared" / "data")

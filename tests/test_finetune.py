@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from pipeline.configs import config_for_id
-from pipeline.data import DatasetSpec
-from pipeline.finetune import FINETUNE_JSON, FinetuneSpec, ResponseCollator, SkippedLayers, finetune, response_loss, response_rows
-from pipeline.models import decoder_layers, load_model
+from pipeline.generation.configs import config_for_id
+from pipeline.data.adapters import DatasetSpec
+from pipeline.training.finetune import FINETUNE_JSON, FinetuneSpec, ResponseCollator, SkippedLayers, finetune, response_loss, response_rows
+from pipeline.generation.models import decoder_layers, load_model
 from tiny_models import save_tiny
 
 DATA = os.environ.get("DYNORACLE_DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")

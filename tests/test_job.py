@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import models
-from pipeline.configs import build_configs
-from pipeline.job import JOBS_DIR, load_job
-from pipeline.cluster import plan_workers
+from pipeline.generation import models
+from pipeline.generation.configs import build_configs
+from pipeline.run.job import JOBS_DIR, load_job
+from pipeline.run.cluster import plan_workers
 
 
 @pytest.mark.parametrize("path", sorted(JOBS_DIR.glob("*.toml")), ids=lambda p: p.stem)

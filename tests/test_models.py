@@ -8,8 +8,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from pipeline import models
-from pipeline.models import load_tokenizer
+from pipeline.generation import models
+from pipeline.generation.models import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DYNORACLE_DATA_DIR") or REPO.parent / "shared" / "data")

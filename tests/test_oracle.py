@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.optimize import LinearConstraint, linprog, milp
 
-from pipeline.oracle import _walk_order, allocate, build_frontier, min_budget_to_match
+from pipeline.analysis.oracle import _walk_order, allocate, build_frontier, min_budget_to_match
 
 pytestmark = pytest.mark.filterwarnings("error")  # a numpy divide-by-zero or invalid value is a bug here
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.job import JOBS_DIR, load_job, named_jobs
+from pipeline.run.job import JOBS_DIR, load_job, named_jobs
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DYNORACLE_DATA_DIR") or REPO.parent / "shared" / "data")
@@ -60,7 +60,7 @@ def wheel_venv(tmp_path_factory) -> Path:
 
 def test_wheel_carries_every_named_job(wheel_venv):
     python = wheel_venv / "bin" / "python"
-    probe = "import json, pipeline.job as j; print(json.dumps([j.__file__, str(j.JOBS_DIR), j.named_jobs()]))"
+    probe = "import json, pipeline.run.job as j; print(json.dumps([j.__file__, str(j.JOBS_DIR), j.named_jobs()]))"
     module, jobs_dir, names = json.loads(subprocess.run([str(python), "-c", probe], cwd=wheel_venv, env=_env(),
                                                         check=True, capture_output=True, text=True).stdout)
     assert Path(module).is_relative_to(wheel_venv) and Path(jobs_dir) == Path(module).parent / "jobs"

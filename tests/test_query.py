@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from handmade_run import CONFIGS, GENERATION_COLUMNS, make_run
 from pipeline.cli import app
-from pipeline.reduce import reduce_run
+from pipeline.analysis.reduce import reduce_run
 
 N = 10
 

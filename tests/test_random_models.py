@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.models import load_model, load_tokenizer
-from pipeline.random_models import SHAPES, random_config
+from pipeline.generation.models import load_model, load_tokenizer
+from pipeline.generation.random_models import SHAPES, random_config
 
 
 def test_same_name_same_weights_and_the_tokenizers_ids():

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from handmade_run import L, make_run
 from pipeline.cli import app
-from pipeline.reduce import reduce_run
-from pipeline.report import HEADLINE_FRACTIONS, stale_reason
+from pipeline.analysis.reduce import reduce_run
+from pipeline.report.figures import HEADLINE_FRACTIONS, stale_reason
 
 FIGURES = ("cost_quality.png", "oracle_shares.png", "lengths.png")
 PRESENT = ["full", "uls", "ee", "rls"]

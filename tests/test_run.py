@@ -20,14 +20,14 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from pipeline.configs import full_config
-from pipeline.data import load_examples, shard_examples
-from pipeline.engine import generate
-from pipeline.job import load_job
-from pipeline.models import load_model
-from pipeline.rundir import GENERATIONS_SCHEMA, RunDir
-from pipeline.runner import run_job
-from pipeline.scoring import sentence_splitter
+from pipeline.generation.configs import full_config
+from pipeline.data.adapters import load_examples, shard_examples
+from pipeline.generation.engine import generate
+from pipeline.run.job import load_job
+from pipeline.generation.models import load_model
+from pipeline.run.rundir import GENERATIONS_SCHEMA, RunDir
+from pipeline.run.runner import run_job
+from pipeline.generation.scoring import sentence_splitter
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DYNORACLE_DATA_DIR") or REPO.parent / "shared" / "data")

@@ -18,11 +18,11 @@ import pytest
 from typer.testing import CliRunner
 
 from handmade_run import make_run
-from pipeline import atomic
+from pipeline.run import atomic
 from pipeline.cli import app
-from pipeline.executor import shards_to_compute
-from pipeline.generation import GenerateTask
-from pipeline.rundir import RunDir, job_identity, write_shard
+from pipeline.run.executor import shards_to_compute
+from pipeline.generation.task import GenerateTask
+from pipeline.run.rundir import RunDir, job_identity, write_shard
 
 READERS = {
     "reduce": lambda run, *extra: ["reduce", str(run), *extra],

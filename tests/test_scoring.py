@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from rouge_score import rouge_scorer
 
-from pipeline import scoring
-from pipeline.scoring import SCORE_COLUMNS, ScoringOptions, mostly_dropped, score, sentence_lines
+from pipeline.generation import scoring
+from pipeline.generation.scoring import SCORE_COLUMNS, ScoringOptions, mostly_dropped, score, sentence_lines
 
 DATA = Path(os.environ.get("DYNORACLE_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 TYPES = ["rouge1", "rouge2", "rougeL", "rougeLsum"]

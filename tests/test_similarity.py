@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipeline.configs import SkipConfig, build_configs
-from pipeline.data import Example
-from pipeline.models import LoadedModel, decoder_layers, load_tokenizer
-from pipeline.similarity_task import SimilarityTask, state_similarity
+from pipeline.generation.configs import SkipConfig, build_configs
+from pipeline.data.adapters import Example
+from pipeline.generation.models import LoadedModel, decoder_layers, load_tokenizer
+from pipeline.analysis.similarity_task import SimilarityTask, state_similarity
 
 L = 6
 
@@ -115,8 +115,8 @@ def test_equals_a_direct_output_hidden_states_computation(tiny, sequences, prefi
 def test_summary_is_the_token_weighted_mean_with_intervals_from_the_same_resamples() -> None:
     import pyarrow as pa
 
-    from pipeline.bootstrap import resample_indices
-    from pipeline.similarity import SHARD_SCHEMA, summarise
+    from pipeline.analysis.bootstrap import resample_indices
+    from pipeline.analysis.similarity import SHARD_SCHEMA, summarise
 
     rng = np.random.default_rng(4)
     n, layers = 7, 3

@@ -22,8 +22,8 @@ import pyarrow as pa
 import pytest
 from moto.server import ThreadedMotoServer
 
-from pipeline.location import StorePath, locate, read_parquet
-from pipeline.rundir import RunDir, RunLocked
+from pipeline.run.location import StorePath, locate, read_parquet
+from pipeline.run.rundir import RunDir, RunLocked
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DYNORACLE_DATA_DIR") or REPO.parent / "shared" / "data")

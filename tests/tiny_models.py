@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-from pipeline.models import load_tokenizer
+from pipeline.generation.models import load_tokenizer
 
 LAYERS = 4
 

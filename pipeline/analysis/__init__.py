@@ -1,0 +1,1 @@
+"""Pure analyses over a run's tables: oracle, bootstrap, similarity, features, controllers."""

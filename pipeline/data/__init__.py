@@ -1,0 +1,1 @@
+"""The dataset adapters, the split and prompt sources."""

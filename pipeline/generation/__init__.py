@@ -1,0 +1,1 @@
+"""The engine and what it runs: configurations, models, scoring, the generation shard task."""

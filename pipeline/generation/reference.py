@@ -1,0 +1,98 @@
+"""Slow, obviously-correct decoders that the engine is checked and benchmarked against.
+
+- `masked_generate`: the study's way. Every layer is computed for every token and a skipped layer's
+  output is thrown away (identity), with or without a KV cache. With `use_cache=False` every step
+  recomputes the whole sequence, gating layers per position (prompt positions under prefill `full`
+  run all layers), which is the definition of a configuration with no caching involved.
+- `subset_generate`: the plain way. A deep copy of the model holding only the kept layers, decoded
+  with Hugging Face `generate` (prefill `skip` semantics).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from pipeline.generation.configs import SkipConfig
+from pipeline.generation.engine import eos_ids, left_pad, prompt_positions, wrapped_layers
+from pipeline.generation.models import LoadedModel, decoder_layers
+
+
+class _MaskedLayer(nn.Module):
+    """Computes the wrapped layer, then keeps its output only where `keep` (per row and position) is set."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+        self.keep: torch.Tensor | bool = True
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        out = self.layer(hidden_states, *args, **kwargs)
+        if self.keep is True:
+            return out
+        if self.keep is False:
+            return hidden_states
+        return torch.where(self.keep[..., None], out, hidden_states)
+
+
+@torch.inference_mode()
+def masked_generate(lm: LoadedModel, prompts: list[list[int]], config: SkipConfig, max_new_tokens: int,
+                    prefill: str = "full", use_cache: bool = True, ignore_eos: bool = False) -> list[list[int]]:
+    """Greedy tokens per prompt (through its first EOS) with skipped layers computed and masked out.
+
+    A skipped layer is identity for generated positions, and for prompt positions too unless prefill is
+    `full`. With `use_cache=False` each step re-runs the whole sequence from scratch.
+    """
+    model, device = lm.model, lm.device
+    input_ids, attention_mask = left_pad(prompts, lm.tokenizer.pad_token_id, device)
+    mask = attention_mask if bool((attention_mask == 0).any()) else None
+    positions = prompt_positions(input_ids, mask)
+    num_prompts, prompt_len = input_ids.shape
+    kept = set(config.layers)
+    stops = eos_ids(lm)
+    cache = DynamicCache(config=model.config) if use_cache else None
+    generated = input_ids.new_empty(num_prompts, 0)
+    with wrapped_layers(model, _MaskedLayer) as wrappers:
+        for step in range(max_new_tokens):
+            if use_cache and step > 0:
+                ids, first_index = generated[:, -1:], prompt_len + step - 1
+            else:
+                ids, first_index = torch.cat([input_ids, generated], 1), 0
+            pos = torch.cat([positions, positions[:, -1:] + torch.arange(1, step + 1, device=device)], 1)
+            in_prompt = torch.arange(first_index, first_index + ids.shape[1], device=device) < prompt_len
+            for j, wrapper in enumerate(wrappers):
+                wrapper.keep = True if j in kept else (in_prompt.expand_as(ids) if prefill == "full" else False)
+            step_mask = None if mask is None else torch.cat([mask, mask.new_ones(num_prompts, step)], 1)
+            out = model(input_ids=ids, attention_mask=step_mask, position_ids=pos[:, -ids.shape[1]:],
+                        past_key_values=cache, use_cache=use_cache, logits_to_keep=1)
+            generated = torch.cat([generated, out.logits[:, -1, :].argmax(-1, keepdim=True)], 1)
+    tokens = []
+    for row in generated.tolist():
+        ends = [i for i, t in enumerate(row) if stops is not None and t in stops.tolist()]
+        tokens.append(row if ignore_eos or not ends else row[: ends[0] + 1])
+    return tokens
+
+
+@torch.inference_mode()
+def subset_generate(lm: LoadedModel, prompts: list[list[int]], config: SkipConfig, max_new_tokens: int,
+                    ignore_eos: bool = False) -> torch.Tensor:
+    """Hugging Face `generate` on a deep copy of the model that holds only the kept layers."""
+    model = copy.deepcopy(lm.model)
+    stack = decoder_layers(model)
+    kept = nn.ModuleList([stack[j] for j in config.layers])
+    for new_idx, layer in enumerate(kept):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_idx
+    parent = model.get_decoder()
+    for name, child in parent.named_children():
+        if child is stack:
+            setattr(parent, name, kept)
+    model.config.num_hidden_layers = len(kept)
+    input_ids, attention_mask = left_pad(prompts, lm.tokenizer.pad_token_id, lm.device)
+    kwargs = {"min_new_tokens": max_new_tokens} if ignore_eos else {}
+    return model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                          max_new_tokens=max_new_tokens, pad_token_id=lm.tokenizer.pad_token_id, **kwargs)

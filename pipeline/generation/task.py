@@ -1,0 +1,77 @@
+"""The generation task: one shard of examples -> its scored rows, for every configuration (DESIGN.md).
+
+This is the shard task `dynoracle run` executes; its files are `generations/shard=NNNNN.parquet`, one row
+per (sequence, configuration) in the Parquet contract's columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import pyarrow as pa
+
+from pipeline.generation.checkpoints import model_groups
+from pipeline.generation.configs import FULL_ID, SkipConfig
+from pipeline.data.adapters import Example
+from pipeline.generation.engine import Generation, generate
+from pipeline.run.executor import ShardTask
+from pipeline.generation.models import LoadedModel
+from pipeline.run.rundir import GENERATIONS_SCHEMA, shard_table
+from pipeline.generation.scoring import ScoringOptions, score
+
+
+@dataclass(frozen=True)
+class GenerateTask(ShardTask):
+    """Generate every example under every configuration, then score against references and `full`.
+
+    A configuration named in `checkpoints` runs on that model (loaded once per worker process), the
+    others on the worker's model; each model's configurations are decoded together.
+    """
+
+    configs: tuple[SkipConfig, ...]
+    max_new_tokens: int
+    prefill: str
+    batch_size: int
+    max_rows: int
+    scoring: ScoringOptions = ScoringOptions()
+    checkpoints: tuple[tuple[str, str], ...] = ()  # (config id, model) pairs of the job's checkpoint table
+
+    folder: ClassVar[str] = "generations"
+    schema: ClassVar[pa.Schema] = GENERATIONS_SCHEMA
+    key_columns: ClassVar[tuple[str, ...]] = ("seq_id", "config_id")
+
+    def expected_keys(self, examples: list[Example]) -> set[tuple]:
+        return {(ex.seq_id, cfg.config_id) for ex in examples for cfg in self.configs}
+
+    def tokens(self, table: pa.Table) -> int:
+        return int(table.column("gen_tokens").to_numpy().sum())
+
+    def run(self, lm: LoadedModel, shard: int, examples: list[Example],
+            on_tokens: Callable[[int], None] | None = None) -> pa.Table:
+        configs = list(self.configs)
+        # Batches of similar prompt length waste less compute on left padding; the order is deterministic.
+        order = sorted(range(len(examples)), key=lambda i: (examples[i].prompt_tokens, i))
+        generations: list[list[Generation]] = [[] for _ in examples]
+        groups = model_groups(lm, dict(self.checkpoints), configs)  # configurations sharing weights
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            prompts = [list(examples[i].prompt_ids) for i in batch]
+            per_prompt: list[list[Generation | None]] = [[None] * len(configs) for _ in batch]
+            for model, indices in groups:
+                outputs = generate(model, prompts, [configs[k] for k in indices], self.max_new_tokens,
+                                   prefill=self.prefill, max_rows=self.max_rows, on_group_done=on_tokens)
+                for row, per_config in zip(per_prompt, outputs):
+                    for k, gen in zip(indices, per_config):
+                        row[k] = gen
+            for i, row in zip(batch, per_prompt):
+                generations[i] = row
+        full = next(k for k, cfg in enumerate(configs) if cfg.config_id == FULL_ID)
+        scores = score(
+            outputs=[gen.text for per_config in generations for gen in per_config],
+            references=[ex.references for ex in examples for _ in configs],
+            full_outputs=[per_config[full].text for per_config in generations for _ in configs],
+            summary=[ex.summary for ex in examples for _ in configs],
+            options=self.scoring,
+        )
+        return shard_table(shard, examples, configs, generations, scores)

@@ -1,0 +1,191 @@
+"""SQL over a run folder: DuckDB views named after the Parquet contract's tables, read only.
+
+The views are Arrow datasets over the run's own files, verified first (`pipeline.run.verify`: exactly the
+run's shard files, page checksums checked), so a query reads only the columns and row groups it needs.
+DuckDB itself gets no file system at all: external access is off (no file reads or writes, no ATTACH,
+no extension install or load), extension autoloading is off, the configuration is locked, and only
+SELECT and EXPLAIN statements run. A view whose files are absent is left out, and a query that names it
+is told which file is missing and how to make it, instead of DuckDB's bare "table does not exist".
+A run in an object store is read the same way: the Arrow datasets read through pyarrow's filesystem, so
+DuckDB needs no extension for it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import numbers
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+
+from pipeline.run.location import RunPath, parquet_dataset, read_parquet
+from pipeline.analysis.reduce import METRICS
+from pipeline.run.verify import RunFolderError, verify_run
+
+FORMATS = ("table", "csv", "json")
+CELL_WIDTH = 60  # table cells (outputs, references) are cut to this many characters
+READ_STATEMENTS = (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
+# DuckDB settings of a query connection: no file system, no extensions, nothing changeable afterwards.
+LOCKED_DOWN = (("enable_external_access", False), ("lock_configuration", True))
+
+
+class QueryError(ValueError):
+    """A query DuckDB refused, as one line."""
+
+
+@dataclass
+class RunDatabase:
+    """An in-memory DuckDB with one view per table of a run; `missing` says why absent views are absent."""
+
+    connection: duckdb.DuckDBPyConnection
+    missing: dict[str, str]
+
+    def fetch(self, sql: str) -> tuple[list[str], list[tuple]]:
+        """Column names and rows of a query (none when the statement returns nothing)."""
+        with self._one_line_errors():
+            refused = [str(st.type).rsplit(".", 1)[-1] for st in duckdb.extract_statements(sql)
+                       if st.type not in READ_STATEMENTS]
+            if refused:
+                raise QueryError(f"query only reads the run: {', '.join(refused)} statements are not allowed; "
+                                 "use SELECT (or EXPLAIN)")
+            cursor = self.connection.execute(sql)
+            if cursor.description is None:
+                return [], []
+            return [d[0] for d in cursor.description], cursor.fetchall()
+
+    def frame(self, sql: str) -> pd.DataFrame:
+        with self._one_line_errors():
+            return self.connection.execute(sql).df()
+
+    @contextmanager
+    def _one_line_errors(self) -> Iterator[None]:
+        """DuckDB's errors (some surface only while rows are fetched) as a one-line QueryError."""
+        try:
+            yield
+        except duckdb.Error as exc:
+            raise QueryError(self._explain(exc)) from None
+
+    def _explain(self, exc: duckdb.Error) -> str:
+        message = str(exc)
+        unknown = re.search(r"Table with name (\w+) does not exist", message)
+        if unknown and unknown.group(1).lower() in self.missing:
+            name = unknown.group(1).lower()
+            return f"view {name} is not available: {self.missing[name]}"
+        # DuckDB adds a "LINE 1: ..." excerpt and a caret line that only make sense aligned; drop them.
+        lines = [line.strip() for line in message.splitlines()]
+        return " ".join(line for line in lines if line and not line.startswith("LINE ") and set(line) != {"^"})
+
+
+def open_run(run_dir: str | RunPath, metric: str = "rougeL", partial: bool = False) -> RunDatabase:
+    """Views generations, configs, and frontier/allocations of `metric`'s oracle, for whichever files exist.
+
+    The run is verified first (`verify_run`; `partial` allows missing shard files), and the oracle's files
+    are read once with page checksums. Raises FileNotFoundError, RunFolderError or ValueError, one line each.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
+    run = verify_run(run_dir, partial)
+    oracle = run.root / "oracle" / metric
+    reduce_hint = f"run `dynoracle reduce {run.root} --metric {metric}` first"
+    sources = {"generations": run.shards, "configs": [run.root / "configs.parquet"]}
+    missing = {}
+    for name in ("frontier", "allocations"):
+        path = oracle / f"{name}.parquet"
+        if not path.is_file():
+            missing[name] = f"{path} is missing; {reduce_hint}"
+            continue
+        try:
+            read_parquet(path)
+        except (OSError, pa.ArrowException) as exc:
+            raise RunFolderError(f"{path} is damaged ({str(exc).splitlines()[0][:120]}); "
+                                 f"rerun `dynoracle reduce {run.root} --metric {metric}`") from None
+        sources[name] = [path]
+    connection = duckdb.connect(config={"autoload_known_extensions": False, "autoinstall_known_extensions": False})
+    for name, paths in sources.items():
+        # Explicit file lists, no partitioning: `shard` is the column stored in each file, not a path's.
+        connection.register(name, parquet_dataset(paths))
+    for setting, value in LOCKED_DOWN:
+        connection.execute(f"set {setting} = {str(value).lower()}")
+    return RunDatabase(connection, missing)
+
+
+def query_run(run_dir: str | RunPath, sql: str, metric: str = "rougeL",
+              partial: bool = False) -> tuple[list[str], list[tuple]]:
+    """Column names and rows of one read-only query over a run, on a connection of its own."""
+    db = open_run(run_dir, metric, partial)
+    try:
+        return db.fetch(sql)
+    finally:
+        db.connection.close()
+
+
+def render(columns: list[str], rows: list[tuple], fmt: str = "table") -> str:
+    """Rows as an aligned text table, CSV with a header, or a JSON list of objects."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format '{fmt}'; choose from {', '.join(FORMATS)}")
+    if fmt == "json":
+        return json.dumps([{c: _plain(v) for c, v in zip(columns, row)} for row in rows], indent=1, default=str)
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([_csv_cell(v) for v in row] for row in rows)
+        return buffer.getvalue().rstrip("\n")
+    return _table(columns, rows)
+
+
+def _table(columns: list[str], rows: list[tuple]) -> str:
+    cells = [[_table_cell(v) for v in row] for row in rows]
+    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+    numeric = [bool(rows) and all(_is_number(row[i]) or row[i] is None for row in rows) for i in range(len(columns))]
+
+    def line(values: list[str]) -> str:
+        padded = (v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric))
+        return "  ".join(padded).rstrip()
+
+    body = [line(list(columns)), "  ".join("-" * w for w in widths), *(line(r) for r in cells)]
+    return "\n".join(body + [f"({len(rows)} row{'' if len(rows) == 1 else 's'})"])
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Number) and not isinstance(value, bool)
+
+
+def _table_cell(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    text = json.dumps(_plain(value), default=str) if isinstance(value, (list, dict)) else str(value)
+    text = text.replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t")
+    return text if len(text) <= CELL_WIDTH else text[: CELL_WIDTH - 1] + "…"
+
+
+def _csv_cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, (list, dict)):
+        return json.dumps(_plain(value), default=str)
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly: decimals as floats, NaN and infinities as null, nested lists and structs kept."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if _is_number(value) and not isinstance(value, int):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    return value

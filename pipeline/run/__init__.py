@@ -1,0 +1,1 @@
+"""Jobs, the run folder and the executor of shard tasks on Ray."""

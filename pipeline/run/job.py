@@ -1,0 +1,287 @@
+"""A job: what to generate (model, dataset, configurations) and how (batching, sharding, workers).
+
+Named jobs are edited in `jobs/*.toml` and ship inside the wheel as `pipeline/jobs/*.toml` (pyproject.toml
+maps the one folder onto the other), so `--dataset NAME` means the same job in a checkout and an installed
+package. Command-line flags override single fields. Everything is checked here, before any run folder is
+touched, and a bad field becomes one ValueError line naming it.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from pipeline.generation.configs import FAMILIES, SkipConfig, build_configs, check_custom_layers, custom_configs
+from pipeline.data.adapters import DATASETS, DatasetSpec
+from pipeline.generation.engine import DEFAULT_MAX_ROWS, PREFILL_POLICIES
+from pipeline.run.location import RunPath, locate
+from pipeline.generation.models import AUTO_DTYPE, DTYPES, EMBEDDED_MODEL
+from pipeline.generation.scoring import ScoringOptions
+
+_PACKAGE = Path(__file__).resolve().parents[1]  # pipeline/
+# An installed wheel carries the named jobs as pipeline/jobs/; a checkout (or editable install) has them in jobs/.
+JOBS_DIR = _PACKAGE / "jobs" if (_PACKAGE / "jobs").is_dir() else _PACKAGE.parent / "jobs"
+DEVICES = ("auto", "cpu", "cuda")
+_DATASET_FIELDS = {f.name for f in dataclasses.fields(DatasetSpec)}
+# Fields that change what a run's rows mean; two runs may share a folder only if these agree.
+# Batching, workers and where the data files sit change speed, not results.
+_IDENTITY = ("model", "dtype", "prefill", "max_new_tokens", "shard_size", "families", "rls_seeds", "config_ids")
+_DATASET_IDENTITY = tuple(sorted(_DATASET_FIELDS - {"data_dir"}))
+_SCORING_FIELDS = {f.name for f in dataclasses.fields(ScoringOptions)}
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One resolved job. `out` is the run folder (default outputs/<name>): a path or an object-store URI."""
+
+    name: str
+    dataset: DatasetSpec
+    model: str = EMBEDDED_MODEL
+    dtype: str = AUTO_DTYPE  # auto: bfloat16 on GPUs and CPUs with bfloat16 units, else float32 (per worker)
+    device: str = "auto"  # auto: a GPU per worker when the cluster has GPUs, else CPU
+    families: tuple[str, ...] = FAMILIES
+    rls_seeds: tuple[int, ...] = (0,)
+    config_ids: tuple[str, ...] = ()  # empty: every configuration of `families`; `full` is always kept
+    max_new_tokens: int = 64
+    prefill: str = "full"
+    batch_size: int = 8  # prompts per engine call
+    max_rows: int = DEFAULT_MAX_ROWS  # engine rows (prompt x layer set) decoded together
+    shard_size: int = 64  # examples per shard file, the unit of work and of resume
+    workers: int | None = None  # None: one per GPU, or one CPU worker
+    scoring: ScoringOptions = ScoringOptions()  # [scoring]: stemming, sentence_split, tokenizer
+    start_timeout: float = 600.0  # seconds to wait for workers to be placed and load the model, or to come back
+    configs: Mapping[str, list[int]] = dataclasses.field(default_factory=dict)  # [configs]: custom layer sets
+    checkpoints: Mapping[str, str] = dataclasses.field(default_factory=dict)  # [checkpoints]: config id -> model
+    out: str = ""
+    trust_remote_code: bool = False  # run a model folder's own Python code (recorded in run.json); off by default
+
+    def __post_init__(self) -> None:
+        _check_types(self, "")
+        if not self.out:
+            object.__setattr__(self, "out", str(Path("outputs") / self.name))
+        _validate(self)
+
+    @property
+    def run_dir(self) -> RunPath:
+        return locate(self.out)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide the rows' content, as run.json stores them (lists, not tuples)."""
+        ident = {key: getattr(self, key) for key in _IDENTITY}
+        for key in ("families", "rls_seeds", "config_ids"):  # order does not change the rows
+            ident[key] = sorted(ident[key])
+        ident["dataset"] = {key: getattr(self.dataset, key) for key in _DATASET_IDENTITY}
+        ident["scoring"] = self.scoring.to_dict()
+        if self.configs:  # only when used, so runs from before these tables keep their identity
+            ident["configs"] = {name: sorted(layers) for name, layers in sorted(self.configs.items())}
+        if self.checkpoints:
+            ident["checkpoints"] = dict(sorted(self.checkpoints.items()))
+        return ident
+
+    def select_configs(self, configs: list[SkipConfig]) -> list[SkipConfig]:
+        """Restrict built configurations to `config_ids` (keeping `full`, which fidelity needs)."""
+        if not self.config_ids:
+            return configs
+        known = {cfg.config_id for cfg in configs} | set(self.configs)
+        unknown = [c for c in self.config_ids if c not in known]
+        if unknown:
+            raise ValueError(f"unknown config id {', '.join(unknown)} for this model and families "
+                             f"(see `dynoracle configs --layers L`)")
+        wanted = set(self.config_ids)
+        return [cfg for cfg in configs if cfg.family == "full" or cfg.config_id in wanted]
+
+    def configurations(self, num_layers: int) -> list[SkipConfig]:
+        """Every configuration this job runs on an L-layer model: the chosen built-in ones, then its custom
+        layer sets (always included). Raises ValueError for a set that does not fit the model."""
+        return [*self.select_configs(build_configs(num_layers, self.families, self.rls_seeds)),
+                *custom_configs(dict(self.configs), num_layers)]
+
+
+def _validate(spec: JobSpec) -> None:
+    _check_types(spec.dataset, "dataset.")
+    if spec.name in ("", ".", "..") or any(c in spec.name for c in "/\\\0"):
+        raise ValueError(f"job name {spec.name!r} must be a plain folder name (not '.' or '..', no '/' or '\\'): "
+                         "the run folder is outputs/<name>")
+    if not isinstance(spec.model, str) or not spec.model:
+        raise ValueError(f"model must be a hub id, a local folder, a GGUF file or {EMBEDDED_MODEL}, got {spec.model!r}")
+    if spec.dtype != AUTO_DTYPE and spec.dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {spec.dtype!r}; choose from {AUTO_DTYPE}, {', '.join(DTYPES)}")
+    if spec.device not in DEVICES:
+        raise ValueError(f"unknown device {spec.device!r}; choose from {', '.join(DEVICES)}")
+    if spec.prefill not in PREFILL_POLICIES:
+        raise ValueError(f"unknown prefill {spec.prefill!r}; choose from {', '.join(PREFILL_POLICIES)}")
+    if not spec.families:
+        raise ValueError("families is empty; choose from " + ", ".join(FAMILIES))
+    bad = [f for f in spec.families if f not in FAMILIES]
+    if bad:
+        raise ValueError(f"unknown family {', '.join(map(str, bad))}; choose from {', '.join(FAMILIES)}")
+    if any(not isinstance(s, int) or s < 0 for s in spec.rls_seeds):
+        raise ValueError(f"rls_seeds must be non-negative integers, got {list(spec.rls_seeds)}")
+    for key in ("max_new_tokens", "batch_size", "max_rows", "shard_size"):
+        value = getattr(spec, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    if spec.workers is not None and (not isinstance(spec.workers, int) or spec.workers < 1):
+        raise ValueError(f"workers must be a positive integer, got {spec.workers!r}")
+    if isinstance(spec.start_timeout, bool) or not isinstance(spec.start_timeout, (int, float)) \
+            or not spec.start_timeout > 0:
+        raise ValueError(f"start_timeout must be a positive number of seconds, got {spec.start_timeout!r}")
+    if not isinstance(spec.configs, Mapping):
+        raise ValueError("configs must be a table ([configs]) of name = [executed layers]")
+    for name, layers in spec.configs.items():
+        check_custom_layers(name, layers)
+    if not isinstance(spec.checkpoints, Mapping):
+        raise ValueError("checkpoints must be a table ([checkpoints]) of config id = model")
+    for config_id, source in spec.checkpoints.items():
+        if not isinstance(source, str) or not source:
+            raise ValueError(f"checkpoint of {config_id} must be a hub id, a local folder or a GGUF file, got {source!r}")
+    limit = spec.dataset.limit
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"dataset.limit must be a positive integer, got {limit!r}")
+    budget = spec.dataset.prompt_budget
+    if budget is not None and (not isinstance(budget, int) or budget < 1):
+        raise ValueError(f"dataset.prompt_budget must be a positive integer, got {budget!r}")
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", type(None): "none"}
+
+
+def _expected(hint: Any) -> str:
+    """`hint` in words: 'a string', 'an integer or none', 'a list of strings', 'a table'."""
+    if typing.get_origin(hint) is collections.abc.Mapping:
+        return "a table"
+    if typing.get_origin(hint) is tuple:
+        item = _TYPE_NAMES[typing.get_args(hint)[0]].split(" ", 1)[1]
+        return f"a list of {item}s"
+    args = typing.get_args(hint) or (hint,)
+    return " or ".join(_TYPE_NAMES[a] for a in sorted(args, key=lambda a: a is type(None)))
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    if typing.get_origin(hint) is collections.abc.Mapping:  # [configs], [checkpoints]: entries checked in _validate
+        return isinstance(value, Mapping)
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, tuple) and all(_matches(v, typing.get_args(hint)[0]) for v in value)
+    args = typing.get_args(hint) or (hint,)
+    # bool is a subclass of int in Python; `workers = true` is not a number of workers
+    return any(isinstance(value, a) and not (a is int and isinstance(value, bool)) for a in args)
+
+
+def _check_types(obj: Any, prefix: str) -> None:
+    """Every field of a job (or its dataset table) has its declared type; else one line naming the field."""
+    hints = typing.get_type_hints(type(obj))
+    for field in dataclasses.fields(obj):
+        hint = hints[field.name]
+        if dataclasses.is_dataclass(hint):  # [dataset], [scoring]: checked field by field on their own
+            continue
+        value = getattr(obj, field.name)
+        if not _matches(value, hint):
+            shown = list(value) if isinstance(value, tuple) else value
+            raise ValueError(f"{prefix}{field.name} must be {_expected(hint)}, got {shown!r}")
+
+
+def _merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with the non-None values of `overrides`, tables merged key by key."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping):
+            if isinstance(merged.get(key) or {}, Mapping):  # else a mistyped table stays, for the type check
+                merged[key] = _merge(merged.get(key) or {}, value)
+        elif value is not None:
+            merged[key] = value
+    return merged
+
+
+def job_from_dict(raw: Mapping[str, Any]) -> JobSpec:
+    """Build a JobSpec from TOML-shaped data; unknown or mistyped fields are errors."""
+    known = {f.name for f in dataclasses.fields(JobSpec)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"unknown job field {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    data = dict(raw)
+    dataset = data.get("dataset")
+    if not isinstance(dataset, Mapping) or "name" not in dataset:
+        raise ValueError(f"dataset must be a dataset name or a [dataset] table with a name, got {dataset!r}")
+    unknown = sorted(set(dataset) - _DATASET_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown dataset field {', '.join(unknown)}; known: {', '.join(sorted(_DATASET_FIELDS))}")
+    data["dataset"] = DatasetSpec(**dataset)
+    _check_types(data["dataset"], "dataset.")
+    scoring = data.get("scoring", {})
+    if not isinstance(scoring, Mapping):
+        raise ValueError("scoring must be a table ([scoring]) with stemming, sentence_split, tokenizer")
+    unknown = sorted(set(scoring) - _SCORING_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown scoring field {', '.join(unknown)}; known: {', '.join(sorted(_SCORING_FIELDS))}")
+    data["scoring"] = ScoringOptions(**scoring)
+    _check_types(data["scoring"], "scoring.")
+    data.setdefault("name", data["dataset"].name)
+    for key in ("families", "rls_seeds", "config_ids"):
+        if key in data:
+            value = data[key]
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"{key} must be a list, got {value!r}")
+            data[key] = tuple(value)
+    return JobSpec(**data)
+
+
+def load_job(path: str | Path | None = None, dataset: str | None = None,
+             overrides: Mapping[str, Any] | None = None) -> JobSpec:
+    """A job from a TOML file, or a named job (jobs/<dataset>.toml, as shipped in the package).
+
+    A dataset kind without a named job (file, hub) starts from the defaults; any other unknown name is a
+    ValueError listing the named jobs.
+
+    `overrides` is TOML-shaped (`{"dataset": {"limit": 8}, "workers": 2}`); None values are ignored.
+    Renaming a job without a new `out` moves it to outputs/<new name>.
+    """
+    if path is not None and dataset is not None:
+        raise ValueError("give either a job file or a dataset name, not both")
+    if path is None and dataset is None:
+        raise ValueError("give a job file (--job) or a dataset name (--dataset)")
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"job file {path} does not exist")
+        raw = _read_toml(path)
+    else:
+        raw = _named_job(dataset)
+    if isinstance(raw.get("dataset"), str):
+        raw["dataset"] = {"name": raw["dataset"]}
+    overrides = dict(overrides or {})
+    if overrides.get("name") and not overrides.get("out"):
+        raw.pop("out", None)
+    return job_from_dict(_merge(raw, overrides))
+
+
+def named_jobs() -> list[str]:
+    """The names `--dataset` accepts with a job spec behind them (the stems of JOBS_DIR/*.toml), sorted."""
+    return sorted(path.stem for path in JOBS_DIR.glob("*.toml"))
+
+
+def _named_job(name: str) -> dict[str, Any]:
+    path = JOBS_DIR / f"{name}.toml"
+    if path.is_file():
+        return _read_toml(path)
+    if name in DATASETS:
+        return {"dataset": {"name": name}}
+    raise ValueError(f"no job named {name!r}; named jobs: {', '.join(named_jobs())} "
+                     f"(or a dataset kind without one: {', '.join(d for d in DATASETS if d not in named_jobs())})")
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: {exc}") from None

@@ -1,0 +1,313 @@
+"""One run = one folder (DESIGN.md, Parquet contract): the lock, run.json, configs.parquet and the shard files.
+
+A shard file is the completion marker of its unit of work: it is written under a temporary name in the
+same folder, fsynced, then renamed into place, so a file that exists is whole. Each shard carries its
+job's identity (the run.json fields that decide its rows) and its index in its Parquet metadata, so a
+file of another job, or one copied under another shard's name, is recognised as foreign. A rerun trusts
+a shard only after reading it back (page checksums on) and finding its identity and exactly the expected
+rows; a damaged one is deleted and computed again, a foreign one makes the run refuse. Only the driver
+writes here, under the lock.
+
+The folder may be an object-store URI (`pipeline.run.location`): there a shard is uploaded whole, a rerun
+finds the complete shards by listing `generations/` once, and the lock is an object (see `_store_lock`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import socket
+import uuid
+from contextlib import contextmanager, suppress
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import pyarrow as pa
+
+from pipeline.run.atomic import write_parquet
+from pipeline.generation.configs import SkipConfig
+from pipeline.data.adapters import Example
+from pipeline.generation.engine import Generation
+from pipeline.run.location import RunPath, StorePath, locate, read_parquet
+from pipeline.generation.scoring import SCORE_COLUMNS
+
+GENERATIONS_SCHEMA = pa.schema([
+    ("seq_id", pa.string()),
+    ("shard", pa.int32()),
+    ("config_id", pa.string()),
+    ("family", pa.string()),
+    ("cost", pa.int16()),
+    ("prompt_tokens", pa.int32()),
+    ("prompt_truncated", pa.bool_()),
+    ("gen_tokens", pa.int32()),
+    ("finish_reason", pa.string()),
+    ("output", pa.string()),
+    ("reference", pa.string()),
+    *((name, pa.float64()) for name in SCORE_COLUMNS),
+    ("layers_per_token", pa.float64()),
+])
+CONFIGS_SCHEMA = pa.schema([
+    ("config_id", pa.string()),
+    ("family", pa.string()),
+    ("budget", pa.int16()),
+    ("layers", pa.list_(pa.int16())),
+    ("cost", pa.int16()),
+])
+
+
+SHARD_METADATA_KEY = b"dynoracle.shard"  # Parquet key-value metadata: {"shard": i, "job": job_identity(run.json)}
+_JOB_KEYS = ("identity", "scoring", "dataset_fingerprint", "model_fingerprint", "dtype")
+# The temporary files `write_atomic` makes for the files a run writes (`.<name>.<random>.tmp`).
+OWN_TEMP = re.compile(r"\.(run\.json|configs\.parquet)\.[A-Za-z0-9_]+\.tmp")  # in the run folder
+OWN_SHARD_TEMP = re.compile(r"\.shard=\d{5}\.parquet\.[A-Za-z0-9_]+\.tmp")  # in a task folder
+
+
+class RunLocked(RuntimeError):
+    """Another live process holds the run folder."""
+
+
+class ShardProblem(ValueError):
+    """A shard file that cannot be used: `foreign` when it belongs to another job, else damaged."""
+
+    def __init__(self, path: RunPath, reason: str, foreign: bool = False):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason, self.foreign = path, reason, foreign
+
+
+def job_identity(record: Mapping[str, Any]) -> dict[str, Any]:
+    """What decides a run's rows (job fields, data, model weights, dtype), as run.json records it."""
+    return {key: record.get(key) for key in _JOB_KEYS}
+
+
+def _differing(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the fields where two identities differ (nested tables walked)."""
+    names = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, Mapping) and isinstance(y, Mapping):
+            names += _differing(x, y, f"{prefix}{key}.")
+        elif x != y:
+            names.append(f"{prefix}{key}")
+    return names
+
+
+def read_shard(path: RunPath, shard: int, job: Mapping[str, Any], schema: pa.Schema | None = None) -> pa.Table:
+    """Read one shard file with page checksums verified and check it is shard `shard` of the job `job`.
+
+    `schema`: the task's exact schema (default: the generations').
+
+    Raises ShardProblem (damaged: unreadable, 0 bytes, other columns, no identity; foreign: another job's
+    identity or another shard's index).
+    """
+    try:
+        table = read_parquet(path)
+    except (OSError, pa.ArrowException) as exc:
+        reason = "0 bytes" if path.is_file() and path.stat().st_size == 0 else str(exc).splitlines()[0][:120]
+        raise ShardProblem(path, f"unreadable ({reason})") from None
+    if not table.schema.equals(schema or GENERATIONS_SCHEMA, check_metadata=False):
+        raise ShardProblem(path, "unexpected columns or types")
+    raw = (table.schema.metadata or {}).get(SHARD_METADATA_KEY)
+    try:
+        stamp = json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        stamp = None
+    if not isinstance(stamp, dict) or not isinstance(stamp.get("job"), dict):
+        raise ShardProblem(path, "carries no job identity (written by an older dynoracle?)")
+    differ = _differing(stamp["job"], dict(job))
+    if differ:
+        raise ShardProblem(path, f"belongs to another job ({', '.join(differ[:4])} differ)", foreign=True)
+    if stamp.get("shard") != shard or set(table.column("shard").to_pylist()) - {shard}:
+        raise ShardProblem(path, f"holds shard {stamp.get('shard')}, not shard {shard}", foreign=True)
+    return table
+
+
+def shard_table(shard: int, examples: list[Example], configs: list[SkipConfig],
+                generations: list[list[Generation]], scores: dict[str, list[float]]) -> pa.Table:
+    """The rows of one shard, example-major then in configuration order; `scores` is flat in that order."""
+    rows = [(ex, cfg, gen) for ex, per_cfg in zip(examples, generations) for cfg, gen in zip(configs, per_cfg)]
+    columns = {
+        "seq_id": [ex.seq_id for ex, _, _ in rows],
+        "shard": [shard] * len(rows),
+        "config_id": [cfg.config_id for _, cfg, _ in rows],
+        "family": [cfg.family for _, cfg, _ in rows],
+        "cost": [cfg.cost for _, cfg, _ in rows],
+        "prompt_tokens": [ex.prompt_tokens for ex, _, _ in rows],
+        "prompt_truncated": [ex.prompt_truncated for ex, _, _ in rows],
+        "gen_tokens": [gen.gen_tokens for _, _, gen in rows],
+        "finish_reason": [gen.finish_reason for _, _, gen in rows],
+        "output": [gen.text for _, _, gen in rows],
+        "reference": [ex.reference for ex, _, _ in rows],
+        **{name: scores[name] for name in SCORE_COLUMNS},
+        "layers_per_token": [gen.layers_per_token for _, _, gen in rows],
+    }
+    return pa.Table.from_pydict(columns, schema=GENERATIONS_SCHEMA)
+
+
+def write_shard(path: RunPath, shard: int, table: pa.Table, job: Mapping[str, Any]) -> None:
+    """Write a shard file atomically, stamped with its index and its job's identity (see `read_shard`)."""
+    stamp = json.dumps({"shard": shard, "job": dict(job)}, sort_keys=True, default=str).encode()
+    write_parquet(table.replace_schema_metadata({**(table.schema.metadata or {}), SHARD_METADATA_KEY: stamp}), path)
+
+
+def configs_table(configs: list[SkipConfig]) -> pa.Table:
+    return pa.Table.from_pylist([cfg.to_dict() for cfg in configs], schema=CONFIGS_SCHEMA)
+
+
+class RunDir:
+    """The files of one run folder, and the checks that make reruns safe."""
+
+    def __init__(self, root: str | RunPath):
+        self.root = locate(root)
+        self.generations = self.root / "generations"
+        self.run_json = self.root / "run.json"
+        self.configs = self.root / "configs.parquet"
+
+    def shard_path(self, shard: int) -> RunPath:
+        return self.generations / f"shard={shard:05d}.parquet"
+
+    def listed_shards(self, folder: str) -> set[str]:
+        """Names of the shard files in a task folder (e.g. generations), from one listing (one request on a store)."""
+        where = self.root / folder
+        return {path.name for path in where.glob("shard=*.parquet")} if where.is_dir() else set()
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold an exclusive flock on `.lock` while a run writes here; the OS drops it if the process dies.
+
+        A folder this call created is removed again if the run wrote nothing into it (it failed early,
+        say on reaching the cluster), so a failed first attempt leaves no empty run folder behind.
+        An object store has no flock: see `_store_lock`.
+        """
+        if isinstance(self.root, StorePath):
+            with _store_lock(self.root):
+                yield
+            return
+        created = not self.root.exists()
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = self.root / ".lock"
+        fd = None
+        try:
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                raise RunLocked(f"run folder {self.root} is in use by another dynoracle run (pid {holder})") from None
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except OSError as exc:  # a full disk: say which file
+                raise OSError(f"cannot write {lock}: {os.strerror(exc.errno)}") from None
+            yield
+        finally:
+            if created:
+                self._remove_if_unused(lock)
+            if fd is not None:
+                os.close(fd)
+
+    def _remove_if_unused(self, lock: Path) -> None:
+        """Remove a folder `lock` created if the run left nothing in it but the lock and an empty generations/."""
+        names = {p.name for p in self.root.iterdir()}
+        if not names <= {lock.name, self.generations.name}:
+            return
+        with suppress(OSError):  # another run may have just opened a new lock file here
+            if self.generations.is_dir():
+                self.generations.rmdir()
+            lock.unlink(missing_ok=True)
+            self.root.rmdir()
+
+    def read_run_json(self) -> dict[str, Any] | None:
+        if not self.run_json.is_file():
+            return None
+        try:
+            return json.loads(self.run_json.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{self.run_json} is unreadable ({exc}); remove it or choose another --out") from None
+
+    def remove_stale_temp_files(self) -> int:
+        """Delete half-written files a killed run left behind in the folder and its task folders (we hold the lock).
+
+        Only temporary files of the names a run writes are touched; any other `.*.tmp` is not ours.
+        """
+        folders = [p for p in self.root.iterdir() if p.is_dir()] if self.root.is_dir() else []
+        stale = [p for folder, pattern in [(self.root, OWN_TEMP), *((f, OWN_SHARD_TEMP) for f in folders)]
+                 for p in folder.iterdir() if pattern.fullmatch(p.name) and p.is_file()]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return len(stale)
+
+
+def table_problem(path: RunPath, schema: pa.Schema, shard: int, key_columns: tuple[str, ...],
+                  expected: set[tuple], job: Mapping[str, Any]) -> str | None:
+    """Why a shard file must be (re)computed ('missing', 'unreadable ...', ...), or None when it is whole.
+
+    Whole means: readable with page checksums verified (`read_shard`: exactly `schema`, shard `shard` of
+    the job `job`), and one row per key tuple of `expected` (over `key_columns`), no other rows. Raises
+    ShardProblem when the file belongs to another job: that is the user's data, not ours to delete.
+    """
+    if not path.is_file():
+        return "missing"
+    try:
+        table = read_shard(path, shard, job, schema)
+    except ShardProblem as problem:
+        if problem.foreign:
+            raise
+        return problem.reason
+    if table.num_rows != len(expected):
+        return f"{table.num_rows} rows, expected {len(expected)}"
+    found = set(zip(*(table.column(name).to_pylist() for name in key_columns)))
+    if found != expected:
+        return "rows of other sequences or configurations"
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def _store_lock(root: StorePath) -> Iterator[None]:
+    """The single-writer rule of a run folder in an object store, which has no flock.
+
+    The driver writes `.lock` (host, pid, a fresh token) before anything else and deletes it when it ends.
+    A run refuses to start while `.lock` names another host, or a live process on this host; a lock left
+    by a process of this host that no longer exists (a killed driver) is taken over. After writing, the
+    lock is read back, so of two drivers starting together at most one sees its own token and goes on.
+    A driver killed on another host leaves its `.lock` behind: delete it once that run is surely gone.
+    """
+    lock = root / ".lock"
+    mine = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
+            "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    holder = _lock_holder(lock)
+    if holder is not None and not (holder.get("host") == mine["host"] and not _alive(int(holder.get("pid", 0)))):
+        raise RunLocked(f"run folder {root} is in use by another dynoracle run (pid {holder.get('pid')} on "
+                        f"{holder.get('host')} since {holder.get('since')}); if that run is gone, delete {lock}")
+    lock.write_text(json.dumps(mine) + "\n")
+    if (_lock_holder(lock) or {}).get("token") != mine["token"]:
+        raise RunLocked(f"run folder {root} is in use by another dynoracle run that started at the same time")
+    try:
+        yield
+    finally:
+        with suppress(OSError):
+            if (_lock_holder(lock) or {}).get("token") == mine["token"]:
+                lock.unlink()
+
+
+def _lock_holder(lock: StorePath) -> dict[str, Any] | None:
+    """The lock object's content; None when there is none; {} when it is unreadable (then it blocks)."""
+    try:
+        holder = json.loads(lock.read_text())
+    except FileNotFoundError:
+        return None
+    except (ValueError, OSError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
