@@ -82,7 +82,7 @@ def test_unknown_config_and_too_many_workers_are_reported_before_ray(workdir: Pa
     refused_run([*TINY, "--configs", "uls-3,uls-99"], workdir,
                 "unknown config id uls-99 for this model and families (see `dynoracle configs --layers L`)")
     refused_run([*TINY, "--workers", "999", "--device", "cpu"], workdir,
-                f"999 CPU workers need at least 999 CPUs; the cluster has {os.cpu_count()}")
+                f"cannot place 999 CPU workers x 1 thread (1 CPU each) on this machine (1 node: 1 x {os.cpu_count()} CPU)")
 
 
 def test_a_missing_gguf_file_is_named(workdir: Path) -> None:
