@@ -8,7 +8,7 @@ Steps, each in its own process so that one failing or missing package skips it a
    against the plain and the study's way; a batch-size scan of the engine with memory per row);
 3. limits: measured matmul throughput and copy bandwidth, and the fraction the engine reaches (sweep.py);
 4. a run: `dynoracle run` of a few Alpaca sequences on one GPU (Ray, one actor with num_gpus=1); where
-   Ray is not installed, and with --cpu, the same shard work in this process (ShardGenerator on the
+   Ray is not installed, and with --cpu, the same shard work in this process (ShardWorker on the
    device, shard files written and checked as the runner does), said so in the table.
 It prints one summary table and writes every figure to <out>/gpu.json. `--cpu` does the same on a CPU
 with tiny sizes (a tiny random OPT instead of OPT-1.3B), which the test suite runs.
@@ -131,23 +131,24 @@ def run(size: dict, device: str, out: Path) -> dict:
 
 def _run_in_process(job: dict) -> int:
     """The runner's shard work without Ray: load, shard, generate + score on the device, write, validate."""
-    from pipeline.run.atomic import write_parquet
-    from pipeline.generation.configs import build_configs
     from pipeline.data.adapters import load_examples, shard_examples
+    from pipeline.generation.task import GenerateTask
     from pipeline.run.job import load_job
-    from pipeline.run.rundir import RunDir
-    from pipeline.run.worker import ShardGenerator
+    from pipeline.run.rundir import RunDir, job_identity, write_shard
+    from pipeline.run.worker import ShardWorker
 
     overrides = {k: v for k, v in job.items() if k != "limit"} | {"dataset": {"limit": job["limit"]}}
     spec = load_job(dataset="alpaca", overrides=overrides)
-    generator = ShardGenerator(spec, spec.device)
-    examples = load_examples(spec.dataset, generator.lm.tokenizer)
+    worker = ShardWorker(spec, spec.device)
+    examples = load_examples(spec.dataset, worker.lm.tokenizer)
     shards = shard_examples(examples, spec.shard_size)
-    configs = spec.select_configs(build_configs(generator.lm.num_layers, spec.families, spec.rls_seeds))
-    folder = RunDir(spec.run_dir)
+    configs = spec.configurations(worker.lm.num_layers)
+    task = GenerateTask(tuple(configs), spec.max_new_tokens, spec.prefill, spec.batch_size, spec.max_rows,
+                        spec.scoring)
+    folder, identity = RunDir(spec.run_dir), job_identity({"identity": spec.identity()})
     for index, shard in enumerate(shards):
-        write_parquet(generator.run_shard(index, shard, configs), folder.shard_path(index))
-        problem = folder.shard_problem(index, shard, configs)
+        write_shard(task.shard_path(folder, index), index, worker.run(task, index, shard), identity)
+        problem = task.shard_problem(folder, index, shard, identity)
         if problem is not None:
             raise RuntimeError(f"shard {index}: {problem}")
     return len(examples) * len(configs)

@@ -63,7 +63,7 @@ def test_wheel_carries_every_named_job(wheel_venv):
     probe = "import json, pipeline.run.job as j; print(json.dumps([j.__file__, str(j.JOBS_DIR), j.named_jobs()]))"
     module, jobs_dir, names = json.loads(subprocess.run([str(python), "-c", probe], cwd=wheel_venv, env=_env(),
                                                         check=True, capture_output=True, text=True).stdout)
-    assert Path(module).is_relative_to(wheel_venv) and Path(jobs_dir) == Path(module).parent / "jobs"
+    assert Path(module).is_relative_to(wheel_venv) and Path(jobs_dir) == Path(module).parents[1] / "jobs"
     assert names == named_jobs() == sorted(p.stem for p in (REPO / "jobs").glob("*.toml"))
     for name in names:
         assert Path(jobs_dir, f"{name}.toml").read_bytes() == (REPO / "jobs" / f"{name}.toml").read_bytes()
