@@ -134,9 +134,9 @@ def run(
 
     Scoring options are part of the run's identity and recorded in run.json with the sentence splitter used.
     """
+    from pipeline.run.cluster import sigterm_as_interrupt
     from pipeline.run.job import load_job
     from pipeline.run.rundir import RunLocked
-    from pipeline.run.cluster import sigterm_as_interrupt
     from pipeline.run.runner import RunError, run_job
 
     overrides = {"name": name, "model": model, "families": families, "config_ids": config_ids,
@@ -213,7 +213,8 @@ def finetune(
 ) -> None:
     """Fine-tune a model for one configuration (skipped layers frozen and never run, loss on the response)."""
     from pipeline.data.adapters import DataError, DatasetSpec
-    from pipeline.training.finetune import FinetuneSpec, finetune as run_finetune
+    from pipeline.training.finetune import FinetuneSpec
+    from pipeline.training.finetune import finetune as run_finetune
 
     data = DatasetSpec(dataset, "train", path, data_dir, prompt_column, reference_column, prompt_format,
                        prompt_budget or None, limit)
@@ -294,9 +295,9 @@ def similarity(
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resamples."),
 ) -> None:
     """Hidden-state similarity of every configuration to the full model (teacher-forced), per layer and final."""
+    from pipeline.analysis.similarity import run_similarity
     from pipeline.run.rundir import RunLocked
     from pipeline.run.runner import RunError
-    from pipeline.analysis.similarity import run_similarity
 
     try:
         done = run_similarity(run_dir, response, workers, address, bootstrap, seed)

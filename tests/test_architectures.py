@@ -12,15 +12,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_bad_jobs import TINY, refused_run, workdir  # noqa: F401 (workdir is a fixture)
+from test_engine import _assert_engine_equals_masked
 from transformers import AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from pipeline.generation.architectures import CHECKED, FULL_PREFILL_REFUSED, REFUSED, architecture_problem, supported_markdown
+from pipeline.generation.architectures import (
+    CHECKED,
+    FULL_PREFILL_REFUSED,
+    REFUSED,
+    architecture_problem,
+    supported_markdown,
+)
 from pipeline.generation.configs import build_configs
 from pipeline.generation.models import LoadedModel, load_tokenizer
-from test_bad_jobs import TINY, refused_run, workdir  # noqa: F401 (workdir is a fixture)
-from test_engine import _assert_engine_equals_masked
 
 VOCAB = 256  # ids the embedded tokenizer decodes; small, so the LM head costs nothing
 # Tiny sizes under every name the configs use; each config takes the ones its constructor knows.

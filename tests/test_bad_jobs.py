@@ -13,16 +13,16 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from typer.testing import CliRunner
+from test_run_folders import folder_hash, invoke
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.generation.configs import build_configs
 from pipeline.data.adapters import DatasetSpec, load_examples
+from pipeline.generation.configs import build_configs
 from pipeline.generation.engine import generate
 from pipeline.generation.models import load_model, load_tokenizer
 from pipeline.generation.reference import masked_generate
-from test_run_folders import folder_hash, invoke
 
 DATA = Path(os.environ.get("DYNORACLE_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 TINY = ["--dataset", "alpaca", "--limit", "2", "--data-dir", str(DATA)]

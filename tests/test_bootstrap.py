@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from handmade_run import make_run
+
 from pipeline.analysis.bootstrap import bootstrap_oracle, resample_indices
 from pipeline.analysis.oracle import allocate, build_frontier, min_budget_to_match
 from pipeline.analysis.reduce import reduce_run

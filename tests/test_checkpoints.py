@@ -19,17 +19,17 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import ray
-
-from pipeline.generation.configs import SkipConfig
-from pipeline.data.adapters import DatasetSpec, load_examples
-from pipeline.generation.engine import generate
-from pipeline.training.finetune import FinetuneSpec, finetune
-from pipeline.run.job import job_from_dict, load_job
-from pipeline.generation.models import load_model
-from pipeline.analysis.reduce import reduce_run
-from pipeline.report.figures import build_report
-from pipeline.run.runner import run_job
 from tiny_models import save_tiny
+
+from pipeline.analysis.reduce import reduce_run
+from pipeline.data.adapters import DatasetSpec, load_examples
+from pipeline.generation.configs import SkipConfig
+from pipeline.generation.engine import generate
+from pipeline.generation.models import load_model
+from pipeline.report.figures import build_report
+from pipeline.run.job import job_from_dict, load_job
+from pipeline.run.runner import run_job
+from pipeline.training.finetune import FinetuneSpec, finetune
 
 DATA = os.environ.get("DYNORACLE_DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
 SEQUENCES = 3

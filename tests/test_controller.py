@@ -10,18 +10,26 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from handmade_run import make_run
 from matplotlib.figure import Figure
 from typer.testing import CliRunner
 
-from pipeline.analysis.controller import (LEARNERS, best_static, bootstrap_match, fold_splits, gain_share, match_budget,
-                                 run_controller, shuffled)
+from pipeline.analysis.controller import (
+    LEARNERS,
+    best_static,
+    bootstrap_match,
+    fold_splits,
+    gain_share,
+    match_budget,
+    run_controller,
+    shuffled,
+)
 from pipeline.analysis.controller_run import CURVES_SCHEMA, evaluate_run
 from pipeline.analysis.features import FEATURES_SCHEMA
 from pipeline.analysis.oracle import allocate, build_frontier
 from pipeline.analysis.reduce import budget_grid, load_matrix
-from pipeline.report.figures import build_report, plot_controllers
-from handmade_run import make_run
 from pipeline.cli import app
+from pipeline.report.figures import build_report, plot_controllers
 
 N, COSTS = 150, np.arange(1.0, 7.0)  # configurations executing 1..6 layers
 # Integer budgets: between two static costs a random mix of configurations spends more than the best static

@@ -15,10 +15,18 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.data import sources
 from pipeline.cli import app
-from pipeline.data.adapters import (DataError, DatasetSpec, Record, load_examples, load_records, load_split, shard_examples,
-                           split_indices)
+from pipeline.data import sources
+from pipeline.data.adapters import (
+    DataError,
+    DatasetSpec,
+    Record,
+    load_examples,
+    load_records,
+    load_split,
+    shard_examples,
+    split_indices,
+)
 from pipeline.generation.models import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -29,12 +29,12 @@ import torch
 from ray.cluster_utils import Cluster
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipeline.run.cluster import worker_env
-from pipeline.generation.configs import build_configs
 from pipeline.data.adapters import load_examples, shard_examples
-from pipeline.generation.task import GenerateTask
-from pipeline.run.job import load_job
+from pipeline.generation.configs import build_configs
 from pipeline.generation.models import load_model, load_tokenizer
+from pipeline.generation.task import GenerateTask
+from pipeline.run.cluster import worker_env
+from pipeline.run.job import load_job
 from pipeline.run.runner import run_job
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,12 +14,12 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.data.adapters import load_examples, shard_examples
 from pipeline.analysis.feature_task import run_features
 from pipeline.analysis.features import FEATURES_SCHEMA, load_features
-from pipeline.run.job import load_job
+from pipeline.cli import app
+from pipeline.data.adapters import load_examples, shard_examples
 from pipeline.generation.models import load_tokenizer
+from pipeline.run.job import load_job
 from pipeline.run.runner import run_job
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,13 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import save_tiny
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from pipeline.generation.configs import config_for_id
 from pipeline.data.adapters import DatasetSpec
-from pipeline.training.finetune import FINETUNE_JSON, FinetuneSpec, ResponseCollator, SkippedLayers, finetune, response_loss, response_rows
+from pipeline.generation.configs import config_for_id
 from pipeline.generation.models import decoder_layers, load_model
-from tiny_models import save_tiny
+from pipeline.training.finetune import (
+    FINETUNE_JSON,
+    FinetuneSpec,
+    ResponseCollator,
+    SkippedLayers,
+    finetune,
+    response_loss,
+    response_rows,
+)
 
 DATA = os.environ.get("DYNORACLE_DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
 CONFIG = "uls-2"  # of 4 layers: executes 0 and 2, skips 1 and 3

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_script_runs_on_cpu(tmp_path):
-    env = {**os.environ, "DYNORACLE_DATA_DIR": os.environ.get("DYNORACLE_DATA_DIR", str(REPO.parent / "shared" / "data"))}
+    env = {**os.environ, "PYTHON": sys.executable, "DYNORACLE_DATA_DIR": os.environ.get("DYNORACLE_DATA_DIR", str(REPO.parent / "shared" / "data"))}
     done = subprocess.run(["bash", "benchmarks/gpu.sh", "--cpu", "--out", str(tmp_path)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -9,8 +9,8 @@ import pytest
 
 from pipeline.generation import models
 from pipeline.generation.configs import build_configs
-from pipeline.run.job import JOBS_DIR, load_job
 from pipeline.run.cluster import plan_workers
+from pipeline.run.job import JOBS_DIR, load_job
 
 
 @pytest.mark.parametrize("path", sorted(JOBS_DIR.glob("*.toml")), ids=lambda p: p.stem)

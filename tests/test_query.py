@@ -8,11 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
+from handmade_run import CONFIGS, GENERATION_COLUMNS, make_run
 from typer.testing import CliRunner
 
-from handmade_run import CONFIGS, GENERATION_COLUMNS, make_run
-from pipeline.cli import app
 from pipeline.analysis.reduce import reduce_run
+from pipeline.cli import app
 
 N = 10
 

@@ -9,12 +9,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from handmade_run import write_run
 from typer.testing import CliRunner
 
-from handmade_run import write_run
-from pipeline.cli import app
 from pipeline.analysis.oracle import allocate, build_frontier, min_budget_to_match
 from pipeline.analysis.reduce import reduce_run
+from pipeline.cli import app
 
 L = 4
 CONFIGS = [("full", "full", 4, 4)] + [(f"{f}-{c}", f, c, c) for f in ("uls", "ee") for c in range(1, L)]

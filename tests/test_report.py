@@ -8,12 +8,12 @@ import re
 from pathlib import Path
 
 import pytest
+from handmade_run import L, make_run
 from PIL import Image
 from typer.testing import CliRunner
 
-from handmade_run import L, make_run
-from pipeline.cli import app
 from pipeline.analysis.reduce import reduce_run
+from pipeline.cli import app
 from pipeline.report.figures import HEADLINE_FRACTIONS, stale_reason
 
 FIGURES = ("cost_quality.png", "oracle_shares.png", "lengths.png")

@@ -20,14 +20,14 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from pipeline.generation.configs import full_config
 from pipeline.data.adapters import load_examples, shard_examples
+from pipeline.generation.configs import full_config
 from pipeline.generation.engine import generate
-from pipeline.run.job import load_job
 from pipeline.generation.models import load_model
+from pipeline.generation.scoring import sentence_splitter
+from pipeline.run.job import load_job
 from pipeline.run.rundir import GENERATIONS_SCHEMA, RunDir
 from pipeline.run.runner import run_job
-from pipeline.generation.scoring import sentence_splitter
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DYNORACLE_DATA_DIR") or REPO.parent / "shared" / "data")
@@ -61,6 +61,8 @@ def job_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray for the in-process runs of this module (the CLI runs start their own)."""
+    if ray.is_initialized():  # another module's in-process run may have left its Ray up
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     yield
     ray.shutdown()

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from handmade_run import make_run
 from typer.testing import CliRunner
 
-from handmade_run import make_run
-from pipeline.run import atomic
 from pipeline.cli import app
-from pipeline.run.executor import shards_to_compute
 from pipeline.generation.task import GenerateTask
+from pipeline.run import atomic
+from pipeline.run.executor import shards_to_compute
 from pipeline.run.rundir import RunDir, job_identity, write_shard
 
 READERS = {

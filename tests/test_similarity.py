@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipeline.generation.configs import SkipConfig, build_configs
-from pipeline.data.adapters import Example
-from pipeline.generation.models import LoadedModel, decoder_layers, load_tokenizer
 from pipeline.analysis.similarity_task import SimilarityTask, state_similarity
+from pipeline.data.adapters import Example
+from pipeline.generation.configs import SkipConfig, build_configs
+from pipeline.generation.models import LoadedModel, decoder_layers, load_tokenizer
 
 L = 6
 

@@ -10,14 +10,14 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.generation.configs import ee_layers, uls_layers
-from pipeline.data.adapters import load_examples, shard_examples
-from pipeline.run.job import load_job
-from pipeline.generation.models import load_model
-from pipeline.run.runner import run_job
 from pipeline.analysis.similarity import SHARD_SCHEMA, summary_path
 from pipeline.analysis.similarity_task import state_similarity
+from pipeline.cli import app
+from pipeline.data.adapters import load_examples, shard_examples
+from pipeline.generation.configs import ee_layers, uls_layers
+from pipeline.generation.models import load_model
+from pipeline.run.job import load_job
+from pipeline.run.runner import run_job
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DYNORACLE_DATA_DIR") or REPO.parent / "shared" / "data")

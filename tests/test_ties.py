@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from handmade_run import GENERATION_COLUMNS, write_run
 from typer.testing import CliRunner
 
-from handmade_run import GENERATION_COLUMNS, write_run
+from pipeline.analysis.oracle import build_frontier, choice_at, min_budget_to_match
 from pipeline.cli import app
 from pipeline.generation.configs import build_configs
-from pipeline.analysis.oracle import build_frontier, choice_at, min_budget_to_match
 from pipeline.run.rundir import CONFIGS_SCHEMA
 
 # The 5-sequence run: rougeL of full, uls-1, uls-2, uls-3 on a 4-layer model. Its float means differ
@@ -94,8 +94,8 @@ def test_report_of_oracle_files_without_a_match_says_so(tmp_path: Path) -> None:
     # budget; oracle files that record no match (searched, none found) still make a report, not a crash.
     import json
 
-    from pipeline.report.figures import markdown, plot_cost_quality, plot_shares
     from pipeline.analysis.reduce import reduce_run
+    from pipeline.report.figures import markdown, plot_cost_quality, plot_shares
 
     run = write_tie_run(tmp_path / "tie", TIE)
     result = reduce_run(run, "rougeL", match_full=True)

@@ -16,14 +16,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipeline.run.atomic import write_json, write_parquet
-from pipeline.analysis.controller import (LEARNERS, REGRESSORS, best_static, bootstrap_match, fold_splits, gain_share,
-                                 match_budget, overall_share, run_controller, shuffled)
+from pipeline.analysis.controller import (
+    LEARNERS,
+    REGRESSORS,
+    best_static,
+    bootstrap_match,
+    fold_splits,
+    gain_share,
+    match_budget,
+    overall_share,
+    run_controller,
+    shuffled,
+)
 from pipeline.analysis.features import load_features, stored_layers
 from pipeline.analysis.oracle import allocate, build_frontier
 from pipeline.analysis.reduce import budget_grid, load_matrix
+from pipeline.run.atomic import write_json, write_parquet
+from pipeline.run.location import locate, read_parquet
 
 CURVES_SCHEMA = pa.schema([
     ("layer", pa.int16()),  # feature layer (hidden state after this many layers; L = final)
@@ -132,5 +142,5 @@ def evaluate_run(run_dir: str | Path, metric: str = "rougeL", families: list[str
 
 def read_curves(run_dir: str | Path, metric: str) -> pd.DataFrame | None:
     """The controller curves of a run, or None when `dynoracle controller` has not run for this metric."""
-    path = Path(run_dir) / "controller" / metric / "curves.parquet"
-    return pq.read_table(path).to_pandas() if path.is_file() else None
+    path = locate(run_dir) / "controller" / metric / "curves.parquet"
+    return read_parquet(path).to_pandas() if path.is_file() else None

@@ -14,11 +14,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.data.adapters import Example
-from pipeline.run.executor import ExecSummary, ShardTask
 from pipeline.analysis.features import FEATURES_FOLDER, FEATURES_SCHEMA, POOLINGS, check_layers, default_layers
-from pipeline.run.job import JobSpec
+from pipeline.data.adapters import Example
 from pipeline.generation.models import LoadedModel
+from pipeline.run.executor import ExecSummary, ShardTask
+from pipeline.run.job import JobSpec
 from pipeline.run.runner import run_task
 
 

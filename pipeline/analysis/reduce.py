@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipeline.run.atomic import replace_folder, write_json, write_parquet
 from pipeline.analysis.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, BootstrapDraws, bootstrap_oracle
-from pipeline.generation.configs import FULL_ID, KNOWN_FAMILIES
 from pipeline.analysis.oracle import Frontier, allocate, build_frontier, min_budget_to_match
+from pipeline.generation.configs import FULL_ID, KNOWN_FAMILIES
+from pipeline.run.atomic import replace_folder, write_json, write_parquet
 from pipeline.run.location import RunPath, locate, read_parquet
 from pipeline.run.verify import verify_run
 

@@ -31,9 +31,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.run.atomic import write_parquet
 from pipeline.analysis.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, resample_indices
 from pipeline.generation.configs import FULL_ID
+from pipeline.run.atomic import write_parquet
+from pipeline.run.location import RunPath, locate
 
 RESPONSES = ("reference", "full")
 
@@ -113,9 +114,9 @@ def _resample_counts(n: int, resamples: int, seed: int) -> np.ndarray:
     return np.bincount(offsets.ravel(), minlength=resamples * n).reshape(resamples, n).astype(np.float64)
 
 
-def summary_path(run_dir: str | Path, response: str) -> Path:
+def summary_path(run_dir: str | Path, response: str) -> RunPath:
     """Where `dynoracle similarity` writes the per configuration x layer summary of a response kind."""
-    return Path(run_dir) / f"{folder_name(response)}.parquet"
+    return locate(run_dir) / f"{folder_name(response)}.parquet"
 
 
 def run_similarity(run_dir: str | Path, response: str = "reference", workers: int | None = None,
@@ -125,9 +126,9 @@ def run_similarity(run_dir: str | Path, response: str = "reference", workers: in
 
     Raises ValueError for an unfinished run or an unknown response kind.
     """
+    from pipeline.analysis.similarity_task import SimilarityTask
     from pipeline.generation.configs import build_configs
     from pipeline.run.runner import run_task
-    from pipeline.analysis.similarity_task import SimilarityTask
 
     folder = folder_name(response)
     if resamples < 1:

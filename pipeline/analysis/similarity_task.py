@@ -11,13 +11,20 @@ import pyarrow as pa
 import torch
 from transformers.cache_utils import Cache
 
-from pipeline.generation.configs import SkipConfig
-from pipeline.data.adapters import Example
-from pipeline.generation.engine import (_membership, _RoutedLayer, _shared_prefill, _SlotLayer, left_pad, prompt_positions,
-                             wrapped_layers)
-from pipeline.run.executor import ShardTask
-from pipeline.generation.models import LoadedModel
 from pipeline.analysis.similarity import SHARD_SCHEMA, folder_name
+from pipeline.data.adapters import Example
+from pipeline.generation.configs import SkipConfig
+from pipeline.generation.engine import (
+    _membership,
+    _RoutedLayer,
+    _shared_prefill,
+    _SlotLayer,
+    left_pad,
+    prompt_positions,
+    wrapped_layers,
+)
+from pipeline.generation.models import LoadedModel
+from pipeline.run.executor import ShardTask
 
 ROW_TOKENS = 1 << 15  # (row, position) pairs per forward: bounds the activations of one group of rows
 

@@ -14,8 +14,8 @@ import dataclasses
 from pathlib import Path
 
 from pipeline.generation.configs import SkipConfig
-from pipeline.run.job import JobSpec
 from pipeline.generation.models import LoadedModel, load_model, load_tokenizer, model_depth
+from pipeline.run.job import JobSpec
 
 _LOADED: dict[tuple[str, str, str], LoadedModel] = {}  # (source, dtype, device) -> model, per process
 

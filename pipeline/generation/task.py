@@ -11,14 +11,14 @@ from typing import Callable, ClassVar
 
 import pyarrow as pa
 
+from pipeline.data.adapters import Example
 from pipeline.generation.checkpoints import model_groups
 from pipeline.generation.configs import FULL_ID, SkipConfig
-from pipeline.data.adapters import Example
 from pipeline.generation.engine import Generation, generate
-from pipeline.run.executor import ShardTask
 from pipeline.generation.models import LoadedModel
-from pipeline.run.rundir import GENERATIONS_SCHEMA, shard_table
 from pipeline.generation.scoring import ScoringOptions, score
+from pipeline.run.executor import ShardTask
+from pipeline.run.rundir import GENERATIONS_SCHEMA, shard_table
 
 
 @dataclass(frozen=True)

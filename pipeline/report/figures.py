@@ -19,9 +19,9 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import PercentFormatter
 
+from pipeline.analysis.reduce import reduce_run
 from pipeline.generation.configs import CUSTOM, FULL_ID, KNOWN_FAMILIES
 from pipeline.report.query import open_run
-from pipeline.analysis.reduce import reduce_run
 from pipeline.report.similarity_figures import load_summary, plot_final_against_cost, plot_layers, similarity_section
 from pipeline.run.atomic import write_atomic
 from pipeline.run.location import RunPath, locate, read_parquet

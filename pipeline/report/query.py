@@ -26,8 +26,8 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 
-from pipeline.run.location import RunPath, parquet_dataset, read_parquet
 from pipeline.analysis.reduce import METRICS
+from pipeline.run.location import RunPath, parquet_dataset, read_parquet
 from pipeline.run.verify import RunFolderError, verify_run
 
 FORMATS = ("table", "csv", "json")

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
-from pipeline.generation.configs import FULL_ID
 from pipeline.analysis.similarity import RESPONSES, summary_path
+from pipeline.generation.configs import FULL_ID
+from pipeline.run.location import read_parquet
 
 FAMILY_STYLE = {"uls": ("ULS (uniform skip)", "tab:blue"), "ee": ("EE (early exit)", "tab:orange"),
                 "rls": ("RLS (random skip)", "tab:green")}
@@ -27,7 +27,7 @@ def load_summary(run_dir: Path) -> tuple[str, pd.DataFrame] | None:
     for response in RESPONSES:
         path = summary_path(run_dir, response)
         if path.is_file():
-            return response, pq.read_table(path).to_pandas()
+            return response, read_parquet(path).to_pandas()
     return None
 
 

@@ -33,16 +33,22 @@ from typing import Any, Callable, ClassVar, Iterator
 
 import pyarrow as pa
 import ray
-from ray.exceptions import (NodeDiedError, ObjectLostError, OutOfMemoryError, RayActorError, RayTaskError,
-                            WorkerCrashedError)
+from ray.exceptions import (
+    NodeDiedError,
+    ObjectLostError,
+    OutOfMemoryError,
+    RayActorError,
+    RayTaskError,
+    WorkerCrashedError,
+)
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from pipeline.run.cluster import RaySession, WorkerPlan, alive_nodes, describe_nodes, plan_workers, worker_env
 from pipeline.data.adapters import Example
+from pipeline.generation.models import LoadedModel
+from pipeline.run.cluster import RaySession, WorkerPlan, alive_nodes, describe_nodes, plan_workers, worker_env
 from pipeline.run.job import JobSpec
 from pipeline.run.location import RunPath
-from pipeline.generation.models import LoadedModel
 from pipeline.run.progress import RunProgress
 from pipeline.run.rundir import RunDir, ShardProblem, table_problem, write_shard
 from pipeline.run.worker import ShardWorker

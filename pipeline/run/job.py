@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline.generation.configs import FAMILIES, SkipConfig, build_configs, check_custom_layers, custom_configs
 from pipeline.data.adapters import DATASETS, DatasetSpec
+from pipeline.generation.configs import FAMILIES, SkipConfig, build_configs, check_custom_layers, custom_configs
 from pipeline.generation.engine import DEFAULT_MAX_ROWS, PREFILL_POLICIES
-from pipeline.run.location import RunPath, locate
 from pipeline.generation.models import AUTO_DTYPE, DTYPES, EMBEDDED_MODEL
 from pipeline.generation.scoring import ScoringOptions
+from pipeline.run.location import RunPath, locate
 
 _PACKAGE = Path(__file__).resolve().parents[1]  # pipeline/
 # An installed wheel carries the named jobs as pipeline/jobs/; a checkout (or editable install) has them in jobs/.

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from pipeline.data.adapters import Example
 from pipeline.generation.architectures import architecture_problem
 from pipeline.generation.configs import build_configs
-from pipeline.data.adapters import Example
-from pipeline.run.job import JobSpec
 from pipeline.generation.models import load_config, max_positions
+from pipeline.run.job import JobSpec
 from pipeline.run.rundir import OWN_TEMP, RunDir
 
 

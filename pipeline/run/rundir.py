@@ -27,12 +27,12 @@ from typing import Any, Iterator, Mapping
 
 import pyarrow as pa
 
-from pipeline.run.atomic import write_parquet
-from pipeline.generation.configs import SkipConfig
 from pipeline.data.adapters import Example
+from pipeline.generation.configs import SkipConfig
 from pipeline.generation.engine import Generation
-from pipeline.run.location import RunPath, StorePath, locate, read_parquet
 from pipeline.generation.scoring import SCORE_COLUMNS
+from pipeline.run.atomic import write_parquet
+from pipeline.run.location import RunPath, StorePath, locate, read_parquet
 
 GENERATIONS_SCHEMA = pa.schema([
     ("seq_id", pa.string()),

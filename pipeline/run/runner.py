@@ -11,8 +11,8 @@ the same executor over the same shards: `run_task` reopens the run folder from i
 from __future__ import annotations
 
 import hashlib
-import json
 import importlib.metadata
+import json
 import os
 import platform
 import subprocess
@@ -25,19 +25,27 @@ from typing import Any, Callable
 import ray
 import torch
 
-from pipeline.run.atomic import write_json, write_parquet
-from pipeline.generation.checkpoints import check_checkpoints, with_resolved_checkpoints
 from pipeline.data.adapters import Example, load_examples, shard_examples
-from pipeline.run.cluster import describe_nodes, plan_workers, ray_session
-from pipeline.run.executor import (ExecSummary, RunError, ShardDispatcher, ShardTask, execute, log, shards_to_compute,
-                               start_workers)
+from pipeline.generation.checkpoints import check_checkpoints, with_resolved_checkpoints
+from pipeline.generation.models import load_tokenizer, model_depth
+from pipeline.generation.scoring import mostly_dropped
 from pipeline.generation.task import GenerateTask
+from pipeline.run.atomic import write_json, write_parquet
+from pipeline.run.cluster import describe_nodes, plan_workers, ray_session
+from pipeline.run.executor import (
+    ExecSummary,
+    RunError,
+    ShardDispatcher,
+    ShardTask,
+    execute,
+    log,
+    shards_to_compute,
+    start_workers,
+)
 from pipeline.run.job import JobSpec, job_from_dict
 from pipeline.run.location import RunPath
-from pipeline.generation.models import load_tokenizer, model_depth
 from pipeline.run.preflight import check_job
 from pipeline.run.rundir import RunDir, configs_table, job_identity
-from pipeline.generation.scoring import mostly_dropped
 
 __all__ = ["RunError", "RunSummary", "run_job", "run_task"]
 

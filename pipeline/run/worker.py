@@ -16,12 +16,12 @@ import pyarrow as pa
 import ray
 import torch
 
-from pipeline.generation.checkpoints import load_checkpoints
 from pipeline.data.adapters import Example
-from pipeline.run.job import JobSpec
+from pipeline.generation.checkpoints import load_checkpoints
 from pipeline.generation.models import cache_dir, load_model
-from pipeline.run.progress import shard_reporter
 from pipeline.generation.scoring import sentence_splitter
+from pipeline.run.job import JobSpec
+from pipeline.run.progress import shard_reporter
 
 if TYPE_CHECKING:
     from pipeline.run.executor import ShardTask

@@ -37,12 +37,12 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from pipeline.run.atomic import write_json
+from pipeline.data.adapters import DatasetSpec, load_examples
 from pipeline.generation.checkpoints import resolve_source
 from pipeline.generation.configs import SkipConfig, config_for_id
-from pipeline.data.adapters import DatasetSpec, load_examples
 from pipeline.generation.engine import PREFILL_POLICIES
 from pipeline.generation.models import decoder_layers, load_model
+from pipeline.run.atomic import write_json
 
 FINETUNE_JSON = "finetune.json"
 CHECKPOINTS = "trainer-checkpoints"
