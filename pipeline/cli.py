@@ -23,6 +23,11 @@ def main() -> None:
     """Oracle search for dynamic layer selection: generate, score, reduce, query, report."""
 
 
+def family_names(families: str | None) -> tuple[str, ...] | None:
+    """`--families uls, ee` as ("uls", "ee"); None (every family) when the flag is not given."""
+    return None if families is None else tuple(f.strip() for f in families.split(",") if f.strip())
+
+
 def fail(message: str) -> None:
     """Print one line to stderr and exit non-zero, with no traceback."""
     typer.echo(f"error: {message}", err=True)
@@ -248,7 +253,7 @@ def reduce_command(
     """Solve the oracle from a run's generations: frontier, allocations, minimal budget matching full, intervals."""
     from pipeline.analysis.reduce import reduce_run
 
-    chosen = None if families is None else tuple(f.strip() for f in families.split(",") if f.strip())
+    chosen = family_names(families)
     try:
         result = reduce_run(run_dir, metric, chosen, tuple(budget or ()), match_full, cost, tolerance, partial,
                             bootstrap, seed, confidence)
@@ -325,7 +330,7 @@ def controller(
     from pipeline.analysis.controller import LEARNERS
     from pipeline.analysis.controller_run import evaluate_run
 
-    chosen = None if families is None else tuple(f.strip() for f in families.split(",") if f.strip())
+    chosen = family_names(families)
     try:
         result = evaluate_run(run_dir, metric, chosen, tuple(layer or ()), tuple(learner or LEARNERS), folds, seed,
                               resamples)
