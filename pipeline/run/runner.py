@@ -27,7 +27,7 @@ import torch
 
 from pipeline.data.adapters import Example, load_examples, shard_examples
 from pipeline.generation.checkpoints import check_checkpoints, with_resolved_checkpoints
-from pipeline.generation.models import load_tokenizer, model_depth
+from pipeline.generation.models import load_tokenizer
 from pipeline.generation.scoring import mostly_dropped
 from pipeline.generation.task import GenerateTask
 from pipeline.run.atomic import write_json, write_parquet
@@ -121,8 +121,7 @@ def run_job(spec: JobSpec, address: str | None = None,
     spec = with_resolved_checkpoints(spec)
     examples = load_examples(spec.dataset, load_tokenizer(spec.model, spec.trust_remote_code))  # before the folder
     shards = shard_examples(examples, spec.shard_size)                  # exists: bad data leaves no run folder behind
-    check_job(spec, examples)
-    depth = model_depth(spec.model, spec.trust_remote_code)  # configurations and checkpoints: checked up front too
+    depth = check_job(spec, examples).get_text_config().num_hidden_layers  # configurations, checkpoints: up front too
     configs = spec.configurations(depth)
     check_checkpoints(spec, configs, depth)
     if not (address or os.environ.get("RAY_ADDRESS")):  # a private local Ray gets exactly these resources
