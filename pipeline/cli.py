@@ -300,7 +300,7 @@ def similarity(
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resamples."),
 ) -> None:
     """Hidden-state similarity of every configuration to the full model (teacher-forced), per layer and final."""
-    from pipeline.analysis.similarity import run_similarity
+    from pipeline.analysis.similarity_task import run_similarity
     from pipeline.run.rundir import RunLocked
     from pipeline.run.runner import RunError
 

@@ -17,7 +17,7 @@ import torch
 from pipeline.analysis.features import FEATURES_FOLDER, FEATURES_SCHEMA, POOLINGS, check_layers, default_layers
 from pipeline.data.adapters import Example
 from pipeline.generation.models import LoadedModel
-from pipeline.run.executor import ExecSummary, ShardTask
+from pipeline.run.shard_task import ExecSummary, ShardTask
 from pipeline.run.job import JobSpec
 from pipeline.run.runner import run_task
 

@@ -117,35 +117,3 @@ def _resample_counts(n: int, resamples: int, seed: int) -> np.ndarray:
 def summary_path(run_dir: str | Path, response: str) -> RunPath:
     """Where `dynoracle similarity` writes the per configuration x layer summary of a response kind."""
     return locate(run_dir) / f"{folder_name(response)}.parquet"
-
-
-def run_similarity(run_dir: str | Path, response: str = "reference", workers: int | None = None,
-                   address: str | None = None, resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict[str, Any]:
-    """`dynoracle similarity`: the similarity task over every shard of a finished run (resumable, with the run's
-    model, prefill and configurations), then its summary file. Returns counts, seconds and the summary's path.
-
-    Raises ValueError for an unfinished run or an unknown response kind.
-    """
-    from pipeline.analysis.similarity_task import SimilarityTask
-    from pipeline.generation.configs import build_configs
-    from pipeline.run.runner import run_task
-
-    folder = folder_name(response)
-    if resamples < 1:
-        raise ValueError(f"bootstrap resamples must be >= 1, got {resamples}")
-
-    def make_task(spec, record):
-        configs = spec.select_configs(build_configs(record["num_layers"], spec.families, spec.rls_seeds))
-        outputs = None
-        if response == "full":
-            full = pq.read_table(Path(run_dir) / "generations", columns=["seq_id", "config_id", "output"],
-                                 filters=[("config_id", "=", FULL_ID)])
-            outputs = dict(zip(full["seq_id"].to_pylist(), full["output"].to_pylist()))
-        return SimilarityTask(tuple(configs), spec.prefill, response, spec.max_new_tokens, spec.batch_size, outputs)
-
-    done = run_task(run_dir, make_task, address, workers)
-    table = pq.read_table(Path(run_dir) / folder, schema=SHARD_SCHEMA)
-    path = summary_path(run_dir, response)
-    write_parquet(summarise(table, resamples, seed), path)
-    return {"shards": done.shards, "computed": done.computed, "skipped": done.skipped, "seconds": done.seconds,
-            "rows": table.num_rows, "summary": path}

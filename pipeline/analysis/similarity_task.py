@@ -4,16 +4,19 @@ layers, compared with the full model token by token (definitions in `pipeline.an
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from pathlib import Path
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from transformers.cache_utils import Cache
 
-from pipeline.analysis.similarity import SHARD_SCHEMA, folder_name
+from pipeline.analysis.bootstrap import DEFAULT_RESAMPLES
+from pipeline.analysis.similarity import SHARD_SCHEMA, folder_name, summarise, summary_path
 from pipeline.data.adapters import Example
-from pipeline.generation.configs import SkipConfig
+from pipeline.generation.configs import FULL_ID, SkipConfig, build_configs
 from pipeline.generation.engine import (
     _membership,
     _RoutedLayer,
@@ -24,7 +27,9 @@ from pipeline.generation.engine import (
     wrapped_layers,
 )
 from pipeline.generation.models import LoadedModel
-from pipeline.run.executor import ShardTask
+from pipeline.run.atomic import write_parquet
+from pipeline.run.runner import run_task
+from pipeline.run.shard_task import ShardTask
 
 ROW_TOKENS = 1 << 15  # (row, position) pairs per forward: bounds the activations of one group of rows
 
@@ -187,3 +192,29 @@ class SimilarityTask(ShardTask):
         }, schema=SHARD_SCHEMA)
 
 
+def run_similarity(run_dir: str | Path, response: str = "reference", workers: int | None = None,
+                   address: str | None = None, resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict[str, Any]:
+    """`dynoracle similarity`: the similarity task over every shard of a finished run (resumable, with the run's
+    model, prefill and configurations), then its summary file. Returns counts, seconds and the summary's path.
+
+    Raises ValueError for an unfinished run or an unknown response kind.
+    """
+    folder = folder_name(response)
+    if resamples < 1:
+        raise ValueError(f"bootstrap resamples must be >= 1, got {resamples}")
+
+    def make_task(spec, record):
+        configs = spec.select_configs(build_configs(record["num_layers"], spec.families, spec.rls_seeds))
+        outputs = None
+        if response == "full":
+            full = pq.read_table(Path(run_dir) / "generations", columns=["seq_id", "config_id", "output"],
+                                 filters=[("config_id", "=", FULL_ID)])
+            outputs = dict(zip(full["seq_id"].to_pylist(), full["output"].to_pylist()))
+        return SimilarityTask(tuple(configs), spec.prefill, response, spec.max_new_tokens, spec.batch_size, outputs)
+
+    done = run_task(run_dir, make_task, address, workers)
+    table = pq.read_table(Path(run_dir) / folder, schema=SHARD_SCHEMA)
+    path = summary_path(run_dir, response)
+    write_parquet(summarise(table, resamples, seed), path)
+    return {"shards": done.shards, "computed": done.computed, "skipped": done.skipped, "seconds": done.seconds,
+            "rows": table.num_rows, "summary": path}

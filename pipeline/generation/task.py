@@ -17,7 +17,7 @@ from pipeline.generation.configs import FULL_ID, SkipConfig
 from pipeline.generation.engine import Generation, generate
 from pipeline.generation.models import LoadedModel
 from pipeline.generation.scoring import ScoringOptions, score
-from pipeline.run.executor import ShardTask
+from pipeline.run.shard_task import ShardTask
 from pipeline.run.rundir import GENERATIONS_SCHEMA, shard_table
 
 

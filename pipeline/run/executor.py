@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import sys
 import time
-from abc import ABC, abstractmethod
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import ray
@@ -45,12 +43,11 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pipeline.data.adapters import Example
-from pipeline.generation.models import LoadedModel
 from pipeline.run.cluster import RaySession, WorkerPlan, alive_nodes, describe_nodes, plan_workers, worker_env
 from pipeline.run.job import JobSpec
-from pipeline.run.location import RunPath
 from pipeline.run.progress import RunProgress
-from pipeline.run.rundir import RunDir, ShardProblem, table_problem, write_shard
+from pipeline.run.rundir import RunDir, ShardProblem, write_shard
+from pipeline.run.shard_task import ExecSummary, ShardTask
 from pipeline.run.worker import ShardWorker
 
 MAX_ATTEMPTS = 3  # tries of a shard whose own work raises
@@ -65,52 +62,6 @@ class RunError(RuntimeError):
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-class ShardTask(ABC):
-    """One kind of per-shard work. Instances are pickled to the workers, so keep them small and plain.
-
-    `folder` is the task's subfolder of the run folder (one `shard=NNNNN.parquet` per shard), `schema`
-    its table's exact schema, and `key_columns` the columns whose value tuples identify a row: a shard file
-    is valid when its rows' keys are exactly `expected_keys(examples)`, each once.
-    """
-
-    folder: ClassVar[str]
-    schema: ClassVar[pa.Schema]
-    key_columns: ClassVar[tuple[str, ...]]
-
-    @abstractmethod
-    def expected_keys(self, examples: list[Example]) -> set[tuple]:
-        """The key tuples a complete shard of these examples holds."""
-
-    @abstractmethod
-    def run(self, lm: LoadedModel, shard: int, examples: list[Example],
-            on_tokens: Callable[[int], None] | None = None) -> pa.Table:
-        """Compute the shard's table (runs inside a worker, next to the model); a task that generates tells
-        `on_tokens(n)` about every n tokens as they come, for the live progress display."""
-
-    def tokens(self, table: pa.Table) -> int:
-        """Tokens the shard generated, for the progress line's tokens/s (0 for tasks that generate none)."""
-        return 0
-
-    def shard_path(self, run: RunDir, shard: int) -> RunPath:
-        return run.root / self.folder / f"shard={shard:05d}.parquet"
-
-    def shard_problem(self, run: RunDir, shard: int, examples: list[Example], job: dict[str, Any]) -> str | None:
-        """Why the shard's file must be (re)computed ('missing', 'unreadable ...', ...), or None when it is whole.
-
-        Raises ShardProblem for a file of another job `job` (see `table_problem`)."""
-        return table_problem(self.shard_path(run, shard), self.schema, shard, self.key_columns,
-                             self.expected_keys(examples), job)
-
-
-@dataclass
-class ExecSummary:
-    shards: int
-    skipped: int
-    computed: int
-    tokens: int
-    seconds: float  # from the first shard handed out to the last one written
 
 
 def one_line(exc: BaseException) -> str:

@@ -33,16 +33,15 @@ from pipeline.generation.task import GenerateTask
 from pipeline.run.atomic import write_json, write_parquet
 from pipeline.run.cluster import describe_nodes, plan_workers, ray_session
 from pipeline.run.executor import (
-    ExecSummary,
     RunError,
     ShardDispatcher,
-    ShardTask,
     execute,
     log,
     shards_to_compute,
     start_workers,
 )
 from pipeline.run.job import JobSpec, job_from_dict
+from pipeline.run.shard_task import ExecSummary, ShardTask
 from pipeline.run.location import RunPath
 from pipeline.run.preflight import check_job
 from pipeline.run.rundir import RunDir, configs_table, job_identity

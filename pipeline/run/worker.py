@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 import ray
@@ -22,9 +22,7 @@ from pipeline.generation.models import cache_dir, load_model
 from pipeline.generation.scoring import sentence_splitter
 from pipeline.run.job import JobSpec
 from pipeline.run.progress import shard_reporter
-
-if TYPE_CHECKING:
-    from pipeline.run.executor import ShardTask
+from pipeline.run.shard_task import ShardTask
 
 
 class ShardWorker:
