@@ -373,19 +373,24 @@ def query_command(
     metric: str = typer.Option("rougeL", "--metric", help="Which oracle/<metric>/ the frontier and allocations read."),
     output_format: str = typer.Option("table", "--format", help="table, csv or json."),
     partial: bool = typer.Option(False, "--partial", help=PARTIAL_HELP),
+    timeout: float = typer.Option(300.0, "--timeout", help="Seconds a query may run before it is stopped."),
 ) -> None:
     """Run read-only SQL (DuckDB) over a run's verified Parquet files and print the result.
 
     Only SELECT and EXPLAIN run; DuckDB gets no file access (no COPY, ATTACH, read_csv of other files),
-    cannot install or load extensions, and its settings are locked.
+    cannot install or load extensions, and its settings are locked. A query is bounded: 2 GB of DuckDB
+    memory, --timeout seconds, a million result rows; Ctrl-C stops it.
     """
     from pipeline.report.query import query_run, render
 
     try:
-        columns, rows = query_run(run_dir, sql, metric, partial)
+        columns, rows = query_run(run_dir, sql, metric, partial, timeout)
         text = render(columns, rows, output_format)
     except (ValueError, OSError) as exc:
         fail(str(exc).strip().splitlines()[0])
+    except KeyboardInterrupt:
+        typer.echo("error: query interrupted", err=True)
+        raise typer.Exit(130) from None
     if columns:
         typer.echo(text)
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.generation.configs import build_configs
-from pipeline.run.rundir import GENERATIONS_SCHEMA, RunDir, job_identity, write_shard
+from pipeline.run.rundir import GENERATIONS_SCHEMA, RunDir, configs_fingerprint, job_identity, write_shard
 
 L = 6
 MAX_NEW_TOKENS = 24
@@ -56,6 +56,8 @@ def write_run(root: Path, job: dict, shards: list[pa.Table]) -> dict:
     record = {"job": job, "identity": {"max_new_tokens": job.get("max_new_tokens"), "model": job.get("model")},
               "dataset_fingerprint": "toy-data", "model_fingerprint": "toy-weights", "dtype": "float32",
               "shards": len(shards), "started": "2026-01-01T00:00:00+00:00", "finished": "2026-01-01T00:01:00+00:00"}
+    if (root / "configs.parquet").is_file():
+        record["configs_fingerprint"] = configs_fingerprint(pq.read_table(root / "configs.parquet"))
     (root / "run.json").write_text(json.dumps(record))
     run = RunDir(root)
     for index, table in enumerate(shards):

@@ -24,6 +24,7 @@ from pipeline.analysis.oracle import Frontier, assemble, build_frontier, min_bud
 
 DEFAULT_RESAMPLES = 1000
 DEFAULT_LEVEL = 0.95
+MAX_BYTES = 1 << 30  # the most a bootstrap's index and draw arrays may take; more is refused before allocating
 STACKED_ROWS = 1 << 17  # rows per stacked solve: ~100 MB of scores at K = 88, the frontier's blocks stay cached
 
 
@@ -42,10 +43,23 @@ class BootstrapDraws:
         return np.moveaxis(np.quantile(draws, [tail, 1.0 - tail], axis=0), 0, -1)
 
 
+def check_resamples(resamples: int, num_sequences: int, numbers_per_resample: int) -> None:
+    """Refuse, before allocating, a bootstrap whose arrays (8 bytes x numbers_per_resample per resample) would
+    pass MAX_BYTES; the message names the most resamples that fit."""
+    need = 8 * resamples * max(numbers_per_resample, 1)
+    if need > MAX_BYTES:
+        most = MAX_BYTES // (8 * max(numbers_per_resample, 1))
+        raise ValueError(f"{resamples:,} bootstrap resamples of {num_sequences:,} sequences need {need / 2**30:.1f} GiB "
+                         f"of draws; at most {most:,} fit in {MAX_BYTES / 2**30:g} GiB: ask for fewer (--bootstrap)")
+
+
 def resample_indices(num_sequences: int, resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> np.ndarray:
-    """(R, N) row indices, N draws with replacement per resample, from numpy's PCG64 seeded with `seed`."""
+    """(R, N) row indices, N draws with replacement per resample, from numpy's PCG64 seeded with `seed`.
+
+    Raises ValueError for no sequence or resample, or indices past MAX_BYTES (`check_resamples`)."""
     if num_sequences < 1 or resamples < 1:
         raise ValueError(f"bootstrap needs at least one sequence and one resample, got {num_sequences}, {resamples}")
+    check_resamples(resamples, num_sequences, num_sequences)
     return np.random.default_rng(seed).integers(0, num_sequences, (resamples, num_sequences))
 
 
@@ -76,12 +90,13 @@ def bootstrap_oracle(scores: np.ndarray, costs: np.ndarray, budgets: np.ndarray,
 
     scores: (N, K) per-sequence scores; costs: (K,) layers; budgets: (B,) layers, each at least the cheapest
     cost. Each resample's matching budget is `min_budget_to_match` against that resample's own full-model
-    column (exact at ties). Raises ValueError on a level outside (0, 1) or an empty matrix.
+    column (exact at ties). Raises ValueError on a level outside (0, 1), an empty matrix, or draws past MAX_BYTES.
     """
     if not 0.0 < level < 1.0:
         raise ValueError(f"confidence level must lie strictly between 0 and 1, got {level}")
     scores = np.asarray(scores, dtype=np.float64)
     budgets = np.asarray(budgets, dtype=np.float64)
+    check_resamples(resamples, scores.shape[0], scores.shape[0] + scores.shape[1] + budgets.size + 1)
     indices = resample_indices(scores.shape[0], resamples, seed)
     means = np.empty((resamples, scores.shape[1]))
     values = np.empty((resamples, budgets.size))

@@ -239,10 +239,14 @@ def _references(value: object, origin: str, column: str, keep_empty: bool) -> tu
     if not values or None in values:
         raise DataError(f"{origin}: {'null' if values else 'empty'} reference (column {column!r}); "
                         "every row needs a reference")
+    odd = next((item for item in values if not isinstance(item, str)), None)
+    if odd is not None:
+        raise DataError(f"{origin}: reference (column {column!r}) is {type(odd).__name__} {str(odd)[:40]!r}, not text; "
+                        "a reference must be a text or a list of texts")
     if not keep_empty and any(not str(item).strip() for item in values):
         raise DataError(f"{origin}: empty reference (column {column!r}); it would score 0 under every configuration "
                         "(set empty_references = \"keep\" in [dataset] to score it anyway)")
-    return tuple(str(item) for item in values)
+    return tuple(values)
 
 
 def _id_prefix(spec: DatasetSpec) -> str:

@@ -71,8 +71,9 @@ def read_files(paths: Sequence[Path], label: str) -> Table:
 
 def _read_jsonl(path: Path) -> Table:
     rows, origins = [], []
-    with path.open(encoding="utf-8-sig") as handle:  # -sig: a leading byte-order mark is not data
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            line = _utf8(raw[3:] if number == 1 and raw.startswith(BOM) else raw, path, number)  # a BOM is not data
             if not line.strip():
                 continue
             try:
@@ -87,13 +88,27 @@ def _read_jsonl(path: Path) -> Table:
 
 
 def _read_json(path: Path) -> Table:
+    raw = path.read_bytes()
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        data = json.loads(_utf8(raw[3:] if raw.startswith(BOM) else raw, path))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
         raise DataError(f"{path}: expected a JSON list of objects")
     return Table(str(path), data, tuple(f"{path.name} item {i}" for i in range(len(data))))
+
+
+BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark, which some editors put at the start of a file
+
+
+def _utf8(data: bytes, path: Path, line: int = 1) -> str:
+    """`data` (from line `line` of `path` on) decoded as UTF-8; else DataError naming the file and the line."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        at = line + data[:exc.start].count(b"\n")
+        raise DataError(f"{path}: line {at} is not UTF-8 text (byte 0x{data[exc.start]:02x}); "
+                        "save the file as UTF-8") from None
 
 
 def read_hub(hub_id: str, config: str | None, split: str, local_hint: str) -> Table:

@@ -34,11 +34,12 @@ def with_resolved_checkpoints(spec: JobSpec) -> JobSpec:
     return dataclasses.replace(spec, checkpoints={k: v for k, v in table.items() if v != own})
 
 
-def check_checkpoints(spec: JobSpec, configs: list[SkipConfig], num_layers: int) -> None:
+def check_checkpoints(spec: JobSpec, configs: list[SkipConfig], num_layers: int, named: tuple[str, ...] = ()) -> None:
     """Refuse, with one line, a table naming unknown configurations or a checkpoint whose tokenizer or
-    layer count differs from the job's model."""
+    layer count differs from the job's model. `named`: the table's config ids as the job gave them (before
+    `with_resolved_checkpoints` dropped those naming the job's own model), which must be known as well."""
     known = {cfg.config_id for cfg in configs}
-    unknown = sorted(set(spec.checkpoints) - known)
+    unknown = sorted((set(spec.checkpoints) | set(named)) - known)
     if unknown:
         raise ValueError(f"checkpoints name configuration {', '.join(unknown)}, which this job does not run")
     if not spec.checkpoints:

@@ -14,6 +14,7 @@ FAMILIES = ("uls", "ee", "rls")
 FULL_ID = "full"
 CUSTOM = "custom"  # a layer set a job names itself (DESIGN.md, Definitions)
 KNOWN_FAMILIES = (*FAMILIES, CUSTOM)
+MAX_LAYERS = 1024  # deeper than any released decoder (the deepest have ~130 layers); L^2 layer lists beyond
 _BUILT_ID = re.compile(r"^(full|uls-\d+|ee-\d+|rls-\d+-s\d+)$")
 
 
@@ -82,9 +83,12 @@ def build_configs(
 ) -> list[SkipConfig]:
     """Every configuration of the chosen families, `full` first.
 
-    Each family covers budgets 1..L-1; budget L of any family is the full model, listed once as `full`
+    Raises ValueError for L outside 1..MAX_LAYERS (the work and the output grow as L squared) or an unknown
+    family. Each family covers budgets 1..L-1; budget L of any family is the full model, listed once as `full`
     (so a family together with `full` has L configurations).
     """
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= MAX_LAYERS:
+        raise ValueError(f"a model has 1 to {MAX_LAYERS} decoder layers, got L={num_layers!r}")
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
         raise ValueError(f"unknown famil{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}; choose from {', '.join(FAMILIES)}")

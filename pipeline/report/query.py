@@ -18,9 +18,10 @@ import json
 import math
 import numbers
 import re
-from contextlib import contextmanager
+import threading
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import duckdb
 import pandas as pd
@@ -33,8 +34,15 @@ from pipeline.run.verify import RunFolderError, verify_run
 FORMATS = ("table", "csv", "json")
 CELL_WIDTH = 60  # table cells (outputs, references) are cut to this many characters
 READ_STATEMENTS = (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
-# DuckDB settings of a query connection: no file system, no extensions, nothing changeable afterwards.
-LOCKED_DOWN = (("enable_external_access", False), ("lock_configuration", True))
+# Bounds of one query: DuckDB's working memory, the wall time (then it is interrupted), the rows it returns.
+MEMORY_LIMIT = "2GB"
+TIMEOUT_S = 300.0
+MAX_ROWS = 1_000_000
+# DuckDB settings of a query connection: bounded memory, no file system, no extensions, nothing changeable afterwards.
+LOCKED_DOWN = (("memory_limit", f"'{MEMORY_LIMIT}'"), ("enable_external_access", "false"), ("lock_configuration", "true"))
+
+
+T = TypeVar("T")
 
 
 class QueryError(ValueError):
@@ -48,18 +56,60 @@ class RunDatabase:
     connection: duckdb.DuckDBPyConnection
     missing: dict[str, str]
 
-    def fetch(self, sql: str) -> tuple[list[str], list[tuple]]:
-        """Column names and rows of a query (none when the statement returns nothing)."""
+    def fetch(self, sql: str, timeout_s: float = TIMEOUT_S) -> tuple[list[str], list[tuple]]:
+        """Column names and rows of a query (none when the statement returns nothing).
+
+        Raises QueryError for an empty query, a statement that is not SELECT or EXPLAIN, more than MAX_ROWS
+        rows, or a query still running after `timeout_s` seconds (it is interrupted); KeyboardInterrupt on
+        Ctrl-C, after interrupting the query (DuckDB alone would not stop on it).
+        """
         with self._one_line_errors():
-            refused = [str(st.type).rsplit(".", 1)[-1] for st in duckdb.extract_statements(sql)
-                       if st.type not in READ_STATEMENTS]
+            statements = duckdb.extract_statements(sql)
+            if not statements:
+                raise QueryError("the query holds no SQL statement (only blanks, ';' or comments); give a SELECT")
+            refused = [str(st.type).rsplit(".", 1)[-1] for st in statements if st.type not in READ_STATEMENTS]
             if refused:
                 raise QueryError(f"query only reads the run: {', '.join(refused)} statements are not allowed; "
                                  "use SELECT (or EXPLAIN)")
-            cursor = self.connection.execute(sql)
-            if cursor.description is None:
-                return [], []
-            return [d[0] for d in cursor.description], cursor.fetchall()
+            return self._interruptible(lambda: self._rows(sql), timeout_s)
+
+    def _rows(self, sql: str) -> tuple[list[str], list[tuple]]:
+        cursor = self.connection.execute(sql)
+        if cursor.description is None:
+            return [], []
+        rows: list[tuple] = []
+        while chunk := cursor.fetchmany(10_000):  # streamed, so a huge result stops at the cap, not at memory's end
+            rows += chunk
+            if len(rows) > MAX_ROWS:
+                raise QueryError(f"the query returns more than {MAX_ROWS:,} rows; add a LIMIT or aggregate")
+        return [d[0] for d in cursor.description], rows
+
+    def _interruptible(self, work: Callable[[], T], timeout_s: float) -> T:
+        """`work()` on a helper thread while this one waits (a wait Ctrl-C can break, unlike DuckDB's own)."""
+        box: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                box["result"] = work()
+            except BaseException as exc:  # handed to the waiting thread
+                box["error"] = exc
+
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        try:
+            thread.join(timeout_s)
+        except KeyboardInterrupt:
+            self.connection.interrupt()
+            thread.join()
+            raise
+        if thread.is_alive():
+            self.connection.interrupt()
+            thread.join()
+            raise QueryError(f"the query ran past its {timeout_s:g} s limit and was stopped; narrow it "
+                             "(a LIMIT, a WHERE) or give it more time (--timeout)")
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
 
     def frame(self, sql: str) -> pd.DataFrame:
         with self._one_line_errors():
@@ -113,18 +163,19 @@ def open_run(run_dir: str | RunPath, metric: str = "rougeL", partial: bool = Fal
         # Explicit file lists, no partitioning: `shard` is the column stored in each file, not a path's.
         connection.register(name, parquet_dataset(paths))
     for setting, value in LOCKED_DOWN:
-        connection.execute(f"set {setting} = {str(value).lower()}")
+        connection.execute(f"set {setting} = {value}")
     return RunDatabase(connection, missing)
 
 
 def query_run(run_dir: str | RunPath, sql: str, metric: str = "rougeL",
-              partial: bool = False) -> tuple[list[str], list[tuple]]:
-    """Column names and rows of one read-only query over a run, on a connection of its own."""
+              partial: bool = False, timeout_s: float = TIMEOUT_S) -> tuple[list[str], list[tuple]]:
+    """Column names and rows of one read-only query over a run, on a connection of its own (`RunDatabase.fetch`)."""
     db = open_run(run_dir, metric, partial)
     try:
-        return db.fetch(sql)
+        return db.fetch(sql, timeout_s)
     finally:
-        db.connection.close()
+        with suppress(duckdb.Error):  # after a Ctrl-C DuckDB may still call the connection busy
+            db.connection.close()
 
 
 def render(columns: list[str], rows: list[tuple], fmt: str = "table") -> str:

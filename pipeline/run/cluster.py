@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
+import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,25 +49,76 @@ def sigterm_as_interrupt() -> None:
 
 
 @contextmanager
-def ray_session(address: str | None) -> Iterator[RaySession]:
+def ray_session(address: str | None, timeout_s: float | None = None) -> Iterator[RaySession]:
     """Join `address` (or RAY_ADDRESS), else start a private local Ray; reuse a Ray this process already joined.
 
-    A Ray initialised before the call (tests, notebooks) is used as it is and counted as joined.
+    A Ray initialised before the call (tests, notebooks) is used as it is and counted as joined. A `host:port`
+    address that accepts no connection within `timeout_s` seconds raises ConnectionError (Ray itself would
+    keep retrying). SIGTERM or Ctrl-C while Ray starts raise KeyboardInterrupt after Ray is shut down again.
     """
     if ray.is_initialized():
         yield RaySession(joined=True)
         return
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING}  # worker logs: <temp dir>/session_latest/logs
     joined = bool(address or os.environ.get("RAY_ADDRESS"))
-    if joined:
-        ray.init(address=address, **quiet)
-    else:
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
-    sigterm_as_interrupt()  # again: ray.init installs its own SIGTERM handler (a bare sys.exit)
+    if joined and timeout_s is not None:
+        wait_for_address(address or os.environ["RAY_ADDRESS"], timeout_s)
+    if not joined:  # agents of a private Ray whose driver was killed: gone in seconds, not after a minute of retries
+        os.environ.setdefault(GCS_RECONNECT_ENV, "10")
     try:
+        with _sigterm_kept():
+            try:
+                if joined:
+                    ray.init(address=address, **quiet)
+                else:
+                    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
+            except SystemExit as exc:  # a SIGTERM handler of Ray's own (sys.exit) ran after all
+                raise KeyboardInterrupt(f"signal {exc.code}") from None
+        sigterm_as_interrupt()
         yield RaySession(joined=joined)
     finally:
         ray.shutdown()
+
+
+# Seconds Ray's processes retry a lost GCS before giving up (Ray's default: 60); inherited by a private Ray's agents.
+GCS_RECONNECT_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"
+
+
+@contextmanager
+def _sigterm_kept() -> Iterator[None]:
+    """Keep our SIGTERM handler (`sigterm_as_interrupt`) through `ray.init`, which first thing installs a bare
+    `sys.exit` one: a SIGTERM while Ray starts then unwinds like any other (Ray shut down, exit 130)."""
+    utils = getattr(getattr(ray, "_private", None), "utils", None)
+    original = getattr(utils, "set_sigterm_handler", None)
+    if original is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigterm_as_interrupt()
+    utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        utils.set_sigterm_handler = original
+
+
+def wait_for_address(address: str, timeout_s: float) -> None:
+    """Return once `host:port` accepts a TCP connection; ConnectionError naming it after `timeout_s` seconds.
+
+    Other forms (`auto`, `ray://...`) are left to Ray."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((host, int(port)), timeout=max(0.1, min(5.0, left))):
+                return
+        except OSError as exc:
+            if left <= 0:
+                raise ConnectionError(f"no Ray cluster answers at {address} within {timeout_s:g} s "
+                                      f"({exc.strerror or exc}); start it (`ray start --head`) or fix --address") from None
+        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
 
 def worker_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import json
+import os
 import tomllib
 import typing
 from dataclasses import dataclass
@@ -62,9 +64,11 @@ class JobSpec:
 
     def __post_init__(self) -> None:
         _check_types(self, "")
+        _validate(self)
         if not self.out:
             object.__setattr__(self, "out", str(Path("outputs") / self.name))
-        _validate(self)
+        elif "://" not in self.out:  # `out = "~/runs/x"` means the home folder, as in a shell
+            object.__setattr__(self, "out", os.path.expanduser(self.out))
 
     @property
     def run_dir(self) -> RunPath:
@@ -110,6 +114,11 @@ def _validate(spec: JobSpec) -> None:
     if spec.name in ("", ".", "..") or any(c in spec.name for c in "/\\\0"):
         raise ValueError(f"job name {spec.name!r} must be a plain folder name (not '.' or '..', no '/' or '\\'): "
                          "the run folder is outputs/<name>")
+    if not spec.name.isprintable():
+        raise ValueError(f"job name {spec.name!r} holds a control character (a newline, a tab...); "
+                         "give a name of printable characters")
+    if not spec.out.isprintable():
+        raise ValueError(f"out {spec.out!r} holds a control character (a newline, a tab...); give a printable path")
     if not isinstance(spec.model, str) or not spec.model:
         raise ValueError(f"model must be a hub id, a local folder, a GGUF file or {EMBEDDED_MODEL}, got {spec.model!r}")
     if spec.dtype != AUTO_DTYPE and spec.dtype not in DTYPES:
@@ -136,8 +145,13 @@ def _validate(spec: JobSpec) -> None:
         raise ValueError(f"start_timeout must be a positive number of seconds, got {spec.start_timeout!r}")
     if not isinstance(spec.configs, Mapping):
         raise ValueError("configs must be a table ([configs]) of name = [executed layers]")
+    seen: dict[tuple[int, ...], str] = {}
     for name, layers in spec.configs.items():
-        check_custom_layers(name, layers)
+        executed = check_custom_layers(name, layers)
+        if executed in seen:
+            raise ValueError(f"custom configurations {seen[executed]} and {name} execute the same layers "
+                             f"{list(executed)}; keep one of them in [configs]")
+        seen[executed] = name
     if not isinstance(spec.checkpoints, Mapping):
         raise ValueError("checkpoints must be a table ([checkpoints]) of config id = model")
     for config_id, source in spec.checkpoints.items():
@@ -151,7 +165,7 @@ def _validate(spec: JobSpec) -> None:
         raise ValueError(f"dataset.prompt_budget must be a positive integer, got {budget!r}")
 
 
-_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", type(None): "none"}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "none"}
 
 
 def _expected(hint: Any) -> str:
@@ -171,8 +185,10 @@ def _matches(value: Any, hint: Any) -> bool:
     if typing.get_origin(hint) is tuple:
         return isinstance(value, tuple) and all(_matches(v, typing.get_args(hint)[0]) for v in value)
     args = typing.get_args(hint) or (hint,)
-    # bool is a subclass of int in Python; `workers = true` is not a number of workers
-    return any(isinstance(value, a) and not (a is int and isinstance(value, bool)) for a in args)
+    # bool is a subclass of int in Python; `workers = true` is not a number of workers; `10` is a float's 10.0
+    if isinstance(value, bool):
+        return bool in args
+    return any(isinstance(value, a) or (a is float and isinstance(value, int)) for a in args)
 
 
 def _check_types(obj: Any, prefix: str) -> None:
@@ -227,10 +243,10 @@ def job_from_dict(raw: Mapping[str, Any]) -> JobSpec:
     for key in ("families", "rls_seeds", "config_ids"):
         if key in data:
             value = data[key]
-            if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
             if not isinstance(value, (list, tuple)):
-                raise ValueError(f"{key} must be a list, got {value!r}")
+                raise ValueError(f"{key} must be a list, got {value!r}"
+                                 + (f" (write {key} = {json.dumps([v.strip() for v in value.split(',')])})"
+                                    if isinstance(value, str) else ""))
             data[key] = tuple(value)
     return JobSpec(**data)
 
@@ -259,8 +275,11 @@ def load_job(path: str | Path | None = None, dataset: str | None = None,
     if isinstance(raw.get("dataset"), str):
         raw["dataset"] = {"name": raw["dataset"]}
     overrides = dict(overrides or {})
-    if overrides.get("name") and not overrides.get("out"):
-        raw.pop("out", None)
+    for key in ("families", "rls_seeds", "config_ids"):  # a flag's comma-separated list
+        if isinstance(overrides.get(key), str):
+            overrides[key] = [v.strip() for v in overrides[key].split(",") if v.strip()]
+    if overrides.get("name") and not overrides.get("out") and isinstance(raw.get("out"), str):
+        raw.pop("out")  # a mistyped `out` stays, for the type check
     return job_from_dict(_merge(raw, overrides))
 
 
@@ -280,8 +299,12 @@ def _named_job(name: str) -> dict[str, Any]:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    data = path.read_bytes()
     try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line} is not UTF-8 text (byte 0x{data[exc.start]:02x}); "
+                         "save the job file as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path}: {exc}") from None

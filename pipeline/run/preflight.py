@@ -8,6 +8,8 @@ minutes and, worse, used to end in a worker traceback.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from transformers import PretrainedConfig
 
 from pipeline.data.adapters import Example
@@ -15,7 +17,7 @@ from pipeline.generation.architectures import architecture_problem
 from pipeline.generation.configs import build_configs
 from pipeline.generation.models import load_config, max_positions
 from pipeline.run.job import JobSpec
-from pipeline.run.rundir import OWN_TEMP, RunDir
+from pipeline.run.rundir import OWN_TEMP, RunDir, refuse_symlink
 
 
 def check_job(spec: JobSpec, examples: list[Example]) -> PretrainedConfig:
@@ -44,6 +46,8 @@ def check_run_folder(run: RunDir) -> None:
     Anything else (a home folder, a project folder named by mistake) is refused, so a run never writes,
     or sweeps temporary files, among files that are not its own.
     """
+    if isinstance(run.root, Path):
+        refuse_symlink(run.root)
     if not run.root.exists() or run.run_json.is_file():
         return
     if not run.root.is_dir():

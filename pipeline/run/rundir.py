@@ -15,6 +15,7 @@ finds the complete shards by listing `generations/` once, and the lock is an obj
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -59,7 +60,9 @@ CONFIGS_SCHEMA = pa.schema([
 
 
 SHARD_METADATA_KEY = b"dynoracle.shard"  # Parquet key-value metadata: {"shard": i, "job": job_identity(run.json)}
-_JOB_KEYS = ("identity", "scoring", "dataset_fingerprint", "model_fingerprint", "dtype")
+_JOB_KEYS = ("identity", "scoring", "dataset_fingerprint", "model_fingerprint", "dtype", "configs_fingerprint")
+# Keys a shard written before they existed may lack; it is then checked on the others (which decided its rows).
+_LATER_KEYS = ("configs_fingerprint",)
 # The temporary files `write_atomic` makes for the files a run writes (`.<name>.<random>.tmp`).
 OWN_TEMP = re.compile(r"\.(run\.json|configs\.parquet)\.[A-Za-z0-9_]+\.tmp")  # in the run folder
 OWN_SHARD_TEMP = re.compile(r"\.shard=\d{5}\.parquet\.[A-Za-z0-9_]+\.tmp")  # in a task folder
@@ -104,7 +107,7 @@ def read_shard(path: RunPath, shard: int, job: Mapping[str, Any], schema: pa.Sch
     """
     try:
         table = read_parquet(path)
-    except (OSError, pa.ArrowException) as exc:
+    except (OSError, ValueError, pa.ArrowException) as exc:  # ValueError: e.g. footer metadata that is not UTF-8
         reason = "0 bytes" if path.is_file() and path.stat().st_size == 0 else str(exc).splitlines()[0][:120]
         raise ShardProblem(path, f"unreadable ({reason})") from None
     if not table.schema.equals(schema or GENERATIONS_SCHEMA, check_metadata=False):
@@ -112,11 +115,12 @@ def read_shard(path: RunPath, shard: int, job: Mapping[str, Any], schema: pa.Sch
     raw = (table.schema.metadata or {}).get(SHARD_METADATA_KEY)
     try:
         stamp = json.loads(raw) if raw else None
-    except json.JSONDecodeError:
-        stamp = None
+    except ValueError:  # not JSON, or not even UTF-8 (a damaged footer)
+        raise ShardProblem(path, "unreadable (its identity metadata is damaged)") from None
     if not isinstance(stamp, dict) or not isinstance(stamp.get("job"), dict):
         raise ShardProblem(path, "carries no job identity (written by an older dynoracle?)")
-    differ = _differing(stamp["job"], dict(job))
+    expected = {k: v for k, v in job.items() if k in stamp["job"] or k not in _LATER_KEYS}
+    differ = _differing(stamp["job"], expected)
     if differ:
         raise ShardProblem(path, f"belongs to another job ({', '.join(differ[:4])} differ)", foreign=True)
     if stamp.get("shard") != shard or set(table.column("shard").to_pylist()) - {shard}:
@@ -156,6 +160,13 @@ def configs_table(configs: list[SkipConfig]) -> pa.Table:
     return pa.Table.from_pylist([cfg.to_dict() for cfg in configs], schema=CONFIGS_SCHEMA)
 
 
+def configs_fingerprint(table: pa.Table) -> str:
+    """A hash of configs.parquet's rows (ids, families, budgets, layers, costs), as run.json and every shard
+    record it: an edited configs.parquet no longer matches (`pipeline.run.verify`)."""
+    rows = table.select(CONFIGS_SCHEMA.names).to_pylist()
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
+
+
 class RunDir:
     """The files of one run folder, and the checks that make reruns safe."""
 
@@ -177,25 +188,34 @@ class RunDir:
     def lock(self) -> Iterator[None]:
         """Hold an exclusive flock on `.lock` while a run writes here; the OS drops it if the process dies.
 
-        A folder this call created is removed again if the run wrote nothing into it (it failed early,
-        say on reaching the cluster), so a failed first attempt leaves no empty run folder behind.
+        `.lock` names the holder's pid while it is held; on release it is emptied and gets back its former
+        modification time, so a run that was refused (another job's folder, say) leaves the folder's bytes as
+        they were. A folder this call created itself (an exclusive mkdir) is removed again if the run wrote
+        nothing into it (it failed early, say on reaching the cluster); a run that did not get the lock never
+        removes anything. A symbolic link as the run folder is refused (its files would land elsewhere).
         An object store has no flock: see `_store_lock`.
         """
         if isinstance(self.root, StorePath):
             with _store_lock(self.root):
                 yield
             return
-        created = not self.root.exists()
-        self.root.mkdir(parents=True, exist_ok=True)
+        refuse_symlink(self.root)
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir()
+            created = True
+        except FileExistsError:
+            created = False
         lock = self.root / ".lock"
-        fd = None
+        fd, held = None, None
         try:
             try:
-                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 raise RunLocked(f"run folder {self.root} is in use by another dynoracle run (pid {holder})") from None
+            held = os.fstat(fd)
             try:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -203,13 +223,18 @@ class RunDir:
                 raise OSError(f"cannot write {lock}: {os.strerror(exc.errno)}") from None
             yield
         finally:
-            if created:
-                self._remove_if_unused(lock)
+            if held is not None:
+                with suppress(OSError):
+                    os.ftruncate(fd, 0)
+                    os.utime(fd, ns=(held.st_atime_ns, held.st_mtime_ns))
+                if created:
+                    self._remove_if_unused(lock)
             if fd is not None:
                 os.close(fd)
 
     def _remove_if_unused(self, lock: Path) -> None:
-        """Remove a folder `lock` created if the run left nothing in it but the lock and an empty generations/."""
+        """Remove the folder `lock` created if the run left nothing in it but the lock and an empty generations/
+        (called while the lock is still held, so no other run is inside)."""
         names = {p.name for p in self.root.iterdir()}
         if not names <= {lock.name, self.generations.name}:
             return
@@ -264,6 +289,14 @@ def table_problem(path: RunPath, schema: pa.Schema, shard: int, key_columns: tup
     return None
 
 
+def refuse_symlink(root: Path) -> None:
+    """A local run folder must not be a symbolic link (dangling or not): its files would be written wherever
+    it points. Raises ValueError naming the link and its target."""
+    if root.is_symlink():
+        raise ValueError(f"run folder {root} is a symbolic link (to {os.readlink(root)}); give the real folder "
+                         "as --out, or remove the link")
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -278,28 +311,92 @@ def _alive(pid: int) -> bool:
 def _store_lock(root: StorePath) -> Iterator[None]:
     """The single-writer rule of a run folder in an object store, which has no flock.
 
-    The driver writes `.lock` (host, pid, a fresh token) before anything else and deletes it when it ends.
+    The driver creates `.lock` (host, pid, a fresh token) before anything else and deletes it when it ends.
     A run refuses to start while `.lock` names another host, or a live process on this host; a lock left
-    by a process of this host that no longer exists (a killed driver) is taken over. After writing, the
-    lock is read back, so of two drivers starting together at most one sees its own token and goes on.
-    A driver killed on another host leaves its `.lock` behind: delete it once that run is surely gone.
+    by a process of this host that no longer exists (a killed driver) is taken over. On S3 (with boto3) the
+    lock is created with a conditional write (`If-None-Match: *`; a takeover `If-Match` the stale lock's
+    ETag), so of two drivers starting together exactly one gets it. Stores without conditional writes
+    (gs://, or S3 without boto3) fall back to write-then-read-back, which narrows the window but cannot
+    close it: start one driver per folder there. A driver killed on another host leaves its `.lock`
+    behind: delete it once that run is surely gone.
     """
     lock = root / ".lock"
     mine = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
             "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    holder = _lock_holder(lock)
-    if holder is not None and not (holder.get("host") == mine["host"] and not _alive(int(holder.get("pid", 0)))):
-        raise RunLocked(f"run folder {root} is in use by another dynoracle run (pid {holder.get('pid')} on "
-                        f"{holder.get('host')} since {holder.get('since')}); if that run is gone, delete {lock}")
-    lock.write_text(json.dumps(mine) + "\n")
-    if (_lock_holder(lock) or {}).get("token") != mine["token"]:
-        raise RunLocked(f"run folder {root} is in use by another dynoracle run that started at the same time")
+    body = (json.dumps(mine) + "\n").encode()
+    created = _put_if(lock, body, None)
+    if created is None:  # no conditional write on this store
+        holder = _lock_holder(lock)
+        if holder is not None and not _stale(holder):
+            raise _in_use(root, lock, holder)
+        lock.write_bytes(body)
+        if (_lock_holder(lock) or {}).get("token") != mine["token"]:
+            raise RunLocked(f"run folder {root} is in use by another dynoracle run that started at the same time")
+    elif not created:
+        holder, etag = _holder_and_etag(lock)  # one read: the ETag is that of the content judged stale
+        if holder is None or etag is None or not _stale(holder) or not _put_if(lock, body, etag):
+            raise _in_use(root, lock, holder or {})
     try:
         yield
     finally:
         with suppress(OSError):
             if (_lock_holder(lock) or {}).get("token") == mine["token"]:
                 lock.unlink()
+
+
+def _stale(holder: Mapping[str, Any]) -> bool:
+    """A lock left by a process of this host that no longer exists."""
+    pid = holder.get("pid")
+    return holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid)
+
+
+def _in_use(root: StorePath, lock: StorePath, holder: Mapping[str, Any]) -> RunLocked:
+    return RunLocked(f"run folder {root} is in use by another dynoracle run (pid {holder.get('pid')} on "
+                     f"{holder.get('host')} since {holder.get('since')}); if that run is gone, delete {lock}")
+
+
+def _s3_client_and_key(lock: StorePath) -> tuple[Any, str, str] | None:
+    """A boto3 S3 client (endpoint and credentials from the AWS_* variables pyarrow reads too), bucket and key."""
+    if lock.scheme != "s3":
+        return None
+    try:
+        import boto3
+    except ImportError:
+        return None
+    bucket, _, key = lock.path.partition("/")
+    return boto3.client("s3"), bucket, key
+
+
+def _put_if(lock: StorePath, body: bytes, etag: str | None) -> bool | None:
+    """Write `lock` only if it does not exist (`etag` None) or is still the version `etag`: True if written,
+    False if the condition failed, None where the store offers no conditional write. OSError otherwise."""
+    found = _s3_client_and_key(lock)
+    if found is None:
+        return None
+    client, bucket, key = found
+    condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=body, **condition)
+    except client.exceptions.ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "412", "409"):
+            return False
+        raise OSError(f"cannot write {lock}: {code or exc}") from None
+    return True
+
+
+def _holder_and_etag(lock: StorePath) -> tuple[dict[str, Any] | None, str | None]:
+    """The S3 lock object's content ({} when unreadable) and ETag, from one GET; (None, None) when it is gone."""
+    client, bucket, key = _s3_client_and_key(lock)
+    try:
+        answer = client.get_object(Bucket=bucket, Key=key)
+    except client.exceptions.ClientError:
+        return None, None
+    try:
+        holder = json.loads(answer["Body"].read())
+    except ValueError:
+        holder = {}
+    return (holder if isinstance(holder, dict) else {}), answer["ETag"]
 
 
 def _lock_holder(lock: StorePath) -> dict[str, Any] | None:

@@ -44,7 +44,7 @@ from pipeline.run.job import JobSpec, job_from_dict
 from pipeline.run.shard_task import ExecSummary, ShardTask
 from pipeline.run.location import RunPath
 from pipeline.run.preflight import check_job
-from pipeline.run.rundir import RunDir, configs_table, job_identity
+from pipeline.run.rundir import RunDir, configs_fingerprint, configs_table, job_identity
 
 __all__ = ["RunError", "RunSummary", "run_job", "run_task"]
 
@@ -117,12 +117,13 @@ def run_job(spec: JobSpec, address: str | None = None,
     """
     start = time.monotonic()
     run = RunDir(spec.run_dir)
+    named = tuple(spec.checkpoints)  # every entry must name a configuration, even one on the job's own model
     spec = with_resolved_checkpoints(spec)
     examples = load_examples(spec.dataset, load_tokenizer(spec.model, spec.trust_remote_code))  # before the folder
     shards = shard_examples(examples, spec.shard_size)                  # exists: bad data leaves no run folder behind
     depth = check_job(spec, examples).get_text_config().num_hidden_layers  # configurations, checkpoints: up front too
     configs = spec.configurations(depth)
-    check_checkpoints(spec, configs, depth)
+    check_checkpoints(spec, configs, depth, named)
     if not (address or os.environ.get("RAY_ADDRESS")):  # a private local Ray gets exactly these resources
         local = [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
         plan = plan_workers(spec, local)
@@ -137,7 +138,7 @@ def run_job(spec: JobSpec, address: str | None = None,
         _check_same(previous, "dataset_fingerprint", data_print, run.root)
         if run.remove_stale_temp_files():
             log("removed half-written files of an interrupted run")
-        with ray_session(address) as session:
+        with ray_session(address, spec.start_timeout) as session:
             log(f"{spec.name}: {len(examples)} sequences in {len(shards)} shards")
             with start_workers(spec, session) as pool:
                 infos = pool.infos
@@ -154,7 +155,9 @@ def run_job(spec: JobSpec, address: str | None = None,
                     raise RunError("workers loaded models of another depth or different checkpoints")
                 checkpoint_prints = infos[0]["checkpoint_fingerprints"]
                 _check_same(previous, "checkpoint_fingerprints", checkpoint_prints, run.root)
+                configs_rows = configs_table(configs)
                 record = {"job": spec.to_dict(), "identity": spec.identity(), "scoring": scoring, "model_fingerprint": model_print,
+                          "configs_fingerprint": configs_fingerprint(configs_rows),
                           "checkpoint_fingerprints": checkpoint_prints,
                           "dtype": dtype, "num_layers": num_layers, "dataset_fingerprint": data_print, "sequences": len(examples),
                           "configs": len(configs), "shards": len(shards), "versions": _versions(),
@@ -162,7 +165,7 @@ def run_job(spec: JobSpec, address: str | None = None,
                 task = GenerateTask(tuple(configs), spec.max_new_tokens, spec.prefill, spec.batch_size, spec.max_rows,
                                     spec.scoring, tuple(sorted(spec.checkpoints.items())))
                 todo = shards_to_compute(task, run, shards, job_identity(record))  # before run.json claims the folder
-                write_parquet(configs_table(configs), run.configs)
+                write_parquet(configs_rows, run.configs)
                 write_json(record, run.run_json)
                 done = execute(task, run, shards, pool, job_identity(record), on_dispatch, todo)
         write_json({**record, "finished": _now(), "rows": len(examples) * len(configs)}, run.run_json)
@@ -210,7 +213,7 @@ def run_task(run_dir: str | RunPath, make_task: Callable[[JobSpec, dict[str, Any
     with run.lock():
         if run.remove_stale_temp_files():
             log("removed half-written files of an interrupted run")
-        with ray_session(address) as session:
+        with ray_session(address, spec.start_timeout) as session:
             with start_workers(spec, session) as pool:
                 if pool.infos[0]["fingerprint"] != record["model_fingerprint"]:
                     raise RunError(f"the model of {run.root} changed since it ran (fingerprint differs)")

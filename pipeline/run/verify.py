@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.run.location import RunPath, read_parquet
-from pipeline.run.rundir import OWN_SHARD_TEMP, RunDir, ShardProblem, job_identity, read_shard
+from pipeline.run.rundir import OWN_SHARD_TEMP, RunDir, ShardProblem, configs_fingerprint, job_identity, read_shard
 
 REGENERATE = "rerun the run's `dynoracle run` command to regenerate it"
 RERUN = "rerun the run's `dynoracle run` command"
@@ -62,9 +62,13 @@ def verify_run(run_dir: str | RunPath, partial: bool = False) -> VerifiedRun:
     if not run.configs.is_file():
         raise RunFolderError(f"{run.configs} is missing; {REGENERATE}")
     try:
-        read_parquet(run.configs)
-    except (OSError, pa.ArrowException) as exc:
+        configs = read_parquet(run.configs)
+        printed = configs_fingerprint(configs)
+    except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
         raise RunFolderError(f"{run.configs} is damaged ({str(exc).splitlines()[0][:120]}); {REGENERATE}") from None
+    if record.get("configs_fingerprint") not in (None, printed):  # None: a run from before the fingerprint
+        raise RunFolderError(f"{run.configs} does not hold the configurations run.json records (edited or replaced); "
+                             f"{REGENERATE}")
 
     owned = {run.shard_path(i).name for i in range(count)}
     present = sorted(p.name for p in run.generations.iterdir()) if run.generations.is_dir() else []

@@ -43,6 +43,7 @@ from pipeline.generation.configs import SkipConfig, config_for_id
 from pipeline.generation.engine import PREFILL_POLICIES
 from pipeline.generation.models import decoder_layers, load_model
 from pipeline.run.atomic import write_json
+from pipeline.training.out_folder import claim_out_folder
 
 FINETUNE_JSON = "finetune.json"
 CHECKPOINTS = "trainer-checkpoints"
@@ -325,7 +326,7 @@ def finetune(spec: FinetuneSpec, address: str | None = None) -> dict[str, Any]:
     """
     # Absolute local paths: Ray Train's workers do not run in this folder. An empty reference is a fine
     # target here (the response is EOS alone), so such rows are kept.
-    spec = dataclasses.replace(spec, model=resolve_source(spec.model), out=str(Path(spec.out).resolve()),
+    spec = dataclasses.replace(spec, model=resolve_source(spec.model), out=str(Path(spec.out).expanduser().resolve()),
                                dataset=dataclasses.replace(spec.dataset, split="train", empty_references="keep"))
     out = Path(spec.out)
     if (out / FINETUNE_JSON).is_file():
@@ -334,6 +335,7 @@ def finetune(spec: FinetuneSpec, address: str | None = None) -> dict[str, Any]:
     config = config_for_id(base.num_layers, spec.config_id)  # fails before anything is written
     base_fingerprint = base.fingerprint()
     del base
+    claim_out_folder(out, CHECKPOINTS, spec)  # an empty folder, or this same training's checkpoints
     started, start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), time.monotonic()
     metrics = _ray_fit(spec, address) if spec.workers else _fit(spec)
     record = {
@@ -343,6 +345,6 @@ def finetune(spec: FinetuneSpec, address: str | None = None) -> dict[str, Any]:
         **{k: metrics[k] for k in ("train_rows", "eval_rows", "steps", "train_loss", "eval_loss") if k in metrics},
         "started": started, "seconds": round(time.monotonic() - start, 1),
     }
+    write_json(record, out / FINETUNE_JSON)  # first: a folder never holds a model without its record
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-    write_json(record, out / FINETUNE_JSON)
     return record
