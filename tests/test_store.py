@@ -211,3 +211,19 @@ def test_store_lock_single_writer_rule(s3):
         with run.lock():
             pass
     assert json.loads(lock.read_text())["token"] == "other"  # a refused run leaves the lock alone
+
+
+def test_store_lock_is_a_conditional_write(s3, monkeypatch):
+    """Two drivers that both found no lock (both checked before either wrote): only one may go on."""
+    from pipeline.run import rundir
+
+    run = RunDir(f"s3://{BUCKET}/raced")
+    with run.lock():
+        holder = (run.root / ".lock").read_text()
+        monkeypatch.setattr(rundir, "_lock_holder", lambda lock: None)  # the other driver's check saw nothing
+        with pytest.raises(RunLocked, match="in use by another dynoracle run"):
+            with RunDir(f"s3://{BUCKET}/raced").lock():
+                pass
+        monkeypatch.undo()
+        assert (run.root / ".lock").read_text() == holder  # the first driver's lock, untouched
+    assert keys(s3, "raced/") == []
