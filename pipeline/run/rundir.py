@@ -61,7 +61,7 @@ CONFIGS_SCHEMA = pa.schema([
 
 SHARD_METADATA_KEY = b"dynoracle.shard"  # Parquet key-value metadata: {"shard": i, "job": job_identity(run.json)}
 _JOB_KEYS = ("identity", "scoring", "dataset_fingerprint", "model_fingerprint", "dtype", "configs_fingerprint")
-# Keys a shard written before they existed may lack; it is then checked on the others (which decided its rows).
+# Keys a shard or run.json written before they existed may lack; then the others (which decided the rows) are compared.
 _LATER_KEYS = ("configs_fingerprint",)
 # The temporary files `write_atomic` makes for the files a run writes (`.<name>.<random>.tmp`).
 OWN_TEMP = re.compile(r"\.(run\.json|configs\.parquet)\.[A-Za-z0-9_]+\.tmp")  # in the run folder
@@ -119,8 +119,9 @@ def read_shard(path: RunPath, shard: int, job: Mapping[str, Any], schema: pa.Sch
         raise ShardProblem(path, "unreadable (its identity metadata is damaged)") from None
     if not isinstance(stamp, dict) or not isinstance(stamp.get("job"), dict):
         raise ShardProblem(path, "carries no job identity (written by an older dynoracle?)")
-    expected = {k: v for k, v in job.items() if k in stamp["job"] or k not in _LATER_KEYS}
-    differ = _differing(stamp["job"], expected)
+    unrecorded = {k for k in _LATER_KEYS if stamp["job"].get(k) is None or job.get(k) is None}
+    differ = _differing({k: v for k, v in stamp["job"].items() if k not in unrecorded},
+                        {k: v for k, v in job.items() if k not in unrecorded})
     if differ:
         raise ShardProblem(path, f"belongs to another job ({', '.join(differ[:4])} differ)", foreign=True)
     if stamp.get("shard") != shard or set(table.column("shard").to_pylist()) - {shard}:
