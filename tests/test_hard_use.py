@@ -267,14 +267,20 @@ def test_duplicate_custom_sets_are_refused() -> None:
 
 # --- signals -----------------------------------------------------------------------------------------------
 
-def test_sigterm_while_ray_starts_unwinds_and_shuts_ray_down(monkeypatch) -> None:
-    """ray.init installs a bare sys.exit SIGTERM handler first thing; a SIGTERM then must still unwind."""
+@pytest.mark.parametrize("swallowed", [False, True])
+def test_sigterm_while_ray_starts_unwinds_and_shuts_ray_down(monkeypatch, swallowed: bool) -> None:
+    """ray.init installs a bare sys.exit SIGTERM handler first thing, and parts of it swallow exceptions
+    raised in callbacks; a SIGTERM while it starts must still unwind."""
     shutdowns = []
 
     def starting_ray(**kwargs) -> None:
         ray._private.utils.set_sigterm_handler(lambda signum, frame: sys.exit(signum))  # as ray.init does
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(1)  # the signal lands while Ray is still starting
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the signal lands while Ray is still starting
+        except BaseException:
+            if not swallowed:
+                raise
 
     monkeypatch.setattr(cluster.ray, "init", starting_ray)
     monkeypatch.setattr(cluster.ray, "shutdown", lambda: shutdowns.append(True))

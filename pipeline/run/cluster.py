@@ -38,7 +38,11 @@ class RaySession:
     joined: bool
 
 
+_RECEIVED: list[int] = []  # signals `_interrupt` handled: code that swallows the exception cannot hide them
+
+
 def _interrupt(signum: int, frame: Any) -> None:
+    _RECEIVED.append(signum)
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
@@ -65,6 +69,7 @@ def ray_session(address: str | None, timeout_s: float | None = None) -> Iterator
         wait_for_address(address or os.environ["RAY_ADDRESS"], timeout_s)
     if not joined:  # agents of a private Ray whose driver was killed: gone in seconds, not after a minute of retries
         os.environ.setdefault(GCS_RECONNECT_ENV, "10")
+    _RECEIVED.clear()
     try:
         with _sigterm_kept():
             try:
@@ -74,6 +79,8 @@ def ray_session(address: str | None, timeout_s: float | None = None) -> Iterator
                     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
             except SystemExit as exc:  # a SIGTERM handler of Ray's own (sys.exit) ran after all
                 raise KeyboardInterrupt(f"signal {exc.code}") from None
+        if _RECEIVED:  # raised inside Ray's start-up where a callback swallowed it: the run must still stop
+            raise KeyboardInterrupt(f"signal {signal.Signals(_RECEIVED[0]).name}")
         sigterm_as_interrupt()
         yield RaySession(joined=joined)
     finally:
