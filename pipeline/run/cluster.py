@@ -25,6 +25,7 @@ from typing import Any, Iterator, Mapping
 import ray
 
 from pipeline.run.job import JobSpec
+from pipeline.run.reaper import Reaper
 
 # Driver variables the workers read (DYNORACLE_CACHE; HF_HOME, HF_TOKEN, HF_HUB_OFFLINE...): Ray does not
 # forward the driver's environment to actors on other nodes, so they travel in the actors' runtime_env.
@@ -67,8 +68,7 @@ def ray_session(address: str | None, timeout_s: float | None = None) -> Iterator
     joined = bool(address or os.environ.get("RAY_ADDRESS"))
     if joined and timeout_s is not None:
         wait_for_address(address or os.environ["RAY_ADDRESS"], timeout_s)
-    if not joined:  # agents of a private Ray whose driver was killed: gone in seconds, not after a minute of retries
-        os.environ.setdefault(GCS_RECONNECT_ENV, "10")
+    reaper = None if joined else Reaper()  # a private Ray's processes end with this one, however it ends
     _RECEIVED.clear()
     try:
         with _sigterm_kept():
@@ -76,7 +76,8 @@ def ray_session(address: str | None, timeout_s: float | None = None) -> Iterator
                 if joined:
                     ray.init(address=address, **quiet)
                 else:
-                    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
+                    with reaper.marking():
+                        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
             except SystemExit as exc:  # a SIGTERM handler of Ray's own (sys.exit) ran after all
                 raise KeyboardInterrupt(f"signal {exc.code}") from None
         if _RECEIVED:  # raised inside Ray's start-up where a callback swallowed it: the run must still stop
@@ -85,10 +86,8 @@ def ray_session(address: str | None, timeout_s: float | None = None) -> Iterator
         yield RaySession(joined=joined)
     finally:
         ray.shutdown()
-
-
-# Seconds Ray's processes retry a lost GCS before giving up (Ray's default: 60); inherited by a private Ray's agents.
-GCS_RECONNECT_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"
+        if reaper is not None:
+            reaper.close()
 
 
 @contextmanager
