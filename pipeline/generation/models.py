@@ -7,8 +7,10 @@ directory and later loads read that copy.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -96,6 +98,17 @@ def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
         if isinstance(child, nn.ModuleList) and len(child) == depth:
             return child
     raise ValueError(f"{type(model).__name__}: no stack of {depth} decoder layers found under {type(decoder).__name__}")
+
+
+def cache_argument(module: nn.Module, cache) -> dict:
+    """`{name: cache}` for `module(...)`: the KV cache under the name its forward takes, `cache` (transformers
+    5.x since the rename), else `past_key_values` (older releases; deprecated, to be removed in 5.40)."""
+    return {_cache_keyword(type(module)): cache}
+
+
+@functools.cache
+def _cache_keyword(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def cache_dir() -> Path:
