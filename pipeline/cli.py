@@ -369,8 +369,12 @@ def controller(
 @app.command("query")
 def query_command(
     run_dir: str = typer.Argument(..., help="Run folder."),
-    sql: str = typer.Argument(..., help="SQL over the views generations, configs, frontier, allocations."),
-    metric: str = typer.Option("rougeL", "--metric", help="Which oracle/<metric>/ the frontier and allocations read."),
+    sql: str = typer.Argument(..., help="SQL over the views generations, configs, frontier, allocations, "
+                              "config_means, controller_curves, controller_matches, similarity, features."),
+    metric: str = typer.Option("rougeL", "--metric", help="Which metric's oracle (and controller) the views read."),
+    families: Optional[str] = typer.Option(None, "--families", help="The oracle reduced over these families "
+                                           "(as `reduce --families`); default all."),
+    cost: str = typer.Option("nominal", "--cost", help="The oracle reduced with this cost (as `reduce --cost`)."),
     output_format: str = typer.Option("table", "--format", help="table, csv or json."),
     partial: bool = typer.Option(False, "--partial", help=PARTIAL_HELP),
 ) -> None:
@@ -382,7 +386,7 @@ def query_command(
     from pipeline.report.query import query_run, render
 
     try:
-        columns, rows = query_run(run_dir, sql, metric, partial)
+        columns, rows = query_run(run_dir, sql, metric, partial, family_names(families), cost)
         text = render(columns, rows, output_format)
     except (ValueError, OSError) as exc:
         fail(str(exc).strip().splitlines()[0])

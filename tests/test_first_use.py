@@ -5,13 +5,21 @@ Each error is one line naming what was asked for and where it was looked for, an
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import huggingface_hub.constants
+import numpy as np
 import pytest
+from handmade_run import make_run, write_features
 from tiny_models import save_tiny
+from typer.testing import CliRunner
 
+from pipeline.analysis.controller_run import evaluate_run
+from pipeline.analysis.reduce import load_matrix, reduce_run
+from pipeline.analysis.result_key import ORACLE_OPTIONS, result_name
+from pipeline.cli import app
 from pipeline.generation.models import load_config
 from pipeline.run import runner
 from pipeline.run.job import job_from_dict
@@ -85,3 +93,56 @@ def test_a_finished_run_reruns_without_starting_ray_and_ray_starts_quietly(tiny,
     os.utime(tiny / "config.json")  # weights changed since: only a worker can tell, so Ray starts
     with pytest.raises(AssertionError, match="Ray started"):
         run_job(_job(out, tiny))
+
+
+def _bytes(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_reductions_and_controllers_live_in_folders_named_by_what_they_were_computed_over(tmp_path):
+    run = make_run(tmp_path / "run", num_sequences=12)
+    reduce_run(run, resamples=0)
+    everything = _bytes(run / "oracle" / "rougeL")
+    result = CliRunner().invoke(app, ["reduce", str(run), "--families", "uls", "--bootstrap", "0"])
+    assert result.exit_code == 0 and f"written to {run / 'oracle' / 'rougeL+families=uls'}" in result.output
+    assert reduce_run(run, cost="measured", families=["ee", "uls"], resamples=0).out_dir == \
+        run / "oracle" / "rougeL+cost=measured+families=ee,uls"
+    assert reduce_run(run, families=["rls", "ee", "uls"], resamples=0).out_dir == run / "oracle" / "rougeL"
+    assert _bytes(run / "oracle" / "rougeL").keys() == everything.keys()
+    assert json.loads((run / "oracle" / "rougeL+families=uls" / "summary.json").read_text())["families"] == \
+        ["full", "uls"]
+    assert result_name("rougeL", {"cost": "nominal", "families": None}, ORACLE_OPTIONS) == "rougeL"
+
+    matrix, _ = load_matrix(run, "rougeL", None, "nominal")
+    write_features(run, dict(zip(matrix.seq_ids, matrix.scores)))
+    evaluate_run(run, learners=("ridge", "classifier"), folds=3, resamples=5)
+    before = _bytes(run / "controller")
+    ridge = evaluate_run(run, learners=("ridge",), folds=3, resamples=5)
+    assert ridge.out_dir == run / "controller" / "rougeL+learners=ridge"
+    assert {p: b for p, b in _bytes(run / "controller").items() if p in before} == before
+    both = evaluate_run(run, families=["uls"], learners=("ridge",), folds=3, resamples=5)
+    assert both.out_dir == run / "controller" / "rougeL+families=uls+learners=ridge"
+
+
+def test_query_views_config_means_controller_curves_similarity_and_features(tmp_path):
+    run = make_run(tmp_path / "run", num_sequences=12)
+    missing = CliRunner().invoke(app, ["query", str(run), "select count(*) from features"])
+    assert missing.exit_code == 2 and "dynoracle features" in missing.output
+    reduce_run(run, families=["uls"], resamples=0)
+    matrix, _ = load_matrix(run, "rougeL", None, "nominal")
+    write_features(run, dict(zip(matrix.seq_ids, matrix.scores)))
+    evaluate_run(run, learners=("ridge",), folds=3, resamples=5)
+
+    def rows(sql: str, *args: str) -> list[dict]:
+        result = CliRunner().invoke(app, ["query", str(run), sql, "--format", "json", *args])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    means = rows("select config_id, mean from config_means order by config_id", "--families", "uls")
+    assert [r["config_id"] for r in means] == sorted(["full", *(f"uls-{c}" for c in range(1, 6))])
+    expected = dict(zip(matrix.config_ids, matrix.scores.mean(axis=0)))
+    assert all(np.isclose(r["mean"], expected[r["config_id"]]) for r in means)
+    assert rows("select count(distinct seq_id) as n from features")[0]["n"] == 12
+    for view, command in (("controller_curves", "dynoracle controller"), ("similarity", "dynoracle similarity")):
+        missing = CliRunner().invoke(app, ["query", str(run), f"select * from {view}"])  # default controller: none
+        assert missing.exit_code == 2 and command in missing.output

@@ -20,6 +20,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import PercentFormatter
 
 from pipeline.analysis.reduce import reduce_run
+from pipeline.analysis.result_key import oracle_name
 from pipeline.generation.configs import CUSTOM, FULL_ID, KNOWN_FAMILIES
 from pipeline.report.query import open_run
 from pipeline.report.similarity_figures import load_summary, plot_final_against_cost, plot_layers, similarity_section
@@ -70,7 +71,7 @@ def build_report(run_dir: str | RunPath, metric: str = "rougeL", families: list[
     reason = stale_reason(run_dir, metric, families, present)
     if reason is not None:
         reduce_run(run_dir, metric, families, match_full=True, partial=partial)
-    out = run_dir / "oracle" / metric
+    out = run_dir / "oracle" / oracle_name(metric, families, present)
     summary = json.loads((out / "summary.json").read_text())
     frontier = read_parquet(out / "frontier.parquet").to_pandas()
     intervals = read_parquet(out / "config_means.parquet", columns=["config_id", "mean_lo", "mean_hi"]).to_pandas()
@@ -109,7 +110,7 @@ def stale_reason(run_dir: RunPath, metric: str, families: list[str] | None, pres
     folder), use nominal cost, include the minimal matching budget, and cover the wanted families
     (default: every family the run has, as the reducer's default).
     """
-    out = run_dir / "oracle" / metric
+    out = run_dir / "oracle" / oracle_name(metric, families, present)
     outputs = [out / name for name in ORACLE_FILES]
     if not all(p.is_file() for p in outputs):
         return "no oracle files yet"
@@ -333,7 +334,7 @@ def markdown(summary: dict, frontier: pd.DataFrame, per_config: pd.DataFrame, ti
         f"# dynoracle report: {title}",
         "",
         f"Oracle over {metric} with families {', '.join(summary['families'])}; cost = executed layers "
-        f"({summary['cost_mode']}). Numbers from `oracle/{metric}/summary.json` and `frontier.parquet`. {note}",
+        f"({summary['cost_mode']}). Numbers from `oracle/{summary.get('result', metric)}/summary.json` and `frontier.parquet`. {note}",
         "",
         "## Headline",
         "",
