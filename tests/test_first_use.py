@@ -5,6 +5,7 @@ Each error is one line naming what was asked for and where it was looked for, an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -20,10 +21,12 @@ from pipeline.analysis.controller_run import evaluate_run
 from pipeline.analysis.reduce import load_matrix, reduce_run
 from pipeline.analysis.result_key import ORACLE_OPTIONS, result_name
 from pipeline.cli import app
+from pipeline.data.adapters import DatasetSpec, data_source, load_records
 from pipeline.generation.models import load_config
 from pipeline.run import runner
 from pipeline.run.job import job_from_dict
 from pipeline.run.runner import run_job
+from pipeline.training.finetune import FinetuneSpec, finetune
 
 DATA = os.environ.get("DYNORACLE_DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
 
@@ -146,3 +149,19 @@ def test_query_views_config_means_controller_curves_similarity_and_features(tmp_
     for view, command in (("controller_curves", "dynoracle controller"), ("similarity", "dynoracle similarity")):
         missing = CliRunner().invoke(app, ["query", str(run), f"select * from {view}"])  # default controller: none
         assert missing.exit_code == 2 and command in missing.output
+
+
+def test_finetune_on_a_file_splits_it_and_records_where_the_data_came_from(tiny, tmp_path, monkeypatch):
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({"q": f"question {i}?", "a": f"answer {i}"}) + "\n" for i in range(20)))
+    spec = DatasetSpec("file", path=str(path), prompt_column="q", reference_column="a")
+    train, validation, every = ({r.body for r in load_records(dataclasses.replace(spec, split=split))}
+                                for split in ("train", "validation", "test"))
+    assert (len(train), len(validation), len(every)) == (14, 3, 20) and not train & validation
+    assert train | validation <= every
+
+    record = finetune(FinetuneSpec(str(tiny), "uls-2", spec, str(tmp_path / "tuned"), epochs=1, lr=1e-3,
+                                   batch_size=7, max_response_tokens=4))
+    assert (record["train_rows"], record["eval_rows"], record["data_source"]) == (14, 3, str(path.resolve()))
+    monkeypatch.setenv("DYNORACLE_DATA_DIR", DATA)  # data_dir unset in the spec: the mirror it was read from
+    assert data_source(DatasetSpec("alpaca")) == str((Path(DATA) / "alpaca").resolve())
