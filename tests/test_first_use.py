@@ -24,10 +24,12 @@ from pipeline.cli import app
 from pipeline.data.adapters import DatasetSpec, data_source, load_records
 from pipeline.generation.models import load_config
 from pipeline.run import runner
-from pipeline.run.job import job_from_dict
+from pipeline.run.job import job_from_dict, load_job
+from pipeline.run.job_reference import reference, rewrite
 from pipeline.run.runner import run_job
 from pipeline.training.finetune import FinetuneSpec, finetune
 
+README = Path(__file__).resolve().parents[1] / "README.md"
 DATA = os.environ.get("DYNORACLE_DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
@@ -165,3 +167,17 @@ def test_finetune_on_a_file_splits_it_and_records_where_the_data_came_from(tiny,
     assert (record["train_rows"], record["eval_rows"], record["data_source"]) == (14, 3, str(path.resolve()))
     monkeypatch.setenv("DYNORACLE_DATA_DIR", DATA)  # data_dir unset in the spec: the mirror it was read from
     assert data_source(DatasetSpec("alpaca")) == str((Path(DATA) / "alpaca").resolve())
+
+
+def test_the_readmes_job_reference_is_the_generated_one_and_its_example_job_loads(tmp_path):
+    text = README.read_text()
+    assert rewrite(text) == text, "rerun `python -m pipeline.run.job_reference README.md`"
+    for key in ("`dataset.path`", "`dataset.prompt_column`", "`dataset.reference_column`", "`scoring.tokenizer`",
+                "`checkpoints`", "`start_timeout` | a number | 600"):
+        assert key in reference()
+    example = text.split("### Your own data", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "mine.toml").write_text(example)
+    spec = load_job(tmp_path / "mine.toml")
+    assert (spec.dataset.name, spec.dataset.path, spec.dataset.prompt_column, spec.dataset.reference_column) == (
+        "file", "data/mine.jsonl", "question", "answer")
+    assert spec.configs == {"my-cut": [0, 1, 2, 5, 9]} and spec.scoring.tokenizer == "unicode"

@@ -151,7 +151,7 @@ def _validate(spec: JobSpec) -> None:
         raise ValueError(f"dataset.prompt_budget must be a positive integer, got {budget!r}")
 
 
-_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", type(None): "none"}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "none"}
 
 
 def _expected(hint: Any) -> str:
