@@ -400,13 +400,16 @@ def report(
     metric: str = typer.Option("rougeL", "--metric", help="rougeL, rougeLsum, rouge1, rouge2 or fidelity."),
     families: Optional[str] = typer.Option(None, "--families", help="Comma-separated: uls,ee,rls; default all."),
     partial: bool = typer.Option(False, "--partial", help=PARTIAL_HELP),
+    figure_format: str = typer.Option("png", "--format", help="Figure formats, comma-separated: png, pdf, svg "
+                                      "(e.g. png,pdf); report.md shows the first."),
 ) -> None:
     """Write the study's figures and report.md into a run folder, reducing first when the oracle is stale."""
     from pipeline.report.figures import build_report
+    from pipeline.report.paper import figure_formats
 
     chosen = None if families is None else [f.strip() for f in families.split(",") if f.strip()]
     try:
-        result = build_report(run_dir, metric, chosen, partial)
+        result = build_report(run_dir, metric, chosen, partial, figure_formats(figure_format))
     except (ValueError, OSError) as exc:
         fail(str(exc).strip().splitlines()[0])
     summary = result.summary

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from handmade_run import make_run, write_features
 from tiny_models import save_tiny
@@ -23,6 +25,8 @@ from pipeline.analysis.result_key import ORACLE_OPTIONS, result_name
 from pipeline.cli import app
 from pipeline.data.adapters import DatasetSpec, data_source, load_records
 from pipeline.generation.models import load_config
+from pipeline.report.figures import build_report, plot_cost_quality, plot_shares
+from pipeline.report.paper import NAMED_BANDS
 from pipeline.run import runner
 from pipeline.run.job import job_from_dict, load_job
 from pipeline.run.job_reference import reference, rewrite
@@ -181,3 +185,42 @@ def test_the_readmes_job_reference_is_the_generated_one_and_its_example_job_load
     assert (spec.dataset.name, spec.dataset.path, spec.dataset.prompt_column, spec.dataset.reference_column) == (
         "file", "data/mine.jsonl", "question", "answer")
     assert spec.configs == {"my-cut": [0, 1, 2, 5, 9]} and spec.scoring.tokenizer == "unicode"
+
+
+def test_report_for_papers_formats_names_checkpoints_shares_and_sections(tmp_path):
+    run = make_run(tmp_path / "run", num_sequences=12)
+    record = json.loads((run / "run.json").read_text())
+    record["job"]["checkpoints"] = {"uls-3": "outputs/ft/uls-3"}
+    (run / "run.json").write_text(json.dumps(record))
+    matrix, _ = load_matrix(run, "rougeL", None, "nominal")
+    write_features(run, dict(zip(matrix.seq_ids, matrix.scores)))
+    evaluate_run(run, learners=("ridge",), folds=3, resamples=5)
+    reduce_run(run, resamples=0)  # the report reuses it
+
+    before = _bytes(run)
+    refused = CliRunner().invoke(app, ["report", str(run), "--format", "png,gif"])
+    assert refused.exit_code == 2 and refused.output.count("\n") == 1 and "unknown figure format gif" in refused.output
+    assert _bytes(run) == before
+    result = CliRunner().invoke(app, ["report", str(run), "--format", "png,pdf,svg"])
+    assert result.exit_code == 0, result.output
+    for stem in ("cost_quality", "oracle_shares", "lengths"):
+        assert (run / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-" and b"<svg" in (run / f"{stem}.svg").read_bytes()
+        assert (run / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
+    text = (run / "report.md").read_text()
+    assert "## Configurations on their own checkpoints" in text and "| uls-3 | `outputs/ft/uls-3` |" in text
+    assert "## Prompt-feature controllers" in text and "| 1 | ridge |" in text
+
+    out = run / "oracle" / "rougeL"
+    frontier, summary = pq.read_table(out / "frontier.parquet").to_pandas(), json.loads((out / "summary.json").read_text())
+    per_config = pq.read_table(out / "config_means.parquet").to_pandas().rename(columns={"mean": "score"})
+    per_config = per_config.assign(gen_tokens=8.0, eos_rate=1.0)
+    custom = pd.DataFrame([{"config_id": "my-cut", "family": "custom", "cost": 2.0, "score": 0.5, "mean_lo": 0.4,
+                            "mean_hi": 0.6, "gen_tokens": 8.0, "eos_rate": 1.0}])
+    figure = plot_cost_quality(pd.concat([per_config, custom]), frontier, summary, "t", None, {"uls-3": "x"})
+    assert {"my-cut", "uls-3 (checkpoint)"} <= {t.get_text() for t in figure.axes[0].texts}
+    shares = plot_shares(per_config, frontier, summary, "t", {"uls-3": "x"})
+    labels = [t.get_text() for t in shares.axes[0].get_legend().get_texts()]
+    named = [label for label in labels if label.endswith(")") and "(" in label and "least" not in label]
+    assert len(named) == NAMED_BANDS and labels[NAMED_BANDS].endswith("other configurations")
+    used = {item["config_id"] for row in frontier["shares"] for item in row}
+    assert len(used) == NAMED_BANDS + int(labels[NAMED_BANDS].split()[0])
