@@ -33,7 +33,7 @@ from pipeline.analysis.controller import (
 from pipeline.analysis.features import load_features, stored_layers
 from pipeline.analysis.oracle import allocate, build_frontier
 from pipeline.analysis.reduce import budget_grid, load_matrix, run_families
-from pipeline.analysis.result_key import CONTROLLER_OPTIONS, chosen_or_all, result_name
+from pipeline.analysis.result_key import CONTROLLER_OPTIONS, chosen_or_all, preferred_result, result_name
 from pipeline.generation.configs import FULL_ID
 from pipeline.run.atomic import write_json, write_parquet
 from pipeline.run.location import locate, read_parquet
@@ -148,11 +148,7 @@ def evaluate_run(run_dir: str | Path, metric: str = "rougeL", families: list[str
 
 
 def read_curves(run_dir: str | Path, metric: str) -> pd.DataFrame | None:
-    """The controller curves of a run for `metric`: those of `controller/<metric>/` (default options), else of
-    the most recently written `controller/<metric>+.../`; None when `dynoracle controller` has not run for it."""
-    folder = locate(run_dir) / "controller"
-    named = [p / "curves.parquet" for p in folder.glob(f"{metric}+*")] if folder.is_dir() else []
-    named = [p for p in named if p.is_file()]
-    default = folder / metric / "curves.parquet"
-    path = default if default.is_file() else max(named, key=lambda p: p.stat().st_mtime_ns, default=None)
+    """The controller curves of a run for `metric` (`result_key.preferred_result`: the default options' folder,
+    else the newest other); None when `dynoracle controller` has not run for it."""
+    path = preferred_result(locate(run_dir) / "controller", metric, "curves.parquet")
     return None if path is None else read_parquet(path).to_pandas()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
+from pipeline.run.location import RunPath
+
 # option -> default; None stands for "every one the run has" (families, learners, feature layers)
 ORACLE_OPTIONS: dict[str, Any] = {"families": None, "cost": "nominal"}
 CONTROLLER_OPTIONS: dict[str, Any] = {"families": None, "learners": None, "layers": None}
@@ -53,3 +55,14 @@ def oracle_name(metric: str, families: Iterable[str] | None, present: Iterable[s
     wanted = None if families is None else [f for f in families if f != "full"]
     return result_name(metric, {"families": chosen_or_all(wanted, [f for f in present if f != "full"]),
                                 "cost": cost}, ORACLE_OPTIONS)
+
+
+def preferred_result(folder: RunPath, metric: str, file: str) -> RunPath | None:
+    """`folder/<metric>/<file>` (default options) when present, else the most recently written
+    `folder/<metric>+.../<file>`, else None: what `report` draws and `query` shows of a result kind
+    (`folder`: a local or store path, e.g. RUN/controller)."""
+    default = folder / metric / file
+    if default.is_file():
+        return default
+    named = [p / file for p in folder.glob(f"{metric}+*")] if folder.is_dir() else []
+    return max((p for p in named if p.is_file()), key=lambda p: p.stat().st_mtime_ns, default=None)

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from pipeline.analysis.features import FEATURES_FOLDER
 from pipeline.analysis.reduce import METRICS
-from pipeline.analysis.result_key import oracle_name
+from pipeline.analysis.result_key import oracle_name, preferred_result
 from pipeline.analysis.similarity import RESPONSES, summary_path
 from pipeline.run.location import RunPath, parquet_dataset, read_parquet
 from pipeline.run.verify import RunFolderError, verify_run
@@ -91,7 +91,7 @@ def open_run(run_dir: str | RunPath, metric: str = "rougeL", partial: bool = Fal
              families: list[str] | tuple[str, ...] | None = None, cost: str = "nominal") -> RunDatabase:
     """Views generations and configs, and, for whichever files exist: frontier, allocations and config_means
     of the oracle of `metric` over `families` and `cost` (`reduce`'s folder for those options), controller_curves
-    and controller_matches (`controller`, default options), similarity (`similarity`'s summary, reference
+    and controller_matches (`controller`'s default folder, else its newest), similarity (`similarity`'s summary, reference
     response before full) and features (`features`).
 
     The run is verified first (`verify_run`; `partial` allows missing shard files), and every other file is
@@ -108,13 +108,15 @@ def open_run(run_dir: str | RunPath, metric: str = "rougeL", partial: bool = Fal
              "controller": f"run `dynoracle controller {run.root} --metric {metric}` first",
              "similarity": f"run `dynoracle similarity {run.root}` first",
              "features": f"run `dynoracle features {run.root}` first"}
+    shown = preferred_result(run.root / "controller", metric, "curves.parquet")  # as `report` draws it
+    controller = run.root / "controller" / metric if shown is None else shown.parent
     similarity = next((p for p in (summary_path(run.root, r) for r in RESPONSES) if p.is_file()),
                       summary_path(run.root, RESPONSES[0]))
     optional = {"frontier": ("oracle", [oracle / "frontier.parquet"]),
                 "allocations": ("oracle", [oracle / "allocations.parquet"]),
                 "config_means": ("oracle", [oracle / "config_means.parquet"]),
-                "controller_curves": ("controller", [run.root / "controller" / metric / "curves.parquet"]),
-                "controller_matches": ("controller", [run.root / "controller" / metric / "matches.parquet"]),
+                "controller_curves": ("controller", [controller / "curves.parquet"]),
+                "controller_matches": ("controller", [controller / "matches.parquet"]),
                 "similarity": ("similarity", [similarity]),
                 "features": ("features", sorted((run.root / FEATURES_FOLDER).glob("shard=*.parquet")) or
                              [run.root / FEATURES_FOLDER / "shard=00000.parquet"])}
