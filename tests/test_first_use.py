@@ -25,7 +25,7 @@ from pipeline.analysis.result_key import ORACLE_OPTIONS, result_name
 from pipeline.cli import app
 from pipeline.data.adapters import DatasetSpec, data_source, load_records
 from pipeline.generation.models import load_config
-from pipeline.report.figures import build_report, plot_cost_quality, plot_shares
+from pipeline.report.figures import plot_cost_quality, plot_lengths, plot_shares
 from pipeline.report.paper import NAMED_BANDS
 from pipeline.run import runner
 from pipeline.run.job import job_from_dict, load_job
@@ -219,6 +219,8 @@ def test_report_for_papers_formats_names_checkpoints_shares_and_sections(tmp_pat
                             "mean_hi": 0.6, "gen_tokens": 8.0, "eos_rate": 1.0}])
     figure = plot_cost_quality(pd.concat([per_config, custom]), frontier, summary, "t", None, {"uls-3": "x"})
     assert {"my-cut", "uls-3 (checkpoint)"} <= {t.get_text() for t in figure.axes[0].texts}
+    lengths = plot_lengths(pd.concat([per_config, custom]), summary, "t", 24)
+    assert all("my-cut" in {t.get_text() for t in ax.texts} for ax in lengths.axes)
     shares = plot_shares(per_config, frontier, summary, "t", {"uls-3": "x"})
     labels = [t.get_text() for t in shares.axes[0].get_legend().get_texts()]
     named = [label for label in labels if label.endswith(")") and "(" in label and "least" not in label]

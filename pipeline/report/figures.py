@@ -285,7 +285,11 @@ def plot_lengths(per_config: pd.DataFrame, summary: dict, title: str, max_new_to
     full = per_config[per_config["family"] == FULL_ID].iloc[0]
     fig = Figure(figsize=(11, 4.8), layout="constrained")
     axes = fig.subplots(1, 2, sharex=True)
+    for ax, column in zip(axes, ("gen_tokens", "eos_rate")):
+        plot_named_configs(ax, per_config, {}, column)
     for family, curve in family_curves(per_config).items():
+        if family == CUSTOM:  # named points above, not a curve
+            continue
         for ax, column in zip(axes, ("gen_tokens", "eos_rate")):
             ax.plot(curve["cost"], curve[column], marker="o", ms=4, lw=1.3, color=STYLE[family][1],
                     label=_label(family, curve))

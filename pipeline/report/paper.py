@@ -31,20 +31,20 @@ def figure_formats(text: str) -> tuple[str, ...]:
     return formats
 
 
-def plot_named_configs(ax, per_config: pd.DataFrame, checkpoints: Mapping[str, str]) -> None:
+def plot_named_configs(ax, per_config: pd.DataFrame, checkpoints: Mapping[str, str], column: str = "score") -> None:
     """Custom layer sets as points labelled with their names, and every configuration that ran on a checkpoint
-    ringed and labelled (per_config: config_id, family, cost, score)."""
+    ringed and labelled, at (cost, `column`) (per_config: config_id, family, cost, `column`)."""
     custom = per_config[per_config["family"] == CUSTOM]
     if not custom.empty:
-        ax.plot(custom["cost"], custom["score"], ls="none", marker="D", ms=6, color="tab:olive",
+        ax.plot(custom["cost"], custom[column], ls="none", marker="D", ms=6, color="tab:olive",
                 label="custom layer sets (named)")
     marked = per_config[per_config["config_id"].isin(list(checkpoints))]
     if not marked.empty:
-        ax.plot(marked["cost"], marked["score"], ls="none", marker="o", ms=13, mfc="none", mec="black", mew=1.6,
+        ax.plot(marked["cost"], marked[column], ls="none", marker="o", ms=13, mfc="none", mec="black", mew=1.6,
                 zorder=6, label=CHECKPOINT_LABEL)
     for row in pd.concat([custom, marked]).drop_duplicates("config_id").itertuples():
         name = row.config_id + (" (checkpoint)" if row.config_id in checkpoints else "")
-        ax.annotate(name, xy=(row.cost, row.score), xytext=(6, -12), textcoords="offset points", fontsize=8,
+        ax.annotate(name, xy=(row.cost, getattr(row, column)), xytext=(6, -12), textcoords="offset points", fontsize=8,
                     zorder=7, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
 
 
