@@ -21,6 +21,7 @@ from matplotlib.ticker import PercentFormatter
 
 from pipeline.analysis.reduce import reduce_run
 from pipeline.generation.configs import CUSTOM, FULL_ID, KNOWN_FAMILIES
+from pipeline.report.accuracy import cola_section
 from pipeline.report.query import open_run
 from pipeline.report.similarity_figures import load_summary, plot_final_against_cost, plot_layers, similarity_section
 from pipeline.run.atomic import write_atomic
@@ -42,6 +43,10 @@ CONFIG_MEANS = """
            avg(case when finish_reason = 'eos' then 1.0 else 0.0 end) as eos_rate
     from generations group by config_id, family, cost order by family, cost, config_id
 """
+CHOICE_CONFIG_MEANS = """
+    select config_id, family, cost, avg("{metric}") as score
+    from choices group by config_id, family, cost order by family, cost, config_id
+"""
 
 
 @dataclass(frozen=True)
@@ -52,22 +57,24 @@ class Report:
     reduced: str | None  # why the reducer ran first; None when its files were reused
 
 
-def build_report(run_dir: str | RunPath, metric: str = "rougeL", families: list[str] | None = None,
+def build_report(run_dir: str | RunPath, metric: str | None = None, families: list[str] | None = None,
                  partial: bool = False) -> Report:
     """Reduce if needed, then write cost_quality.png, oracle_shares.png, lengths.png and report.md, plus the
     hidden-state similarity figures when `dynoracle similarity` has run.
 
     `partial` allows a run with shard files missing (see `pipeline.run.verify`); the report then covers the
-    sequences present.
+    sequences present. A multiple-choice run (metric default acc) has no lengths.png; with a 0/1 metric the
+    report adds CoLa's shares against their null (`pipeline.report.accuracy`).
     """
     run_dir = locate(run_dir)
     db = open_run(run_dir, metric, partial)
+    metric, generations = db.metric, db.table == "generations"
     try:
         present = db.frame("select distinct family from configs")["family"].tolist()
-        per_config = db.frame(CONFIG_MEANS.format(metric=metric))
+        per_config = db.frame((CONFIG_MEANS if generations else CHOICE_CONFIG_MEANS).format(metric=metric))
     finally:
         db.connection.close()
-    reason = stale_reason(run_dir, metric, families, present)
+    reason = stale_reason(run_dir, metric, families, present, db.table)
     if reason is not None:
         reduce_run(run_dir, metric, families, match_full=True, partial=partial)
     out = run_dir / "oracle" / metric
@@ -83,16 +90,17 @@ def build_report(run_dir: str | RunPath, metric: str = "rougeL", families: list[
     figures = {
         "cost_quality.png": plot_cost_quality(per_config, frontier, summary, title, read_curves(run_dir, metric)),
         "oracle_shares.png": plot_shares(per_config, frontier, summary, title),
-        "lengths.png": plot_lengths(per_config, summary, title, job.get("max_new_tokens")),
     }
+    if generations:
+        figures["lengths.png"] = plot_lengths(per_config, summary, title, job.get("max_new_tokens"))
     similarity = load_summary(run_dir)
-    extra: list[str] = []
+    extra: list[str] = cola_section(summary)
     if similarity is not None:
         response, frame = similarity
         L = int(round(summary["num_layers"]))
         figures["similarity_cost.png"] = plot_final_against_cost(frame, L, response, title)
         figures["similarity_layers.png"] = plot_layers(frame, L, response, title)
-        extra = similarity_section(frame, L, response)
+        extra += similarity_section(frame, L, response)
     paths = []
     for name, fig in figures.items():
         paths.append(run_dir / name)
@@ -102,7 +110,8 @@ def build_report(run_dir: str | RunPath, metric: str = "rougeL", families: list[
     return Report(run_dir / "report.md", paths, summary, reason)
 
 
-def stale_reason(run_dir: RunPath, metric: str, families: list[str] | None, present: list[str]) -> str | None:
+def stale_reason(run_dir: RunPath, metric: str, families: list[str] | None, present: list[str],
+                 table: str = "generations") -> str | None:
     """Why the oracle files of `metric` cannot serve the report (None when they can).
 
     They must exist, be newer than every input (a rewritten or deleted shard touches the generations
@@ -113,10 +122,10 @@ def stale_reason(run_dir: RunPath, metric: str, families: list[str] | None, pres
     outputs = [out / name for name in ORACLE_FILES]
     if not all(p.is_file() for p in outputs):
         return "no oracle files yet"
-    generations = run_dir / "generations"
-    inputs = [run_dir / "configs.parquet", generations, *generations.glob("*.parquet")]
+    rows = run_dir / table
+    inputs = [run_dir / "configs.parquet", rows, *rows.glob("*.parquet")]
     if max(p.stat().st_mtime_ns for p in inputs if p.exists()) > min(p.stat().st_mtime_ns for p in outputs):
-        return "the generations are newer than the oracle files"
+        return f"the {table} are newer than the oracle files"
     try:
         summary = json.loads(outputs[-1].read_text())
     except (OSError, json.JSONDecodeError):

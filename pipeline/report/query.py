@@ -26,7 +26,7 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 
-from pipeline.analysis.reduce import METRICS
+from pipeline.analysis.metrics import check_metric
 from pipeline.run.location import RunPath, parquet_dataset, read_parquet
 from pipeline.run.verify import RunFolderError, verify_run
 
@@ -47,6 +47,8 @@ class RunDatabase:
 
     connection: duckdb.DuckDBPyConnection
     missing: dict[str, str]
+    table: str = "generations"  # the scored rows' view: generations, or choices for a multiple-choice run
+    metric: str = "rougeL"  # the metric whose oracle files are viewed
 
     def fetch(self, sql: str) -> tuple[list[str], list[tuple]]:
         """Column names and rows of a query (none when the statement returns nothing)."""
@@ -84,18 +86,18 @@ class RunDatabase:
         return " ".join(line for line in lines if line and not line.startswith("LINE ") and set(line) != {"^"})
 
 
-def open_run(run_dir: str | RunPath, metric: str = "rougeL", partial: bool = False) -> RunDatabase:
-    """Views generations, configs, and frontier/allocations of `metric`'s oracle, for whichever files exist.
+def open_run(run_dir: str | RunPath, metric: str | None = None, partial: bool = False) -> RunDatabase:
+    """Views the scored rows (`generations`, or `choices` for a multiple-choice run), configs, and
+    frontier/allocations of `metric`'s oracle (None: the run's default metric), for whichever files exist.
 
     The run is verified first (`verify_run`; `partial` allows missing shard files), and the oracle's files
     are read once with page checksums. Raises FileNotFoundError, RunFolderError or ValueError, one line each.
     """
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
     run = verify_run(run_dir, partial)
+    metric = check_metric(run.record, metric, run.root)
     oracle = run.root / "oracle" / metric
     reduce_hint = f"run `dynoracle reduce {run.root} --metric {metric}` first"
-    sources = {"generations": run.shards, "configs": [run.root / "configs.parquet"]}
+    sources = {run.table: run.shards, "configs": [run.root / "configs.parquet"]}
     missing = {}
     for name in ("frontier", "allocations"):
         path = oracle / f"{name}.parquet"
@@ -114,10 +116,10 @@ def open_run(run_dir: str | RunPath, metric: str = "rougeL", partial: bool = Fal
         connection.register(name, parquet_dataset(paths))
     for setting, value in LOCKED_DOWN:
         connection.execute(f"set {setting} = {str(value).lower()}")
-    return RunDatabase(connection, missing)
+    return RunDatabase(connection, missing, run.table, metric)
 
 
-def query_run(run_dir: str | RunPath, sql: str, metric: str = "rougeL",
+def query_run(run_dir: str | RunPath, sql: str, metric: str | None = None,
               partial: bool = False) -> tuple[list[str], list[tuple]]:
     """Column names and rows of one read-only query over a run, on a connection of its own."""
     db = open_run(run_dir, metric, partial)
