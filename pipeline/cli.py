@@ -67,7 +67,7 @@ def configs(
 
 @app.command()
 def prompts(
-    dataset: str = typer.Option("alpaca", "--dataset", "-d", help="alpaca, cnn_dailymail, samsum, file or hub."),
+    dataset: str = typer.Option("alpaca", "--dataset", "-d", help="alpaca, cnn_dailymail, samsum, file, hub, or a multiple-choice task (arc_easy, ...)."),
     split: str = typer.Option("test", "--split", help=SPLIT_HELP),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Local data root; default $DYNORACLE_DATA_DIR."),
     path: Optional[str] = typer.Option(None, "--file", "--path", help="File (dataset file) or hub id (dataset hub)."),
@@ -96,6 +96,8 @@ def prompts(
     for ex in examples:
         typer.echo(f"== {ex.seq_id}  {ex.prompt_tokens} tokens{', truncated' if ex.prompt_truncated else ''}")
         typer.echo(ex.prompt)
+        for k, (choice, (_, continuation)) in enumerate(zip(getattr(ex, "choices", ()), getattr(ex, "requests", ()))):
+            typer.echo(f"  choice {k}{' (right)' if k == ex.gold else ''}: {choice!r}, {len(continuation)} tokens")
     lengths = [ex.prompt_tokens for ex in examples]
     typer.echo(f"{len(examples)} prompts: {sum(lengths) / len(lengths):.0f} tokens on average, {max(lengths)} at most, "
                f"{sum(ex.prompt_truncated for ex in examples)} truncated")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.data.adapters import DatasetSpec, Example
@@ -152,7 +153,8 @@ def load_choice_docs(spec: DatasetSpec) -> list[tuple[str, ChoiceDoc]]:
         folder = root / spec.name
         files = sorted(folder.glob(f"{split}*.jsonl"))
         if not files:
-            raise DataError(f"no {split}*.jsonl in the local data folder {folder}")
+            raise DataError(f"no {split}*.jsonl in the local data folder {folder}; lm-eval evaluates {spec.name} on "
+                            f"its {task.split} split (--split {task.split})")
         table = read_files(files, str(folder))
     count = len(table)
     if spec.limit is not None and spec.limit > count:
@@ -178,3 +180,34 @@ def load_choice_examples(spec: DatasetSpec, tokenizer: PreTrainedTokenizerBase) 
         examples.append(ChoiceExample(seq_id, doc.contexts[0], requests[0][0], (doc.choices[doc.gold],), False, False,
                                       doc.choices, requests, doc.gold))
     return examples
+
+
+# lm-evaluation-harness's own YAML of each task, its local file and split: `lm_eval_task` rebuilds lm-eval's task
+# object over the local slice, so tests and benchmarks/lm_eval_agreement.py compare against lm-eval itself.
+LM_EVAL_YAML = {
+    "arc_easy": ("arc/arc_easy.yaml", "arc_easy/test.jsonl", "test"),
+    "arc_challenge": ("arc/arc_challenge.yaml", "arc_challenge/test.jsonl", "test"),
+    "hellaswag": ("hellaswag/hellaswag.yaml", "hellaswag/validation_sample.jsonl", "validation"),
+    "piqa": ("piqa/piqa.yaml", "piqa/validation.jsonl", "validation"),
+    "boolq": ("super_glue/boolq/default.yaml", "boolq/validation.jsonl", "validation"),
+    "winogrande": ("winogrande/default.yaml", "winogrande/validation.jsonl", "validation"),
+    "mmlu": ("mmlu/default/mmlu_abstract_algebra.yaml", "mmlu/test_sample.jsonl", "test"),
+}
+
+
+def lm_eval_task(name: str, data: Path):
+    """lm-eval's own `ConfigurableTask` for `name` from its installed YAML, reading `data`/<file> instead of the hub
+    (for MMLU, the abstract-algebra YAML: the first 100 rows of the slice). Needs lm-eval (an optional extra)."""
+    import lm_eval
+    from lm_eval.api.task import ConfigurableTask
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    yaml, file, split = LM_EVAL_YAML[name]
+    cfg = load_yaml(Path(lm_eval.__file__).parent / "tasks" / yaml)
+    for key in ("tag", "group", "fewshot_split", "fewshot_config", "training_split", "validation_split", "test_split"):
+        cfg.pop(key, None)
+    cfg.update(dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": {split: str(data / file)}},
+               test_split=split)
+    if name == "boolq":  # super_glue's boolq has `label`; google/boolq (these files) the same as boolean `answer`
+        cfg["process_docs"] = lambda ds: ds.map(lambda d: {"label": int(d["answer"])})
+    return ConfigurableTask(config=cfg)

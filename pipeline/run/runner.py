@@ -154,14 +154,15 @@ def run_job(spec: JobSpec, address: str | None = None,
                 _check_same(previous, "model_fingerprint", model_print, run.root)
                 scoring = _scoring_record(spec, examples, infos)
                 _check_same(previous, "scoring", scoring, run.root)
-                log(f"split {spec.dataset.split}; ROUGE {'with' if scoring['stemming'] else 'without'} stemming, "
+                choice = spec.dataset.name in CHOICE_DATASETS
+                log(f"split {spec.dataset.split}; " + ("multiple choice by log-likelihood, prefill " + spec.prefill
+                    if choice else f"ROUGE {'with' if scoring['stemming'] else 'without'} stemming, "
                     f"{scoring['tokenizer']} tokenizer, rougeLsum sentence splitting "
-                    f"{scoring['sentence_splitter'] if scoring['sentence_split'] else 'off'}")
+                    f"{scoring['sentence_splitter'] if scoring['sentence_split'] else 'off'}"))
                 if num_layers != depth or len({json.dumps(i["checkpoint_fingerprints"]) for i in infos}) > 1:
                     raise RunError("workers loaded models of another depth or different checkpoints")
                 checkpoint_prints = infos[0]["checkpoint_fingerprints"]
                 _check_same(previous, "checkpoint_fingerprints", checkpoint_prints, run.root)
-                choice = spec.dataset.name in CHOICE_DATASETS
                 record = {"task": "choice" if choice else "generate", "job": spec.to_dict(), "identity": spec.identity(), "scoring": scoring, "model_fingerprint": model_print,
                           "checkpoint_fingerprints": checkpoint_prints,
                           "dtype": dtype, "num_layers": num_layers, "dataset_fingerprint": data_print, "sequences": len(examples),

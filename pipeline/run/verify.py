@@ -103,4 +103,4 @@ def verify_run(run_dir: str | RunPath, partial: bool = False) -> VerifiedRun:
             raise RunFolderError(f"shard file {path} {'' if problem.foreign else 'is damaged: '}{problem.reason}; "
                                  f"{fix}") from None
         shards.append(path)
-    return VerifiedRun(run.root, record, shards, missing, folder)
+    return VerifiedRun(run.root, record, shards, missing=missing, table=folder)
