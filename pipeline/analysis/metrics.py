@@ -57,9 +57,10 @@ def run_task_name(record: Mapping[str, Any] | None) -> str:
 
 
 def run_metrics(record: Mapping[str, Any] | None) -> list[str]:
-    """Every metric column of a run: its task's registered metrics, then the run's own (run.json `metrics`)."""
+    """Every metric column of a run: its task's registered metrics, then the run's own (run.json
+    `metric_columns`)."""
     task = run_task_name(record)
-    own = [m for m in (record or {}).get("metrics") or [] if isinstance(m, str)]
+    own = [m for m in (record or {}).get("metric_columns") or [] if isinstance(m, str)]
     return list(dict.fromkeys([*(m.name for m in REGISTRY.values() if m.task == task), *own]))
 
 
@@ -71,6 +72,6 @@ def check_metric(record: Mapping[str, Any] | None, metric: str | None, where: st
     if metric is None:
         return names[0]
     if metric not in names:
-        raise ValueError(f"{where} has no metric {metric!r} ({run_task_name(record)} rows); "
+        raise ValueError(f"unknown metric {metric!r} for {where} (a {run_task_name(record)} run); "
                          f"choose from {', '.join(names)}")
     return metric
