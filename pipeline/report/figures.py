@@ -151,9 +151,9 @@ def family_curves(per_config: pd.DataFrame) -> dict[str, pd.DataFrame]:
         rows = per_config[per_config["family"] == family]
         if rows.empty:
             continue
-        means = rows.groupby("cost", as_index=False).agg(
-            score=("score", "mean"), gen_tokens=("gen_tokens", "mean"), eos_rate=("eos_rate", "mean"),
-            mean_lo=("mean_lo", "mean"), mean_hi=("mean_hi", "mean"), configs=("config_id", "count"))
+        averaged = [c for c in ("score", "gen_tokens", "eos_rate", "mean_lo", "mean_hi") if c in per_config]  # choice
+        means = rows.groupby("cost", as_index=False).agg(  # rows have no lengths
+            **{c: (c, "mean") for c in averaged}, configs=("config_id", "count"))
         curves[family] = pd.concat([means, full.assign(configs=1)[means.columns]], ignore_index=True)
     return curves
 
