@@ -110,7 +110,7 @@ def test_a_choice_run_writes_verified_rows_that_reduce_query_and_report_read(tmp
     assert reduced["metric"] == "acc" and reduced["full_mean"] == rows[rows.config_id == "full"]["acc"].mean()
     assert set(reduced["cola_shares"]) == {"max_cost", "real", "null"}
     assert reduce_run(tmp_path / "run", "prob_gold", resamples=0).summary.get("cola_shares") is None  # not 0/1
-    with pytest.raises(ValueError, match="unknown metric 'rougeL' for .* a choice run"):
+    with pytest.raises(ValueError, match=r"unknown metric 'rougeL' for .* \(a choice run\)"):
         reduce_run(tmp_path / "run", "rougeL")
     _, got = query_run(tmp_path / "run", "select count(*), avg(acc_norm) from choices")
     assert got == [(6 * 7, pytest.approx(rows["acc_norm"].mean()))]
