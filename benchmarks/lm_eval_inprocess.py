@@ -4,12 +4,13 @@ model's converted folder; prints both acc / acc_norm means, the differing questi
 difference.   python benchmarks/lm_eval_inprocess.py 50
 """
 import time, sys, numpy as np, torch
-from pathlib import Path
+
 torch.set_num_threads(2)
 N = int(sys.argv[1])
 from pipeline.generation.models import load_model, cache_dir
 from pipeline.data.adapters import DatasetSpec, load_examples
 from pipeline.data.choice_tasks import lm_eval_task
+from pipeline.data.sources import data_dir
 from pipeline.generation.configs import full_config
 from pipeline.generation.choice_task import ChoiceTask
 t = time.time()
@@ -18,7 +19,7 @@ ex = load_examples(DatasetSpec("arc_easy", limit=N), lm.tokenizer)
 rows = ChoiceTask((full_config(lm.num_layers),), "skip", 8).run(lm, 0, ex).to_pandas()
 t1 = time.time() - t
 from lm_eval.models.huggingface import HFLM
-task = lm_eval_task("arc_easy", Path("/work/shared/data"))
+task = lm_eval_task("arc_easy", data_dir(None))
 task.build_all_requests(limit=N, rank=0, world_size=1)
 res = HFLM(pretrained=str(cache_dir() / "smollm2-135m-instruct"), dtype="float32", device="cpu", batch_size=16).loglikelihood(task.instances)
 per = {}
