@@ -34,6 +34,8 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+METRIC_HELP = ("Any metric column of the run's scored rows (default: its task's first): rougeL, rougeLsum, rouge1, "
+               "rouge2, fidelity for generation runs; acc, acc_norm, acc_bytes, prob_gold for multiple-choice runs.")
 PARTIAL_HELP = "Read a run with shard files missing (still running or interrupted); refused by default."
 
 
@@ -65,7 +67,7 @@ def configs(
 
 @app.command()
 def prompts(
-    dataset: str = typer.Option("alpaca", "--dataset", "-d", help="alpaca, cnn_dailymail, samsum, file or hub."),
+    dataset: str = typer.Option("alpaca", "--dataset", "-d", help="alpaca, cnn_dailymail, samsum, file, hub, or a multiple-choice task (arc_easy, ...)."),
     split: str = typer.Option("test", "--split", help=SPLIT_HELP),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Local data root; default $DYNORACLE_DATA_DIR."),
     path: Optional[str] = typer.Option(None, "--file", "--path", help="File (dataset file) or hub id (dataset hub)."),
@@ -94,6 +96,8 @@ def prompts(
     for ex in examples:
         typer.echo(f"== {ex.seq_id}  {ex.prompt_tokens} tokens{', truncated' if ex.prompt_truncated else ''}")
         typer.echo(ex.prompt)
+        for k, (choice, (_, continuation)) in enumerate(zip(getattr(ex, "choices", ()), getattr(ex, "requests", ()))):
+            typer.echo(f"  choice {k}{' (right)' if k == ex.gold else ''}: {choice!r}, {len(continuation)} tokens")
     lengths = [ex.prompt_tokens for ex in examples]
     typer.echo(f"{len(examples)} prompts: {sum(lengths) / len(lengths):.0f} tokens on average, {max(lengths)} at most, "
                f"{sum(ex.prompt_truncated for ex in examples)} truncated")
@@ -240,7 +244,7 @@ def reduce_command(
     run_dir: str = typer.Argument(..., help="Run folder holding configs.parquet and generations/."),
     budget: Optional[list[float]] = typer.Option(None, "--budget", "-b", help="Budget in mean layers (repeatable)."),
     match_full: bool = typer.Option(True, "--match-full/--no-match-full", help="Find the least budget matching full."),
-    metric: str = typer.Option("rougeL", "--metric", help="rougeL, rougeLsum, rouge1, rouge2 or fidelity."),
+    metric: Optional[str] = typer.Option(None, "--metric", help=METRIC_HELP),
     families: Optional[str] = typer.Option(None, "--families", help="Comma-separated: uls,ee,rls; default all."),
     cost: str = typer.Option("nominal", "--cost", help="nominal (executed layers) or measured (layers per token)."),
     tolerance: float = typer.Option(0.0, "--tolerance", help="Match when oracle mean >= full mean - T."),
@@ -265,7 +269,7 @@ def reduce_command(
         typer.echo(json.dumps(summary, indent=1))
         return
     shown = [r for r in result.rows if r.kind != "grid" or (not budget and float(r.budget).is_integer())]
-    typer.echo(f"{metric} oracle: {summary['num_sequences']} sequences x {summary['num_configs']} configurations "
+    typer.echo(f"{summary['metric']} oracle: {summary['num_sequences']} sequences x {summary['num_configs']} configurations "
                f"({', '.join(summary['families'])}; {cost} cost), written to {result.out_dir}")
     level = f"{confidence:.0%} CI" if bootstrap else "(no CI)"
     typer.echo(f"{'budget':>9}  {'kind':<10} {'oracle mean':>11} {level:>15} {'LP bound':>9} {'gap':>9}  top shares")
@@ -315,7 +319,7 @@ def similarity(
 @app.command()
 def controller(
     run_dir: str = typer.Argument(..., help="Run folder with generations/ and features/."),
-    metric: str = typer.Option("rougeL", "--metric", help="rougeL, rougeLsum, rouge1, rouge2 or fidelity."),
+    metric: Optional[str] = typer.Option(None, "--metric", help=METRIC_HELP),
     families: Optional[str] = typer.Option(None, "--families", help="Comma-separated: uls,ee,rls; default all."),
     layer: Optional[list[int]] = typer.Option(None, "--layer", "-l", help="Feature layer (repeatable); default every stored one."),
     learner: Optional[list[str]] = typer.Option(None, "--learner", help="ridge, boosting or classifier (repeatable); default all."),
@@ -337,7 +341,7 @@ def controller(
     except (ValueError, OSError) as exc:
         fail(str(exc).strip().splitlines()[0])
     s, curves = result.summary, result.curves
-    typer.echo(f"{metric} controllers: {s['num_sequences']} sequences x {s['num_configs']} configurations, "
+    typer.echo(f"{s['metric']} controllers: {s['num_sequences']} sequences x {s['num_configs']} configurations, "
                f"{folds}-fold cross-fitting (seed {seed}); written to {result.out_dir}")
     typer.echo("share = (controller - best static) / (oracle - best static); null = shuffled features")
     learners = list(s["learners"])
@@ -369,9 +373,10 @@ def controller(
 @app.command("query")
 def query_command(
     run_dir: str = typer.Argument(..., help="Run folder."),
-    sql: str = typer.Argument(..., help="SQL over the views generations, configs, frontier, allocations, "
-                              "config_means, controller_curves, controller_matches, similarity, features."),
-    metric: str = typer.Option("rougeL", "--metric", help="Which metric's oracle (and controller) the views read."),
+    sql: str = typer.Argument(..., help="SQL over the views generations (choices for a multiple-choice run), "
+                              "configs, frontier, allocations, config_means, controller_curves, controller_matches, similarity, features."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="Which metric's oracle (and controller) the views "
+                                         "read. " + METRIC_HELP),
     families: Optional[str] = typer.Option(None, "--families", help="The oracle reduced over these families "
                                            "(as `reduce --families`); default all."),
     cost: str = typer.Option("nominal", "--cost", help="The oracle reduced with this cost (as `reduce --cost`)."),
@@ -397,7 +402,7 @@ def query_command(
 @app.command()
 def report(
     run_dir: str = typer.Argument(..., help="Run folder holding configs.parquet and generations/."),
-    metric: str = typer.Option("rougeL", "--metric", help="rougeL, rougeLsum, rouge1, rouge2 or fidelity."),
+    metric: Optional[str] = typer.Option(None, "--metric", help=METRIC_HELP),
     families: Optional[str] = typer.Option(None, "--families", help="Comma-separated: uls,ee,rls; default all."),
     partial: bool = typer.Option(False, "--partial", help=PARTIAL_HELP),
     figure_format: str = typer.Option("png", "--format", help="Figure formats, comma-separated: png, pdf, svg "
@@ -417,7 +422,7 @@ def report(
     if result.reduced:
         typer.echo(f"reduced first: {result.reduced}")
     match = summary["min_budget_to_match"]
-    typer.echo(f"{summary['num_sequences']} sequences; full-model mean {metric} {summary['full_mean']:.4f}; " + (
+    typer.echo(f"{summary['num_sequences']} sequences; full-model mean {summary['metric']} {summary['full_mean']:.4f}; " + (
         f"the oracle matches it at {match:.3f} of {summary['num_layers']:g} layers ({summary['min_budget_fraction']:.1%})"
         if match is not None else "no budget matches it"))
     for path in (result.markdown, *result.figures):

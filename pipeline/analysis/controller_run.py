@@ -32,11 +32,13 @@ from pipeline.analysis.controller import (
 )
 from pipeline.analysis.features import load_features, stored_layers
 from pipeline.analysis.oracle import allocate, build_frontier
+from pipeline.analysis.metrics import check_metric
 from pipeline.analysis.reduce import budget_grid, load_matrix, run_families
 from pipeline.analysis.result_key import CONTROLLER_OPTIONS, chosen_or_all, preferred_result, result_name
 from pipeline.generation.configs import FULL_ID
 from pipeline.run.atomic import write_json, write_parquet
 from pipeline.run.location import locate, read_parquet
+from pipeline.run.rundir import RunDir
 
 CURVES_SCHEMA = pa.schema([
     ("layer", pa.int16()),  # feature layer (hidden state after this many layers; L = final)
@@ -75,7 +77,7 @@ class ControllerResult:
     summary: dict
 
 
-def evaluate_run(run_dir: str | Path, metric: str = "rougeL", families: list[str] | tuple[str, ...] | None = None,
+def evaluate_run(run_dir: str | Path, metric: str | None = None, families: list[str] | tuple[str, ...] | None = None,
                  layers: list[int] | tuple[int, ...] = (), learners: list[str] | tuple[str, ...] = LEARNERS,
                  folds: int = 5, seed: int = 0, resamples: int = 1000) -> ControllerResult:
     """Evaluate every learner on every feature layer (default: all stored), real and shuffled; write the files.
@@ -89,6 +91,7 @@ def evaluate_run(run_dir: str | Path, metric: str = "rougeL", families: list[str
     if resamples < 1:
         raise ValueError(f"resamples must be at least 1, got {resamples}")
     run_dir = Path(run_dir)
+    metric = check_metric(RunDir(run_dir).read_run_json(), metric, run_dir)
     matrix, _ = load_matrix(run_dir, metric, families, "nominal")
     scores, costs = matrix.scores, matrix.costs
     every_family = set(run_families(run_dir)) - {FULL_ID}

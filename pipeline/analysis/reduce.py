@@ -22,14 +22,16 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.analysis.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, BootstrapDraws, bootstrap_oracle
+from pipeline.analysis.metrics import REGISTRY, check_metric
 from pipeline.analysis.oracle import Frontier, allocate, build_frontier, min_budget_to_match
 from pipeline.analysis.result_key import oracle_name
+from pipeline.analysis.shares import cola_shares, null_shares
 from pipeline.generation.configs import FULL_ID, KNOWN_FAMILIES
 from pipeline.run.atomic import replace_folder, write_json, write_parquet
 from pipeline.run.location import RunPath, locate, read_parquet
+from pipeline.run.rundir import RunDir
 from pipeline.run.verify import verify_run
 
-METRICS = ("rougeL", "rougeLsum", "rouge1", "rouge2", "fidelity")
 COST_MODES = ("nominal", "measured")
 GRID_STEP = 0.25  # layers between grid budgets: fine enough to plot the frontier
 
@@ -87,7 +89,7 @@ class Matrix:
 
 def reduce_run(
     run_dir: str | RunPath,
-    metric: str = "rougeL",
+    metric: str | None = None,
     families: tuple[str, ...] | list[str] | None = None,
     budgets: tuple[float, ...] | list[float] = (),
     match_full: bool = True,
@@ -98,7 +100,12 @@ def reduce_run(
     seed: int = 0,
     level: float = DEFAULT_LEVEL,
 ) -> ReduceResult:
-    """Solve the oracle for one metric of a run and write its four files; returns what was written.
+    """Solve the oracle for one metric of a run (None: its task's first, rougeL or acc) and write its four files;
+    returns what was written.
+
+    For a 0/1 metric (acc, acc_norm, ...) the summary also holds CoLa's two shares (`shares.cola_shares`, at most
+    half the layers for `shorter`) with their intervals, and the same under the permutation null
+    (`shares.null_shares`, 200 permutations), as `cola_shares`.
 
     `resamples` > 0 adds paired-bootstrap percentile intervals at `level` (pipeline.analysis.bootstrap, seeded by
     `seed`) to every configuration's mean, each frontier value, the full mean and the matching budget.
@@ -106,8 +113,8 @@ def reduce_run(
     `partial` allows a run with shard files missing (still running or interrupted): the oracle is then over
     the sequences present, and summary["missing_shards"] says how many shard files were absent.
     """
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
+    run_dir = locate(run_dir)
+    metric = check_metric(RunDir(run_dir).read_run_json(), metric, run_dir)
     if cost not in COST_MODES:
         raise ValueError(f"unknown cost mode '{cost}'; choose from {', '.join(COST_MODES)}")
     if not (math.isfinite(tolerance) and tolerance >= 0):
@@ -167,6 +174,14 @@ def reduce_run(
             if r.kind == "requested"
         ],
     }
+    if REGISTRY.get(metric) is not None and REGISTRY[metric].binary:
+        half = full_cost / 2
+        summary["cola_shares"] = {
+            "max_cost": half,
+            "real": cola_shares(matrix.scores > 0.5, matrix.costs, 0, half, resamples or DEFAULT_RESAMPLES, seed,
+                                level).as_dict(),
+            "null": null_shares(matrix.scores > 0.5, matrix.costs, 0, half, seed=seed, level=level),
+        }
     tables = {
         "frontier.parquet": frontier_table(rows),
         "allocations.parquet": allocations_table(frontier, matrix, allocation_budgets),
@@ -199,6 +214,7 @@ def load_matrix(run_dir: RunPath, metric: str, families: tuple[str, ...] | list[
     Also returns how many shard files are missing (0 unless `partial`).
     """
     run = verify_run(run_dir, partial)
+    metric = check_metric(run.record, metric, run_dir)
     configs_path, shards = run_dir / "configs.parquet", run.shards
 
     configs = read_parquet(configs_path, columns=["config_id", "family", "cost"]).to_pandas()
@@ -216,14 +232,14 @@ def load_matrix(run_dir: RunPath, metric: str, families: tuple[str, ...] | list[
     selected = pd.concat([full, configs[configs["family"].isin(chosen)]])
     config_ids = selected["config_id"].tolist()
 
-    wanted = ["seq_id", "config_id", metric, "gen_tokens", "layers_per_token"]
+    wanted = ["seq_id", "config_id", metric, "layers_per_token", *(["gen_tokens"] if run.table == "generations" else [])]
     gens = pa.concat_tables([read_parquet(p, columns=wanted) for p in shards]).to_pandas()
     gens = gens[gens["config_id"].isin(config_ids)]
     seq_codes, seq_ids = pd.factorize(gens["seq_id"].astype(str), sort=True)
     cfg_codes = pd.Categorical(gens["config_id"], categories=config_ids).codes.astype(np.intp)
     n, k = len(seq_ids), len(config_ids)
     if n == 0:
-        raise ValueError(f"no generations of the selected configurations in {run_dir / 'generations'}")
+        raise ValueError(f"no rows of the selected configurations in {run_dir / run.table}")
     cell = seq_codes * k + cfg_codes
     counts = np.bincount(cell, minlength=n * k)
     if (counts > 1).any():
@@ -234,7 +250,7 @@ def load_matrix(run_dir: RunPath, metric: str, families: tuple[str, ...] | list[
         raise ValueError(f"{int((counts == 0).sum())} of {n} x {k} (sequence, configuration) pairs are missing")
     values = gens[metric].to_numpy(dtype=np.float64, na_value=np.nan)
     if np.isnan(values).any():
-        raise ValueError(f"{int(np.isnan(values).sum())} generations have no {metric} score")
+        raise ValueError(f"{int(np.isnan(values).sum())} rows of {run_dir / run.table} have no {metric} score")
     scores = np.empty(n * k)
     scores[cell] = values
 
@@ -254,9 +270,11 @@ def load_matrix(run_dir: RunPath, metric: str, families: tuple[str, ...] | list[
 
 
 def measured_costs(gens: pd.DataFrame, cfg_codes: np.ndarray, k: int) -> np.ndarray:
-    """Mean executed layers per generated token of each configuration, over all its tokens."""
+    """Mean executed layers per generated token of each configuration, over all its tokens (rows without
+    `gen_tokens`, such as multiple-choice rows, weigh equally)."""
     per_token = gens["layers_per_token"].to_numpy(dtype=np.float64, na_value=np.nan)
-    tokens = gens["gen_tokens"].to_numpy(dtype=np.float64, na_value=np.nan)
+    tokens = (gens["gen_tokens"] if "gen_tokens" in gens else pd.Series(1.0, index=gens.index)).to_numpy(
+        dtype=np.float64, na_value=np.nan)
     if np.isnan(per_token).any() or np.isnan(tokens).any():
         raise ValueError("measured cost needs layers_per_token and gen_tokens on every generation")
     weight = np.bincount(cfg_codes, weights=tokens, minlength=k)

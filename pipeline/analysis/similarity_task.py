@@ -14,6 +14,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from pipeline.analysis.bootstrap import DEFAULT_RESAMPLES
+from pipeline.analysis.metrics import run_task_name
 from pipeline.analysis.similarity import SHARD_SCHEMA, folder_name, summarise, summary_path
 from pipeline.data.adapters import Example
 from pipeline.generation.configs import FULL_ID, SkipConfig, build_configs
@@ -207,6 +208,9 @@ def run_similarity(run_dir: str | Path, response: str = "reference", workers: in
     def make_task(spec, record):
         configs = spec.select_configs(build_configs(record["num_layers"], spec.families, spec.rls_seeds))
         outputs = None
+        if response == "full" and run_task_name(record) != "generate":
+            raise ValueError(f"{run_dir} is a multiple-choice run: it generated no outputs to teacher-force; "
+                             "use --response reference (the right choice after the question)")
         if response == "full":
             full = pq.read_table(Path(run_dir) / "generations", columns=["seq_id", "config_id", "output"],
                                  filters=[("config_id", "=", FULL_ID)])

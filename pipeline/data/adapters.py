@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 __all__ = ["DATASETS", "DataError", "DatasetSpec", "Example", "Record", "data_source", "load_examples", "load_records",
            "load_split", "shard_examples", "split_indices"]
 
-DATASETS = ("alpaca", "cnn_dailymail", "samsum", "file", "hub")
+CHOICE_DATASETS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq", "winogrande", "mmlu")  # choice_tasks.py
+DATASETS = ("alpaca", "cnn_dailymail", "samsum", "file", "hub", *CHOICE_DATASETS)
 PROMPT_FORMATS = ("plain", "chat")
 SPLITS = ("train", "validation", "test")
 EMPTY_REFERENCES = ("refuse", "keep")
@@ -304,7 +305,13 @@ def load_records(spec: DatasetSpec) -> list[Record]:
 
 
 def load_examples(spec: DatasetSpec, tokenizer: PreTrainedTokenizerBase) -> list[Example]:
-    """Read, build and tokenize the prompts of a dataset split, each within the spec's prompt budget."""
+    """Read, build and tokenize the prompts of a dataset split, each within the spec's prompt budget.
+
+    A multiple-choice task (CHOICE_DATASETS) gives its questions as `choice_tasks.ChoiceExample`s instead."""
+    if spec.name in CHOICE_DATASETS:
+        from pipeline.data.choice_tasks import load_choice_examples  # it builds on this module
+
+        return load_choice_examples(spec, tokenizer)
     records = load_records(spec)
     chat = spec.prompt_format == "chat"
     if chat and not getattr(tokenizer, "chat_template", None):

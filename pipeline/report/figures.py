@@ -20,6 +20,7 @@ from matplotlib.ticker import PercentFormatter
 from pipeline.analysis.reduce import reduce_run
 from pipeline.analysis.result_key import oracle_name
 from pipeline.generation.configs import CUSTOM, FULL_ID, KNOWN_FAMILIES
+from pipeline.report.accuracy import cola_section
 from pipeline.report.paper import (
     band_colors,
     checkpoint_section,
@@ -48,6 +49,10 @@ CONFIG_MEANS = """
            avg(case when finish_reason = 'eos' then 1.0 else 0.0 end) as eos_rate
     from generations group by config_id, family, cost order by family, cost, config_id
 """
+CHOICE_CONFIG_MEANS = """
+    select config_id, family, cost, avg("{metric}") as score
+    from choices group by config_id, family, cost order by family, cost, config_id
+"""
 
 
 @dataclass(frozen=True)
@@ -58,24 +63,26 @@ class Report:
     reduced: str | None  # why the reducer ran first; None when its files were reused
 
 
-def build_report(run_dir: str | RunPath, metric: str = "rougeL", families: list[str] | None = None,
+def build_report(run_dir: str | RunPath, metric: str | None = None, families: list[str] | None = None,
                  partial: bool = False, formats: tuple[str, ...] = ("png",)) -> Report:
     """Reduce if needed, then write cost_quality, oracle_shares, lengths and report.md, plus the hidden-state
     similarity figures when `dynoracle similarity` has run, each figure in every one of `formats` (png, pdf,
     svg); report.md gains the controller and checkpoint sections when the run has them.
 
     `partial` allows a run with shard files missing (see `pipeline.run.verify`); the report then covers the
-    sequences present.
+    sequences present. A multiple-choice run (metric default acc) has no lengths.png; with a 0/1 metric the
+    report adds CoLa's shares against their null (`pipeline.report.accuracy`).
     """
     run_dir = locate(run_dir)
     formats = figure_formats(",".join(formats))
     db = open_run(run_dir, metric, partial)
+    metric, generations = db.metric, db.table == "generations"
     try:
         present = db.frame("select distinct family from configs")["family"].tolist()
-        per_config = db.frame(CONFIG_MEANS.format(metric=metric))
+        per_config = db.frame((CONFIG_MEANS if generations else CHOICE_CONFIG_MEANS).format(metric=metric))
     finally:
         db.connection.close()
-    reason = stale_reason(run_dir, metric, families, present)
+    reason = stale_reason(run_dir, metric, families, present, db.table)
     if reason is not None:
         reduce_run(run_dir, metric, families, match_full=True, partial=partial)
     out = run_dir / "oracle" / oracle_name(metric, families, present)
@@ -93,16 +100,17 @@ def build_report(run_dir: str | RunPath, metric: str = "rougeL", families: list[
     figures = {
         "cost_quality.png": plot_cost_quality(per_config, frontier, summary, title, curves, checkpoints),
         "oracle_shares.png": plot_shares(per_config, frontier, summary, title, checkpoints),
-        "lengths.png": plot_lengths(per_config, summary, title, job.get("max_new_tokens")),
     }
+    if generations:
+        figures["lengths.png"] = plot_lengths(per_config, summary, title, job.get("max_new_tokens"))
     similarity = load_summary(run_dir)
-    extra: list[str] = []
+    extra: list[str] = cola_section(summary)
     if similarity is not None:
         response, frame = similarity
         L = int(round(summary["num_layers"]))
         figures["similarity_cost.png"] = plot_final_against_cost(frame, L, response, title)
         figures["similarity_layers.png"] = plot_layers(frame, L, response, title)
-        extra = similarity_section(frame, L, response)
+        extra += similarity_section(frame, L, response)
     extra = [*checkpoint_section(checkpoints), *controller_section(curves, summary["num_layers"]), *extra]
     paths = []
     for name, fig in figures.items():
@@ -115,7 +123,8 @@ def build_report(run_dir: str | RunPath, metric: str = "rougeL", families: list[
     return Report(run_dir / "report.md", paths, summary, reason)
 
 
-def stale_reason(run_dir: RunPath, metric: str, families: list[str] | None, present: list[str]) -> str | None:
+def stale_reason(run_dir: RunPath, metric: str, families: list[str] | None, present: list[str],
+                 table: str = "generations") -> str | None:
     """Why the oracle files of `metric` cannot serve the report (None when they can).
 
     They must exist, be newer than every input (a rewritten or deleted shard touches the generations
@@ -126,10 +135,10 @@ def stale_reason(run_dir: RunPath, metric: str, families: list[str] | None, pres
     outputs = [out / name for name in ORACLE_FILES]
     if not all(p.is_file() for p in outputs):
         return "no oracle files yet"
-    generations = run_dir / "generations"
-    inputs = [run_dir / "configs.parquet", generations, *generations.glob("*.parquet")]
+    rows = run_dir / table
+    inputs = [run_dir / "configs.parquet", rows, *rows.glob("*.parquet")]
     if max(p.stat().st_mtime_ns for p in inputs if p.exists()) > min(p.stat().st_mtime_ns for p in outputs):
-        return "the generations are newer than the oracle files"
+        return f"the {table} are newer than the oracle files"
     try:
         summary = json.loads(outputs[-1].read_text())
     except (OSError, json.JSONDecodeError):
@@ -155,9 +164,9 @@ def family_curves(per_config: pd.DataFrame) -> dict[str, pd.DataFrame]:
         rows = per_config[per_config["family"] == family]
         if rows.empty:
             continue
-        means = rows.groupby("cost", as_index=False).agg(
-            score=("score", "mean"), gen_tokens=("gen_tokens", "mean"), eos_rate=("eos_rate", "mean"),
-            mean_lo=("mean_lo", "mean"), mean_hi=("mean_hi", "mean"), configs=("config_id", "count"))
+        averaged = [c for c in ("score", "gen_tokens", "eos_rate", "mean_lo", "mean_hi") if c in per_config]  # choice
+        means = rows.groupby("cost", as_index=False).agg(  # rows have no lengths
+            **{c: (c, "mean") for c in averaged}, configs=("config_id", "count"))
         curves[family] = pd.concat([means, full.assign(configs=1)[means.columns]], ignore_index=True)
     return curves
 

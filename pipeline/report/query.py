@@ -27,7 +27,7 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.analysis.features import FEATURES_FOLDER
-from pipeline.analysis.reduce import METRICS
+from pipeline.analysis.metrics import check_metric
 from pipeline.analysis.result_key import oracle_name, preferred_result
 from pipeline.analysis.similarity import RESPONSES, summary_path
 from pipeline.run.location import RunPath, parquet_dataset, read_parquet
@@ -50,6 +50,8 @@ class RunDatabase:
 
     connection: duckdb.DuckDBPyConnection
     missing: dict[str, str]
+    table: str = "generations"  # the scored rows' view: generations, or choices for a multiple-choice run
+    metric: str = "rougeL"  # the metric whose oracle files are viewed
 
     def fetch(self, sql: str) -> tuple[list[str], list[tuple]]:
         """Column names and rows of a query (none when the statement returns nothing)."""
@@ -87,19 +89,19 @@ class RunDatabase:
         return " ".join(line for line in lines if line and not line.startswith("LINE ") and set(line) != {"^"})
 
 
-def open_run(run_dir: str | RunPath, metric: str = "rougeL", partial: bool = False,
+def open_run(run_dir: str | RunPath, metric: str | None = None, partial: bool = False,
              families: list[str] | tuple[str, ...] | None = None, cost: str = "nominal") -> RunDatabase:
-    """Views generations and configs, and, for whichever files exist: frontier, allocations and config_means
-    of the oracle of `metric` over `families` and `cost` (`reduce`'s folder for those options), controller_curves
-    and controller_matches (`controller`'s default folder, else its newest), similarity (`similarity`'s summary, reference
-    response before full) and features (`features`).
+    """Views the scored rows (`generations`, or `choices` for a multiple-choice run) and configs, and, for
+    whichever files exist: frontier, allocations and config_means of the oracle of `metric` (None: the run's
+    default metric) over `families` and `cost` (`reduce`'s folder for those options), controller_curves and
+    controller_matches (`controller`'s default folder, else its newest), similarity (`similarity`'s summary,
+    reference response before full) and features (`features`).
 
     The run is verified first (`verify_run`; `partial` allows missing shard files), and every other file is
     read once with page checksums. Raises FileNotFoundError, RunFolderError or ValueError, one line each.
     """
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
     run = verify_run(run_dir, partial)
+    metric = check_metric(run.record, metric, run.root)
     present = read_parquet(run.root / "configs.parquet", columns=["family"]).column("family").unique().to_pylist()
     oracle = run.root / "oracle" / oracle_name(metric, families, present, cost)
     options = "".join([f" --families {','.join(families)}" if families is not None else "",
@@ -120,7 +122,7 @@ def open_run(run_dir: str | RunPath, metric: str = "rougeL", partial: bool = Fal
                 "similarity": ("similarity", [similarity]),
                 "features": ("features", sorted((run.root / FEATURES_FOLDER).glob("shard=*.parquet")) or
                              [run.root / FEATURES_FOLDER / "shard=00000.parquet"])}
-    sources = {"generations": run.shards, "configs": [run.root / "configs.parquet"]}
+    sources = {run.table: run.shards, "configs": [run.root / "configs.parquet"]}
     missing = {}
     for name, (kind, paths) in optional.items():
         absent = next((path for path in paths if not path.is_file()), None)
@@ -140,10 +142,10 @@ def open_run(run_dir: str | RunPath, metric: str = "rougeL", partial: bool = Fal
         connection.register(name, parquet_dataset(paths))
     for setting, value in LOCKED_DOWN:
         connection.execute(f"set {setting} = {str(value).lower()}")
-    return RunDatabase(connection, missing)
+    return RunDatabase(connection, missing, run.table, metric)
 
 
-def query_run(run_dir: str | RunPath, sql: str, metric: str = "rougeL", partial: bool = False,
+def query_run(run_dir: str | RunPath, sql: str, metric: str | None = None, partial: bool = False,
               families: list[str] | tuple[str, ...] | None = None,
               cost: str = "nominal") -> tuple[list[str], list[tuple]]:
     """Column names and rows of one read-only query over a run, on a connection of its own."""

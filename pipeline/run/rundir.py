@@ -49,6 +49,31 @@ GENERATIONS_SCHEMA = pa.schema([
     *((name, pa.float64()) for name in SCORE_COLUMNS),
     ("layers_per_token", pa.float64()),
 ])
+# Multiple-choice rows (pipeline.generation.choice_task): per choice its summed log-likelihood after the
+# context (nats), its continuation's tokens, and the choice string's characters and UTF-8 bytes; per row the
+# predictions and the metrics of pipeline.analysis.metrics. layers_per_token = the configuration's cost.
+CHOICES_SCHEMA = pa.schema([
+    ("seq_id", pa.string()),
+    ("shard", pa.int32()),
+    ("config_id", pa.string()),
+    ("family", pa.string()),
+    ("cost", pa.int16()),
+    ("prompt_tokens", pa.int32()),
+    ("gold", pa.int16()),
+    ("loglik", pa.list_(pa.float64())),
+    ("choice_tokens", pa.list_(pa.int32())),
+    ("choice_chars", pa.list_(pa.int32())),
+    ("choice_bytes", pa.list_(pa.int32())),
+    ("pred", pa.int16()),
+    ("pred_norm", pa.int16()),
+    ("acc", pa.float64()),
+    ("acc_norm", pa.float64()),
+    ("acc_bytes", pa.float64()),
+    ("prob_gold", pa.float64()),
+    ("layers_per_token", pa.float64()),
+])
+# The scored rows of each task (pipeline.analysis.metrics.TASKS): the folder of its shard files and their schema.
+SCORED_TABLES = {"generate": ("generations", GENERATIONS_SCHEMA), "choice": ("choices", CHOICES_SCHEMA)}
 CONFIGS_SCHEMA = pa.schema([
     ("config_id", pa.string()),
     ("family", pa.string()),

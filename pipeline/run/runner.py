@@ -25,7 +25,9 @@ from typing import Any, Callable
 import ray
 import torch
 
-from pipeline.data.adapters import Example, load_examples, shard_examples
+from pipeline.data.adapters import CHOICE_DATASETS, Example, load_examples, shard_examples
+from pipeline.data.choice_tasks import ChoiceExample
+from pipeline.generation.choice_task import ChoiceTask
 from pipeline.generation.checkpoints import check_checkpoints, with_resolved_checkpoints
 from pipeline.generation.configs import SkipConfig
 from pipeline.generation.models import load_tokenizer
@@ -67,6 +69,8 @@ def dataset_fingerprint(examples: list[Example]) -> str:
     digest = hashlib.sha256()
     for ex in examples:
         digest.update(f"{ex.seq_id}\0{','.join(map(str, ex.prompt_ids))}\0{ex.reference}\0".encode())
+        if isinstance(ex, ChoiceExample):  # every choice's tokens and the right one decide its rows too
+            digest.update(f"{ex.requests}\0{ex.choices}\0{ex.gold}\0".encode())
     return digest.hexdigest()[:16]
 
 
@@ -124,6 +128,9 @@ def run_job(spec: JobSpec, address: str | None = None,
     depth = check_job(spec, examples).get_text_config().num_hidden_layers  # configurations, checkpoints: up front too
     configs = spec.configurations(depth)
     check_checkpoints(spec, configs, depth)
+    if spec.dataset.name in CHOICE_DATASETS and spec.checkpoints:
+        raise ValueError(f"{spec.dataset.name} is a multiple-choice task, which runs every configuration on the job's "
+                         "model; [checkpoints] are for generation jobs only: remove them")
     if not (address or os.environ.get("RAY_ADDRESS")):  # a private local Ray gets exactly these resources
         local = [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
         plan = plan_workers(spec, local)
@@ -152,19 +159,21 @@ def run_job(spec: JobSpec, address: str | None = None,
                 _check_same(previous, "model_fingerprint", model_print, run.root)
                 scoring = _scoring_record(spec, examples, infos)
                 _check_same(previous, "scoring", scoring, run.root)
-                log(f"split {spec.dataset.split}; ROUGE {'with' if scoring['stemming'] else 'without'} stemming, "
+                choice = spec.dataset.name in CHOICE_DATASETS
+                log(f"split {spec.dataset.split}; " + ("multiple choice by log-likelihood, prefill " + spec.prefill
+                    if choice else f"ROUGE {'with' if scoring['stemming'] else 'without'} stemming, "
                     f"{scoring['tokenizer']} tokenizer, rougeLsum sentence splitting "
-                    f"{scoring['sentence_splitter'] if scoring['sentence_split'] else 'off'}")
+                    f"{scoring['sentence_splitter'] if scoring['sentence_split'] else 'off'}"))
                 if num_layers != depth or len({json.dumps(i["checkpoint_fingerprints"]) for i in infos}) > 1:
                     raise RunError("workers loaded models of another depth or different checkpoints")
                 checkpoint_prints = infos[0]["checkpoint_fingerprints"]
                 _check_same(previous, "checkpoint_fingerprints", checkpoint_prints, run.root)
-                record = {"job": spec.to_dict(), "identity": spec.identity(), "scoring": scoring, "model_fingerprint": model_print,
+                record = {"task": "choice" if choice else "generate", "job": spec.to_dict(), "identity": spec.identity(), "scoring": scoring, "model_fingerprint": model_print,
                           "checkpoint_fingerprints": checkpoint_prints,
                           "dtype": dtype, "num_layers": num_layers, "dataset_fingerprint": data_print, "sequences": len(examples),
                           "configs": len(configs), "shards": len(shards), "versions": _versions(),
                           "git_sha": _git_sha(), "started": _now(), "finished": None, "workers": infos}
-                task = _generate_task(spec, configs)
+                task = _shard_task(spec, configs)
                 todo = shards_to_compute(task, run, shards, job_identity(record))  # before run.json claims the folder
                 write_parquet(configs_table(configs), run.configs)
                 write_json(record, run.run_json)
@@ -174,7 +183,10 @@ def run_job(spec: JobSpec, address: str | None = None,
                       done.seconds, time.monotonic() - start)
 
 
-def _generate_task(spec: JobSpec, configs: list[SkipConfig]) -> GenerateTask:
+def _shard_task(spec: JobSpec, configs: list[SkipConfig]) -> ChoiceTask | GenerateTask:
+    """The run's shard task: choice scoring for a multiple-choice dataset, else generation."""
+    if spec.dataset.name in CHOICE_DATASETS:
+        return ChoiceTask(tuple(configs), spec.prefill, spec.batch_size)
     return GenerateTask(tuple(configs), spec.max_new_tokens, spec.prefill, spec.batch_size, spec.max_rows,
                         spec.scoring, tuple(sorted(spec.checkpoints.items())))
 
@@ -193,7 +205,7 @@ def _complete_already(spec: JobSpec, previous: dict[str, Any] | None, configs: l
         files = [path] if path.is_file() else path.rglob("*") if path.is_dir() else []
         if any(f.stat().st_mtime >= finished for f in files):
             return None
-    if shards_to_compute(_generate_task(spec, configs), run, shards, job_identity(previous)):
+    if shards_to_compute(_shard_task(spec, configs), run, shards, job_identity(previous)):
         return None
     log(f"{spec.name}: all {len(shards)} shards are complete; nothing to compute (Ray not started)")
     return ExecSummary(len(shards), len(shards), 0, 0, 0.0)
