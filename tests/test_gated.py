@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from pipeline.generation.configs import build_configs, configs_by_id, full_config
+from pipeline.generation.configs import config_for_id, full_config
 from pipeline.generation.engine import generate
 from pipeline.generation.gated import gated_generate
 from pipeline.generation.models import LoadedModel, load_model, load_tokenizer
@@ -52,7 +52,7 @@ def test_always_run_gates_equal_the_full_configuration(tiny, prompts, kv):
 
 @pytest.mark.parametrize("kv", ["compute", "none"])
 def test_fixed_subset_gates_equal_that_configuration(tiny, prompts, kv):
-    configs = configs_by_id(build_configs(tiny.num_layers, ["uls", "ee", "rls"], [0]), ["uls-3", "ee-2", "rls-4-s0"])
+    configs = [config_for_id(tiny.num_layers, c) for c in ("uls-3", "ee-2", "rls-4-s0")]
     rows = generate(tiny, prompts, configs, NEW_TOKENS, ignore_eos=True)
     for k, config in enumerate(configs):
         kept = set(config.layers)
