@@ -345,6 +345,31 @@ def gates(
                f"{done['skipped']} skipped) in {done['seconds']:.1f} s; summary: {done['summary']}")
 
 
+@app.command("token-oracle")
+def token_oracle(
+    run_dir: str = typer.Argument(..., help="A finished run folder."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Worker actors; default the run's."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (auto, or host:port); default local."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples of the intervals."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resamples."),
+) -> None:
+    """Per-token oracle: per token of the full model's output, the cheapest matching configuration of each family
+    (teacher-forced, the full model's states for earlier tokens: an optimistic bound)."""
+    from pipeline.analysis.token_oracle_task import run_token_oracle
+    from pipeline.run.rundir import RunLocked
+    from pipeline.run.runner import RunError
+
+    try:
+        done = run_token_oracle(run_dir, workers, address, bootstrap, seed)
+    except (ValueError, OSError, RunLocked, RunError) as exc:
+        fail(str(exc).strip().splitlines()[0])
+    for row in done["summary"].itertuples():
+        typer.echo(f"{row.family}: {row.mean_cost:.2f} layers per token (95% {row.mean_cost_lo:.2f}-"
+                   f"{row.mean_cost_hi:.2f}) over {row.tokens} tokens of {row.sequences} sequences")
+    typer.echo(f"{done['shards']} shards ({done['computed']} computed, {done['skipped']} skipped) in "
+               f"{done['seconds']:.1f} s")
+
+
 @app.command()
 def controller(
     run_dir: str = typer.Argument(..., help="Run folder with generations/ and features/."),
