@@ -86,3 +86,33 @@ def test_an_interrupted_training_resumes_to_the_same_gates(tiny, rows, tmp_path,
     assert resumed["history"] == straight["history"]
     a, b = load_gates(tmp_path / "straight").state_dict(), load_gates(tmp_path / "resumed").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_gated_task_scores_like_the_run_and_the_curves_summarise_it(tiny, rows):
+    import io
+
+    import numpy as np
+    import pandas as pd
+
+    from pipeline.analysis.gate_curves import summarise
+    from pipeline.analysis.gates_task import GatedGenerateTask, GateSet
+    from pipeline.data.adapters import Example
+    from pipeline.generation.scoring import ScoringOptions, score
+
+    examples = [Example(f"s{i}", "", tuple(r["prompt_ids"]), ("a reference",), False, False) for i, r in enumerate(rows[:3])]
+    full = [row[0] for row in generate(tiny, [list(e.prompt_ids) for e in examples], [full_config(tiny.num_layers)], 6)]
+    always = Gates(tiny.num_layers, tiny.model.config.hidden_size, "fixed", init_run_logit=30.0)
+    buffer = io.BytesIO()
+    torch.save(always.state_dict(), buffer)
+    task = GatedGenerateTask((GateSet("fixed-lambda0", "fixed", 0.0, 0, buffer.getvalue()),), 6, "none", 2,
+                             ScoringOptions(), {e.seq_id: g.text for e, g in zip(examples, full)})
+    table = task.run(tiny, 0, examples).to_pandas()
+    assert {(s, g) for s, g in zip(table["seq_id"], table["gates"])} == task.expected_keys(examples)
+    assert table["output"].tolist() == [g.text for g in full]  # gates that always run are the full model
+    assert table["fidelity"].tolist() == [1.0] * 3
+    want = score(table["output"].tolist(), [e.references for e in examples], table["output"].tolist(), False)
+    assert table["rougeL"].tolist() == want["rougeL"]
+    curves = summarise(pd.concat([table, table.assign(gates="x", cost=table["cost"] - 1)]), resamples=100)
+    row = curves[(curves["gates"] == "fixed-lambda0") & (curves["metric"] == "rougeL")].iloc[0]
+    assert row["mean"] == np.mean(want["rougeL"]) and row["cost"] == tiny.num_layers
+    assert row["mean_lo"] <= row["mean"] <= row["mean_hi"] and row["cost_lo"] == row["cost_hi"] == tiny.num_layers

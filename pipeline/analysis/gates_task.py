@@ -17,50 +17,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.analysis.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, resample_indices
+from pipeline.analysis.bootstrap import DEFAULT_RESAMPLES
+from pipeline.analysis.gate_curves import FOLDER, SHARD_SCHEMA, SUMMARY, SUMMARY_SCHEMA, summarise
 from pipeline.data.adapters import Example
 from pipeline.generation.configs import FULL_ID
 from pipeline.generation.gated import KV_MODES, gated_generate
 from pipeline.generation.models import LoadedModel, load_model
-from pipeline.generation.scoring import SCORE_COLUMNS, ScoringOptions, score
+from pipeline.generation.scoring import ScoringOptions, score
 from pipeline.run.atomic import write_parquet
-from pipeline.run.location import RunPath, locate, read_parquet
 from pipeline.run.job import job_from_dict
-from pipeline.run.rundir import RunDir, job_identity, read_shard
+from pipeline.run.rundir import RunDir
 from pipeline.run.runner import run_task
 from pipeline.run.shard_task import ShardTask
 from pipeline.training.finetune import log, response_rows
 from pipeline.training.gates import GATE_INPUTS, GateSpec, Gates, load_gates, train_gates
 
-FOLDER = "gates"
-SUMMARY = "gates.parquet"
 
-SHARD_SCHEMA = pa.schema([
-    ("seq_id", pa.string()),
-    ("shard", pa.int32()),
-    ("gates", pa.string()),  # <input>-lambda<value>
-    ("gate_input", pa.string()),  # hidden | fixed
-    ("lam", pa.float64()),
-    ("kv", pa.string()),
-    ("cost", pa.float64()),  # layers run per decode token; NaN for a one-token output
-    ("layers_per_token", pa.float64()),  # the engine's accounting: the prefill's first token at L layers
-    ("gen_tokens", pa.int32()),
-    ("finish_reason", pa.string()),
-    ("output", pa.string()),
-    *((name, pa.float64()) for name in SCORE_COLUMNS),
-])
-SUMMARY_SCHEMA = pa.schema([
-    ("gates", pa.string()), ("gate_input", pa.string()), ("lam", pa.float64()), ("kv", pa.string()),
-    ("metric", pa.string()), ("sequences", pa.int32()),
-    ("mean", pa.float64()), ("mean_lo", pa.float64()), ("mean_hi", pa.float64()),
-    ("cost", pa.float64()), ("cost_lo", pa.float64()), ("cost_hi", pa.float64()),
-])
 
 
 @dataclass(frozen=True)
@@ -129,46 +105,6 @@ class GatedGenerateTask(ShardTask):
             "finish_reason": [out.finish_reason for _, _, out in rows],
             "output": [out.text for _, _, out in rows], **scores,
         }, schema=SHARD_SCHEMA)
-
-
-def summarise(table: pd.DataFrame, resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
-              level: float = DEFAULT_LEVEL) -> pd.DataFrame:
-    """Per gate set and metric: mean score and mean cost over sequences with percentile bootstrap intervals
-    (the same resampled sequences for both; a one-token output's NaN cost is left out of the cost mean)."""
-    tail = (1 - level) / 2
-    out = []
-    for (name, gate_input, lam, kv), group in table.groupby(["gates", "gate_input", "lam", "kv"], sort=True):
-        group = group.sort_values("seq_id")
-        idx = resample_indices(len(group), resamples, seed)
-        cost = group["cost"].to_numpy(float)
-        cost_draws = np.nanmean(cost[idx], axis=1)
-        for metric in SCORE_COLUMNS:
-            values = group[metric].to_numpy(float)
-            draws = values[idx].mean(1)
-            out.append({"gates": name, "gate_input": gate_input, "lam": lam, "kv": kv, "metric": metric,
-                        "sequences": len(group), "mean": values.mean(),
-                        "mean_lo": np.quantile(draws, tail), "mean_hi": np.quantile(draws, 1 - tail),
-                        "cost": np.nanmean(cost), "cost_lo": np.nanquantile(cost_draws, tail),
-                        "cost_hi": np.nanquantile(cost_draws, 1 - tail)})
-    return pd.DataFrame(out, columns=SUMMARY_SCHEMA.names)
-
-
-def read_gates(run_dir: str | RunPath, metric: str) -> pd.DataFrame | None:
-    """`gates.parquet`'s rows for `metric` (checksums verified), or None when the run has no gate study."""
-    path = locate(run_dir) / SUMMARY
-    if not path.is_file():
-        return None
-    frame = read_parquet(path).to_pandas()
-    return frame[frame["metric"] == metric].reset_index(drop=True)
-
-
-def gate_shards(run_dir: str | RunPath, record: dict[str, Any]) -> list[RunPath]:
-    """The gate study's shard files of a run, each verified against the run's job (for `query`)."""
-    root = locate(run_dir) / FOLDER
-    paths = [root / f"shard={i:05d}.parquet" for i in range(int(record["shards"]))]
-    for i, path in enumerate(paths):
-        read_shard(path, i, job_identity(record), SHARD_SCHEMA)
-    return paths
 
 
 def run_gates(run_dir: str | Path, lambdas: list[float], inputs: list[str] = list(GATE_INPUTS),

@@ -19,8 +19,24 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from pipeline.analysis.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, resample_indices
+from pipeline.run.location import RunPath, read_parquet
+
+FOLDER = "token-oracle"  # per (sequence, token, family) rows, one file per shard
+SUMMARY = "token-oracle.parquet"  # per family: mean cost per token with its interval
+POSITIONS = "token-oracle-positions.parquet"  # per family and position bucket
+SHARD_SCHEMA = pa.schema([
+    ("seq_id", pa.string()),
+    ("shard", pa.int32()),
+    ("position", pa.int32()),  # index of the generated token (1 = the second; 0, the prefill's, is no decision)
+    ("token", pa.int64()),  # the full model's greedy token there (teacher-forced)
+    ("family", pa.string()),
+    ("cost", pa.int16()),  # least cost of a matching configuration of the family (L when only `full` matches)
+    ("config_id", pa.string()),  # that configuration
+    ("num_layers", pa.int16()),
+])
 
 
 def cheapest_matching(matches: np.ndarray, costs: np.ndarray, families: np.ndarray, family_names: list[str],
@@ -73,3 +89,10 @@ def by_position(tokens: pd.DataFrame, bins: int = 8) -> pd.DataFrame:
     table["first_position"] = edges[table["bucket"]]
     table["last_position"] = edges[table["bucket"] + 1] - 1
     return table
+
+
+def read_token_oracle(run_dir: RunPath) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """The per-token oracle's two summary tables (checksums verified), or None when it has not run."""
+    if not (run_dir / SUMMARY).is_file() or not (run_dir / POSITIONS).is_file():
+        return None
+    return read_parquet(run_dir / SUMMARY).to_pandas(), read_parquet(run_dir / POSITIONS).to_pandas()

@@ -24,7 +24,7 @@ from torch import nn
 from transformers import AttentionInterface, DynamicCache
 
 from pipeline.analysis.bootstrap import DEFAULT_RESAMPLES
-from pipeline.analysis.token_oracle import by_position, cheapest_matching, summarise
+from pipeline.analysis.token_oracle import FOLDER, POSITIONS, SHARD_SCHEMA, SUMMARY, by_position, cheapest_matching, summarise
 from pipeline.data.adapters import Example
 from pipeline.generation.configs import FULL_ID, SkipConfig, build_configs
 from pipeline.generation.engine import (
@@ -40,22 +40,9 @@ from pipeline.run.atomic import write_parquet
 from pipeline.run.runner import run_task
 from pipeline.run.shard_task import ShardTask
 
-FOLDER = "token-oracle"
-SUMMARY = "token-oracle.parquet"
-POSITIONS = "token-oracle-positions.parquet"
 FULL_PREFIX_ATTENTION = "dynoracle_full_prefix"
 ROW_TOKENS = 1 << 13  # (row, position) pairs per forward: bounds activations and the LM head's logits
 
-SHARD_SCHEMA = pa.schema([
-    ("seq_id", pa.string()),
-    ("shard", pa.int32()),
-    ("position", pa.int32()),  # index of the generated token (1 = the second; 0, the prefill's, is no decision)
-    ("token", pa.int64()),  # the full model's greedy token there (teacher-forced)
-    ("family", pa.string()),
-    ("cost", pa.int16()),  # least cost of a matching configuration of the family (L when only `full` matches)
-    ("config_id", pa.string()),  # that configuration
-    ("num_layers", pa.int16()),
-])
 
 
 class _FullPrefix:

@@ -19,9 +19,12 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import PercentFormatter
 
+from pipeline.analysis.gate_curves import read_gates
 from pipeline.analysis.reduce import reduce_run
+from pipeline.analysis.token_oracle import read_token_oracle
 from pipeline.generation.configs import CUSTOM, FULL_ID, KNOWN_FAMILIES
 from pipeline.report.query import open_run
+from pipeline.report.token_figures import plot_gates, plot_token_oracle
 from pipeline.report.similarity_figures import load_summary, plot_final_against_cost, plot_layers, similarity_section
 from pipeline.run.atomic import write_atomic
 from pipeline.run.location import RunPath, locate, read_parquet
@@ -81,10 +84,14 @@ def build_report(run_dir: str | RunPath, metric: str = "rougeL", families: list[
     from pipeline.analysis.controller_run import read_curves  # scikit-learn is imported only when a report is made
 
     figures = {
-        "cost_quality.png": plot_cost_quality(per_config, frontier, summary, title, read_curves(run_dir, metric)),
+        "cost_quality.png": plot_cost_quality(per_config, frontier, summary, title, read_curves(run_dir, metric),
+                                              read_gates(run_dir, metric)),
         "oracle_shares.png": plot_shares(per_config, frontier, summary, title),
         "lengths.png": plot_lengths(per_config, summary, title, job.get("max_new_tokens")),
     }
+    token_oracle = read_token_oracle(run_dir)
+    if token_oracle is not None:
+        figures["token_oracle.png"] = plot_token_oracle(*token_oracle, summary, title)
     similarity = load_summary(run_dir)
     extra: list[str] = []
     if similarity is not None:
@@ -155,9 +162,10 @@ def _label(family: str, curve: pd.DataFrame) -> str:
 
 
 def plot_cost_quality(per_config: pd.DataFrame, frontier: pd.DataFrame, summary: dict, title: str,
-                      controllers: pd.DataFrame | None = None) -> Figure:
+                      controllers: pd.DataFrame | None = None, gates: pd.DataFrame | None = None) -> Figure:
     """The study's figure 2: static families and the oracle frontier against cost, with the matching budget,
-    and the prompt-feature controllers (`dynoracle controller`) when the run has them."""
+    the prompt-feature controllers (`dynoracle controller`) and the per-token gates (`dynoracle gates`, cost =
+    layers run per decode token) when the run has them."""
     L, metric, full_mean = summary["num_layers"], summary["metric"], summary["full_mean"]
     fig = Figure(figsize=(10, 5.5), layout="constrained")
     ax = fig.add_subplot()
@@ -174,6 +182,8 @@ def plot_cost_quality(per_config: pd.DataFrame, frontier: pd.DataFrame, summary:
                         label=f"{summary['bootstrap']['level']:.0%} bootstrap intervals (bands)")
     if controllers is not None:
         plot_controllers(ax, controllers, L)
+    if gates is not None and len(gates):
+        plot_gates(ax, gates)
 
     match = summary["min_budget_to_match"]
     if match is None:

@@ -26,14 +26,19 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 
+from pipeline.analysis import gate_curves, token_oracle
 from pipeline.analysis.reduce import METRICS
 from pipeline.run.location import RunPath, parquet_dataset, read_parquet
-from pipeline.run.verify import RunFolderError, verify_run
+from pipeline.run.rundir import ShardProblem, job_identity, read_shard
+from pipeline.run.verify import RunFolderError, VerifiedRun, verify_run
 
 FORMATS = ("table", "csv", "json")
 CELL_WIDTH = 60  # table cells (outputs, references) are cut to this many characters
 READ_STATEMENTS = (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
 # DuckDB settings of a query connection: no file system, no extensions, nothing changeable afterwards.
+# Shard tasks' row tables a run may hold: (view name, folder, schema)
+TASK_TABLES = (("gates", gate_curves.FOLDER, gate_curves.SHARD_SCHEMA),
+               ("token_oracle", token_oracle.FOLDER, token_oracle.SHARD_SCHEMA))
 LOCKED_DOWN = (("enable_external_access", False), ("lock_configuration", True))
 
 
@@ -108,6 +113,12 @@ def open_run(run_dir: str | RunPath, metric: str = "rougeL", partial: bool = Fal
             raise RunFolderError(f"{path} is damaged ({str(exc).splitlines()[0][:120]}); "
                                  f"rerun `dynoracle reduce {run.root} --metric {metric}`") from None
         sources[name] = [path]
+    for name, folder, schema in TASK_TABLES:
+        paths, problem = _task_shards(run, folder, schema)
+        if problem:
+            missing[name] = problem
+        elif paths:
+            sources[name] = paths
     connection = duckdb.connect(config={"autoload_known_extensions": False, "autoinstall_known_extensions": False})
     for name, paths in sources.items():
         # Explicit file lists, no partitioning: `shard` is the column stored in each file, not a path's.
@@ -115,6 +126,23 @@ def open_run(run_dir: str | RunPath, metric: str = "rougeL", partial: bool = Fal
     for setting, value in LOCKED_DOWN:
         connection.execute(f"set {setting} = {str(value).lower()}")
     return RunDatabase(connection, missing)
+
+
+def _task_shards(run: VerifiedRun, folder: str, schema: pa.Schema) -> tuple[list[RunPath], str | None]:
+    """A shard task's files (one per shard of the run, each verified against the run's job), or why not."""
+    root = run.root / folder
+    if not root.is_dir():
+        return [], None
+    paths = [root / f"shard={i:05d}.parquet" for i in range(int(run.record["shards"]))]
+    absent = [p for p in paths if not p.is_file()]
+    if absent:
+        return [], f"{absent[0]} is missing: finish the command that writes {folder}/"
+    for i, path in enumerate(paths):
+        try:
+            read_shard(path, i, job_identity(run.record), schema)
+        except ShardProblem as problem:
+            raise RunFolderError(f"shard file {path}: {problem.reason}; rerun the command that writes {folder}/") from None
+    return paths, None
 
 
 def query_run(run_dir: str | RunPath, sql: str, metric: str = "rougeL",
