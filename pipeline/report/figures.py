@@ -380,6 +380,8 @@ def markdown(summary: dict, frontier: pd.DataFrame, per_config: pd.DataFrame, ti
         "lengths.png": "Mean output length and EOS rate per configuration.",
         "similarity_cost.png": "Final hidden state's similarity to the full model against cost, per family.",
         "similarity_layers.png": "Similarity to the full model after each layer, at a few budgets.",
+        "token_oracle.png": "Per-token oracle (optimistic: full-model states for earlier tokens) against the "
+                            "per-sequence oracle's least matching budget, and over output positions.",
     }
     lines += ["", *extra, "## Figures", ""]
     for name in figures:
