@@ -14,7 +14,7 @@ from pipeline.generation.gated import gated_generate
 from pipeline.generation.models import LoadedModel, load_model, load_tokenizer
 from pipeline.generation.reference import gated_reference_generate
 
-NEW_TOKENS = 8
+NEW_TOKENS = 6
 
 
 @pytest.fixture(scope="module", params=["tiny-llama", "tiny-opt"])

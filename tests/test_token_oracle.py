@@ -19,7 +19,7 @@ from pipeline.generation.engine import generate, wrapped_layers
 from pipeline.generation.models import LoadedModel, load_model, load_tokenizer
 from pipeline.generation.reference import _MaskedLayer
 
-NEW_TOKENS = 6
+NEW_TOKENS = 5
 
 
 @pytest.fixture(scope="module", params=["tiny-llama", "tiny-opt"])

@@ -214,6 +214,11 @@ def _save(obj: Any, path: Path) -> None:
     write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
+def _settings(spec: GateSpec) -> dict[str, Any]:
+    """What a checkpoint must share with the training that resumes it."""
+    return dataclasses.asdict(spec)
+
+
 def train_gates(lm: LoadedModel, spec: GateSpec, out: Path, rows: list[dict] | None = None,
                 kvs: dict[int, PromptKV] | None = None) -> dict[str, Any]:
     """Train one gate set on the frozen float32 model `lm` into `out` (gates.pt, then gates.json); resumes from
@@ -223,7 +228,10 @@ def train_gates(lm: LoadedModel, spec: GateSpec, out: Path, rows: list[dict] | N
     may be passed to share them between trainings."""
     out = Path(out)
     if (out / GATES_JSON).is_file():
-        return json.loads((out / GATES_JSON).read_text())
+        record = json.loads((out / GATES_JSON).read_text())
+        if record["spec"] != {k: v for k, v in _settings(spec).items() if k != "dataset"}:
+            raise ValueError(f"{out} holds gates trained with other settings; remove it or train with its settings")
+        return record
     lm.model.requires_grad_(False)
     lm.model.eval()  # dropout off: the model is frozen, the gates alone learn
     if rows is None:
@@ -237,6 +245,9 @@ def train_gates(lm: LoadedModel, spec: GateSpec, out: Path, rows: list[dict] | N
     step, history, started = 0, [], time.monotonic()
     if (out / CHECKPOINT).is_file():
         state = torch.load(out / CHECKPOINT, weights_only=False)
+        if state.get("spec") != _settings(spec):
+            raise ValueError(f"{out / CHECKPOINT} belongs to a training with other settings; remove {out} or "
+                             "train with its settings")
         gates.load_state_dict(state["gates"])
         optimizer.load_state_dict(state["optimizer"])
         step, history = state["step"], state["history"]
@@ -261,7 +272,7 @@ def train_gates(lm: LoadedModel, spec: GateSpec, out: Path, rows: list[dict] | N
         history.append({"step": step, "lm_loss": lm_loss, "expected_layers": expected})
         log(f"{spec.name}: step {step}/{total} lm loss {lm_loss:.3f}, expected layers {expected:.2f}")
         if step % spec.save_steps == 0 and step < total:
-            _save({"gates": gates.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+            _save({"spec": _settings(spec), "gates": gates.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                    "history": history, "rng": torch.get_rng_state()}, out / CHECKPOINT)
     _save(gates.state_dict(), out / GATES_WEIGHTS)
     record = {"name": spec.name, "spec": {k: v for k, v in dataclasses.asdict(spec).items() if k != "dataset"},
