@@ -337,7 +337,7 @@ def gates(
     from pipeline.training.gates import GATE_INPUTS
 
     try:
-        done = run_gates(run_dir, lam, list(gate_input or GATE_INPUTS), train_limit, epochs, lr, batch_size,
+        done = run_gates(run_dir, lam, tuple(gate_input or GATE_INPUTS), train_limit, epochs, lr, batch_size,
                          max_response_tokens, hidden, bf16, kv, seed, workers, address, bootstrap)
     except (ValueError, OSError, RunLocked, RunError) as exc:
         fail(str(exc).strip().splitlines()[0])

@@ -107,7 +107,7 @@ class GatedGenerateTask(ShardTask):
         }, schema=SHARD_SCHEMA)
 
 
-def run_gates(run_dir: str | Path, lambdas: list[float], inputs: list[str] = list(GATE_INPUTS),
+def run_gates(run_dir: str | Path, lambdas: list[float], inputs: tuple[str, ...] = GATE_INPUTS,
               train_limit: int | None = 256, epochs: float = 1.0, lr: float = 1e-2, batch_size: int = 8,
               max_response_tokens: int = 32, hidden: int = 0, bf16: bool = False, kv: str = "compute",
               seed: int = 0, workers: int | None = None, address: str | None = None,
