@@ -317,6 +317,64 @@ def similarity(
 
 
 @app.command()
+def gates(
+    run_dir: str = typer.Argument(..., help="A finished run folder (its model, dataset, scoring and sequences)."),
+    lam: list[float] = typer.Option(..., "--lambda", help="Cost weight per expected executed layer (repeatable)."),
+    gate_input: Optional[list[str]] = typer.Option(None, "--input", help="hidden or fixed (repeatable); default both."),
+    train_limit: Optional[int] = typer.Option(256, "--train-limit", help="Train-split rows to train on."),
+    epochs: float = typer.Option(1.0, "--epochs"),
+    lr: float = typer.Option(1e-2, "--lr", help="AdamW learning rate of the gates."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    max_response_tokens: int = typer.Option(32, "--max-response-tokens", help="Reference tokens trained on per row."),
+    hidden: int = typer.Option(0, "--gate-hidden", help="0: one linear layer (the study's); N: an MLP with N ReLU units."),
+    bf16: bool = typer.Option(False, "--bf16/--no-bf16", help="bfloat16 autocast in training."),
+    kv: str = typer.Option("compute", "--kv", help="compute (the study's masked semantics) or none."),
+    seed: int = typer.Option(0, "--seed"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Worker actors of the evaluation; default the run's."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (auto, or host:port); default local."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples of the intervals."),
+) -> None:
+    """Per-token skip gates (hidden state vs a fixed input): train for each lambda, generate the run's sequences."""
+    from pipeline.analysis.gates_task import run_gates
+    from pipeline.run.rundir import RunLocked
+    from pipeline.run.runner import RunError
+    from pipeline.training.gates import GATE_INPUTS
+
+    try:
+        done = run_gates(run_dir, lam, tuple(gate_input or GATE_INPUTS), train_limit, epochs, lr, batch_size,
+                         max_response_tokens, hidden, bf16, kv, seed, workers, address, bootstrap)
+    except (ValueError, OSError, RunLocked, RunError) as exc:
+        fail(str(exc).strip().splitlines()[0])
+    typer.echo(f"{len(done['trained'])} gate sets evaluated in {done['shards']} shards ({done['computed']} computed, "
+               f"{done['skipped']} skipped) in {done['seconds']:.1f} s; summary: {done['summary']}")
+
+
+@app.command("token-oracle")
+def token_oracle(
+    run_dir: str = typer.Argument(..., help="A finished run folder."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Worker actors; default the run's."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (auto, or host:port); default local."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples of the intervals."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resamples."),
+) -> None:
+    """Per-token oracle: per token of the full model's output, the cheapest matching configuration of each family
+    (teacher-forced, the full model's states for earlier tokens: an optimistic bound)."""
+    from pipeline.analysis.token_oracle_task import run_token_oracle
+    from pipeline.run.rundir import RunLocked
+    from pipeline.run.runner import RunError
+
+    try:
+        done = run_token_oracle(run_dir, workers, address, bootstrap, seed)
+    except (ValueError, OSError, RunLocked, RunError) as exc:
+        fail(str(exc).strip().splitlines()[0])
+    for row in done["summary"].itertuples():
+        typer.echo(f"{row.family}: {row.mean_cost:.2f} layers per token (95% {row.mean_cost_lo:.2f}-"
+                   f"{row.mean_cost_hi:.2f}) over {row.tokens} tokens of {row.sequences} sequences")
+    typer.echo(f"{done['shards']} shards ({done['computed']} computed, {done['skipped']} skipped) in "
+               f"{done['seconds']:.1f} s")
+
+
+@app.command()
 def controller(
     run_dir: str = typer.Argument(..., help="Run folder with generations/ and features/."),
     metric: Optional[str] = typer.Option(None, "--metric", help=METRIC_HELP),

@@ -4,6 +4,8 @@
   output is thrown away (identity), with or without a KV cache. With `use_cache=False` every step
   recomputes the whole sequence, gating layers per position (prompt positions under prefill `full`
   run all layers), which is the definition of a configuration with no caching involved.
+- `gated_reference_generate`: per-token gates (`pipeline.generation.gated`) with no cache, each step the
+  whole sequence with per-position gating and, under `kv = "none"`, the skipped tokens' keys masked out.
 - `subset_generate`: the plain way. A deep copy of the model holding only the kept layers, decoded
   with Hugging Face `generate` (prefill `skip` semantics).
 """
@@ -96,3 +98,58 @@ def subset_generate(lm: LoadedModel, prompts: list[list[int]], config: SkipConfi
     kwargs = {"min_new_tokens": max_new_tokens} if ignore_eos else {}
     return model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
                           max_new_tokens=max_new_tokens, pad_token_id=lm.tokenizer.pad_token_id, **kwargs)
+
+
+class _GatedReferenceLayer(nn.Module):
+    """The whole sequence through the layer with no cache; positions from `start` on (the generated tokens) keep
+    their input where the gate says skip. With `kv = "none"` no position attends to a token that skipped the
+    layer (its key is masked out); with `compute` every earlier token is visible (plain causal attention)."""
+
+    def __init__(self, layer: nn.Module, index: int, gate, kv: str):
+        super().__init__()
+        self.layer, self.index, self.gate, self.kv = layer, index, gate, kv
+        self.start = 0
+        self.ran: torch.Tensor | None = None  # (T,) bool after a forward
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        length = hidden_states.shape[1]
+        run = torch.ones(length, dtype=torch.bool, device=hidden_states.device)
+        if self.index > 0 and length > self.start:
+            run[self.start :] = self.gate(self.index, hidden_states[0, self.start :]).to(torch.bool)
+        self.ran = run
+        causal = torch.ones(length, length, dtype=torch.bool, device=run.device).tril()
+        visible = causal & run[None, :] if self.kv == "none" else causal
+        bias = torch.zeros(visible.shape, dtype=hidden_states.dtype, device=run.device)
+        kwargs["attention_mask"] = bias.masked_fill_(~visible, torch.finfo(bias.dtype).min)[None, None]
+        out = self.layer(hidden_states, *args, **kwargs)
+        return torch.where(run[None, :, None], out, hidden_states)
+
+
+@torch.inference_mode()
+def gated_reference_generate(lm: LoadedModel, prompt: list[int], gate, max_new_tokens: int,
+                             kv: str = "compute") -> tuple[list[int], float]:
+    """Per-token gated greedy decoding with no cache, for one prompt: every step re-runs the whole sequence in
+    eager attention, the prompt through every layer and each generated token through the layers `gate(l, h)`
+    lets it run (h its input state to layer l). Returns the tokens (through the first EOS) and the mean number of
+    layers run per decode token (the first token, the prompt's, not counted; NaN when there is no other)."""
+    from pipeline.generation.engine import attention_implementation
+
+    model, device = lm.model, lm.device
+    stops = eos_ids(lm)
+    ids = torch.tensor([prompt], dtype=torch.long, device=device)
+    tokens, layers_run = [], 0
+    index = iter(range(lm.num_layers))
+    with wrapped_layers(model, lambda layer: _GatedReferenceLayer(layer, next(index), gate, kv)) as wrappers, \
+            attention_implementation(model, "eager"):
+        for wrapper in wrappers:
+            wrapper.start = len(prompt)
+        for step in range(max_new_tokens):
+            out = model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            token = int(out.logits[0, -1].argmax())
+            if step > 0:
+                layers_run += sum(int(w.ran[-1]) for w in wrappers)
+            tokens.append(token)
+            if stops is not None and token in stops.tolist():
+                break
+            ids = torch.cat([ids, ids.new_tensor([[token]])], 1)
+    return tokens, (layers_run / (len(tokens) - 1) if len(tokens) > 1 else float("nan"))

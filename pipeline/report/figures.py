@@ -17,7 +17,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import PercentFormatter
 
+from pipeline.analysis.gate_curves import read_gates
 from pipeline.analysis.reduce import reduce_run
+from pipeline.analysis.token_oracle import read_token_oracle
 from pipeline.analysis.result_key import oracle_name
 from pipeline.generation.configs import CUSTOM, FULL_ID, KNOWN_FAMILIES
 from pipeline.report.accuracy import cola_section
@@ -29,6 +31,7 @@ from pipeline.report.paper import (
     plot_named_configs,
 )
 from pipeline.report.query import open_run
+from pipeline.report.token_figures import plot_gates, plot_token_oracle
 from pipeline.report.similarity_figures import load_summary, plot_final_against_cost, plot_layers, similarity_section
 from pipeline.run.atomic import write_atomic
 from pipeline.run.location import RunPath, locate, read_parquet
@@ -98,11 +101,15 @@ def build_report(run_dir: str | RunPath, metric: str | None = None, families: li
 
     curves = read_curves(run_dir, metric)
     figures = {
-        "cost_quality.png": plot_cost_quality(per_config, frontier, summary, title, curves, checkpoints),
+        "cost_quality.png": plot_cost_quality(per_config, frontier, summary, title, curves, checkpoints,
+                                              read_gates(run_dir, metric)),
         "oracle_shares.png": plot_shares(per_config, frontier, summary, title, checkpoints),
     }
     if generations:
         figures["lengths.png"] = plot_lengths(per_config, summary, title, job.get("max_new_tokens"))
+    token_oracle = read_token_oracle(run_dir)
+    if token_oracle is not None:
+        figures["token_oracle.png"] = plot_token_oracle(*token_oracle, summary, title)
     similarity = load_summary(run_dir)
     extra: list[str] = cola_section(summary)
     if similarity is not None:
@@ -177,10 +184,12 @@ def _label(family: str, curve: pd.DataFrame) -> str:
 
 
 def plot_cost_quality(per_config: pd.DataFrame, frontier: pd.DataFrame, summary: dict, title: str,
-                      controllers: pd.DataFrame | None = None, checkpoints: dict[str, str] | None = None) -> Figure:
+                      controllers: pd.DataFrame | None = None, checkpoints: dict[str, str] | None = None,
+                      gates: pd.DataFrame | None = None) -> Figure:
     """The study's figure 2: static families and the oracle frontier against cost, with the matching budget,
-    and the prompt-feature controllers (`dynoracle controller`) when the run has them. Custom layer sets are
-    named points (not a curve); configurations that ran on a checkpoint are ringed."""
+    the prompt-feature controllers (`dynoracle controller`) and the per-token gates (`dynoracle gates`, cost =
+    layers run per decode token) when the run has them. Custom layer sets are named points (not a curve);
+    configurations that ran on a checkpoint are ringed."""
     L, metric, full_mean = summary["num_layers"], summary["metric"], summary["full_mean"]
     fig = Figure(figsize=(10, 5.5), layout="constrained")
     ax = fig.add_subplot()
@@ -200,6 +209,8 @@ def plot_cost_quality(per_config: pd.DataFrame, frontier: pd.DataFrame, summary:
                         label=f"{summary['bootstrap']['level']:.0%} bootstrap intervals (bands)")
     if controllers is not None:
         plot_controllers(ax, controllers, L)
+    if gates is not None and len(gates):
+        plot_gates(ax, gates)
 
     match = summary["min_budget_to_match"]
     if match is None:
@@ -388,6 +399,8 @@ def markdown(summary: dict, frontier: pd.DataFrame, per_config: pd.DataFrame, ti
         "lengths.png": "Mean output length and EOS rate per configuration.",
         "similarity_cost.png": "Final hidden state's similarity to the full model against cost, per family.",
         "similarity_layers.png": "Similarity to the full model after each layer, at a few budgets.",
+        "token_oracle.png": "Per-token oracle (optimistic: full-model states for earlier tokens) against the "
+                            "per-sequence oracle's least matching budget, and over output positions.",
     }
     lines += ["", *extra, "## Figures", ""]
     for name in figures:

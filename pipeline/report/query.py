@@ -26,16 +26,21 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 
+from pipeline.analysis import gate_curves, token_oracle
 from pipeline.analysis.features import FEATURES_FOLDER
 from pipeline.analysis.metrics import check_metric
 from pipeline.analysis.result_key import oracle_name, preferred_result
 from pipeline.analysis.similarity import RESPONSES, summary_path
 from pipeline.run.location import RunPath, parquet_dataset, read_parquet
-from pipeline.run.verify import RunFolderError, verify_run
+from pipeline.run.rundir import ShardProblem, job_identity, read_shard
+from pipeline.run.verify import RunFolderError, VerifiedRun, verify_run
 
 FORMATS = ("table", "csv", "json")
 CELL_WIDTH = 60  # table cells (outputs, references) are cut to this many characters
 READ_STATEMENTS = (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
+# Shard tasks' row tables a run may hold: (view name, folder, schema)
+TASK_TABLES = (("gates", gate_curves.FOLDER, gate_curves.SHARD_SCHEMA),
+               ("token_oracle", token_oracle.FOLDER, token_oracle.SHARD_SCHEMA))
 # DuckDB settings of a query connection: no file system, no extensions, nothing changeable afterwards.
 LOCKED_DOWN = (("enable_external_access", False), ("lock_configuration", True))
 
@@ -136,6 +141,12 @@ def open_run(run_dir: str | RunPath, metric: str | None = None, partial: bool = 
                 raise RunFolderError(f"{path} is damaged ({str(exc).splitlines()[0][:120]}); "
                                      f"{hints[kind].replace('first', 'again')}") from None
         sources[name] = paths
+    for name, folder, schema in TASK_TABLES:
+        paths, problem = _task_shards(run, folder, schema)
+        if problem:
+            missing[name] = problem
+        elif paths:
+            sources[name] = paths
     connection = duckdb.connect(config={"autoload_known_extensions": False, "autoinstall_known_extensions": False})
     for name, paths in sources.items():
         # Explicit file lists, no partitioning: `shard` is the column stored in each file, not a path's.
@@ -143,6 +154,23 @@ def open_run(run_dir: str | RunPath, metric: str | None = None, partial: bool = 
     for setting, value in LOCKED_DOWN:
         connection.execute(f"set {setting} = {str(value).lower()}")
     return RunDatabase(connection, missing, run.table, metric)
+
+
+def _task_shards(run: VerifiedRun, folder: str, schema: pa.Schema) -> tuple[list[RunPath], str | None]:
+    """A shard task's files (one per shard of the run, each verified against the run's job), or why not."""
+    root = run.root / folder
+    if not root.is_dir():
+        return [], None
+    paths = [root / f"shard={i:05d}.parquet" for i in range(int(run.record["shards"]))]
+    absent = [p for p in paths if not p.is_file()]
+    if absent:
+        return [], f"{absent[0]} is missing: finish the command that writes {folder}/"
+    for i, path in enumerate(paths):
+        try:
+            read_shard(path, i, job_identity(run.record), schema)
+        except ShardProblem as problem:
+            raise RunFolderError(f"shard file {path}: {problem.reason}; rerun the command that writes {folder}/") from None
+    return paths, None
 
 
 def query_run(run_dir: str | RunPath, sql: str, metric: str | None = None, partial: bool = False,
