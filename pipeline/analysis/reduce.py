@@ -25,7 +25,7 @@ from pipeline.analysis.oracle import Frontier, allocate, build_frontier, min_bud
 from pipeline.generation.configs import FULL_ID, KNOWN_FAMILIES
 from pipeline.run.atomic import replace_folder, write_json, write_parquet
 from pipeline.run.location import RunPath, locate, read_parquet
-from pipeline.run.verify import verify_run
+from pipeline.run.verify import run_metrics, verify_run
 
 METRICS = ("rougeL", "rougeLsum", "rouge1", "rouge2", "fidelity")
 COST_MODES = ("nominal", "measured")
@@ -104,8 +104,9 @@ def reduce_run(
     `partial` allows a run with shard files missing (still running or interrupted): the oracle is then over
     the sequences present, and summary["missing_shards"] says how many shard files were absent.
     """
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
+    metrics = run_metrics(run_dir, METRICS)
+    if metric not in metrics:
+        raise ValueError(f"unknown metric '{metric}'; choose from {', '.join(metrics)}")
     if cost not in COST_MODES:
         raise ValueError(f"unknown cost mode '{cost}'; choose from {', '.join(COST_MODES)}")
     if not (math.isfinite(tolerance) and tolerance >= 0):

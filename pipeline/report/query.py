@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from pipeline.analysis.reduce import METRICS
 from pipeline.run.location import RunPath, parquet_dataset, read_parquet
-from pipeline.run.verify import RunFolderError, verify_run
+from pipeline.run.verify import RunFolderError, run_metrics, verify_run
 
 FORMATS = ("table", "csv", "json")
 CELL_WIDTH = 60  # table cells (outputs, references) are cut to this many characters
@@ -90,8 +90,9 @@ def open_run(run_dir: str | RunPath, metric: str = "rougeL", partial: bool = Fal
     The run is verified first (`verify_run`; `partial` allows missing shard files), and the oracle's files
     are read once with page checksums. Raises FileNotFoundError, RunFolderError or ValueError, one line each.
     """
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
+    metrics = run_metrics(run_dir, METRICS)
+    if metric not in metrics:
+        raise ValueError(f"unknown metric '{metric}'; choose from {', '.join(metrics)}")
     run = verify_run(run_dir, partial)
     oracle = run.root / "oracle" / metric
     reduce_hint = f"run `dynoracle reduce {run.root} --metric {metric}` first"

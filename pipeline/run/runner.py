@@ -26,6 +26,7 @@ import ray
 import torch
 
 from pipeline.data.adapters import Example, load_examples, shard_examples
+from pipeline.generation.answer_scoring import plan_answers
 from pipeline.generation.checkpoints import check_checkpoints, with_resolved_checkpoints
 from pipeline.generation.models import load_tokenizer
 from pipeline.generation.scoring import mostly_dropped
@@ -129,11 +130,14 @@ def run_job(spec: JobSpec, address: str | None = None,
         if not plan.fits(local):
             raise ValueError(f"cannot place {plan.describe()} on this machine ({describe_nodes(local)})")
     data_print = dataset_fingerprint(examples)
+    answers = plan_answers(spec.dataset, spec.scorer, spec.stop, examples)  # imports and tries the scorer
+    identity = spec.identity() if answers.record() == type(answers)().record() else \
+        {**spec.identity(), "answers": answers.record()}
     if spec.scoring.tokenizer == "default":
         _warn_non_latin(examples)
     with run.lock():
         previous = run.read_run_json()
-        _check_same(previous, "identity", spec.identity(), run.root)
+        _check_same(previous, "identity", identity, run.root)
         _check_same(previous, "dataset_fingerprint", data_print, run.root)
         if run.remove_stale_temp_files():
             log("removed half-written files of an interrupted run")
@@ -154,13 +158,16 @@ def run_job(spec: JobSpec, address: str | None = None,
                     raise RunError("workers loaded models of another depth or different checkpoints")
                 checkpoint_prints = infos[0]["checkpoint_fingerprints"]
                 _check_same(previous, "checkpoint_fingerprints", checkpoint_prints, run.root)
-                record = {"job": spec.to_dict(), "identity": spec.identity(), "scoring": scoring, "model_fingerprint": model_print,
+                if answers.columns or answers.stop:
+                    log(f"stop strings {list(answers.stop)}; metric columns beside ROUGE: {', '.join(answers.columns)}")
+                record = {"job": spec.to_dict(), "identity": identity, "scoring": scoring, "model_fingerprint": model_print,
+                          "metric_columns": list(answers.columns),
                           "checkpoint_fingerprints": checkpoint_prints,
                           "dtype": dtype, "num_layers": num_layers, "dataset_fingerprint": data_print, "sequences": len(examples),
                           "configs": len(configs), "shards": len(shards), "versions": _versions(),
                           "git_sha": _git_sha(), "started": _now(), "finished": None, "workers": infos}
                 task = GenerateTask(tuple(configs), spec.max_new_tokens, spec.prefill, spec.batch_size, spec.max_rows,
-                                    spec.scoring, tuple(sorted(spec.checkpoints.items())))
+                                    spec.scoring, tuple(sorted(spec.checkpoints.items())), answers)
                 todo = shards_to_compute(task, run, shards, job_identity(record))  # before run.json claims the folder
                 write_parquet(configs_table(configs), run.configs)
                 write_json(record, run.run_json)

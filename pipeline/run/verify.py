@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.run.location import RunPath, read_parquet
-from pipeline.run.rundir import OWN_SHARD_TEMP, RunDir, ShardProblem, job_identity, read_shard
+from pipeline.run.rundir import OWN_SHARD_TEMP, RunDir, ShardProblem, generations_schema, job_identity, read_shard
 
 REGENERATE = "rerun the run's `dynoracle run` command to regenerate it"
 RERUN = "rerun the run's `dynoracle run` command"
@@ -35,6 +35,17 @@ class VerifiedRun:
     record: dict[str, Any]
     shards: list[RunPath]  # verified shard files, in shard order
     missing: list[int]  # shard indices without a file (empty unless partial)
+
+
+def run_metrics(run_dir: str | RunPath, built_in: tuple[str, ...]) -> tuple[str, ...]:
+    """The metrics a reader may ask of a run: `built_in` and the run's own metric columns (run.json's
+    `metric_columns`: exact match, an lm_eval task's metrics, a user scorer's); unverified, for choosing."""
+    run = RunDir(run_dir)
+    try:
+        record = json.loads(run.run_json.read_text(encoding="utf-8")) if run.run_json.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        record = {}  # verify_run says what is wrong with it
+    return (*built_in, *(record.get("metric_columns") or () if isinstance(record, dict) else ()))
 
 
 def verify_run(run_dir: str | RunPath, partial: bool = False) -> VerifiedRun:
@@ -86,7 +97,7 @@ def verify_run(run_dir: str | RunPath, partial: bool = False) -> VerifiedRun:
             continue
         path = run.shard_path(index)
         try:
-            read_shard(path, index, job)
+            read_shard(path, index, job, generations_schema(record.get("metric_columns") or ()))
         except ShardProblem as problem:
             fix = ("remove it, or move it to its own run folder" if problem.foreign else REGENERATE)
             raise RunFolderError(f"shard file {path} {'' if problem.foreign else 'is damaged: '}{problem.reason}; "
