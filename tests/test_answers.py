@@ -100,7 +100,7 @@ def local_ray(tmp_path_factory):
     sys.path.insert(0, str(folder))
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     yield
     ray.shutdown()
     sys.path.remove(str(folder))
