@@ -97,7 +97,7 @@ def build_task(name: str, rows: Sequence[dict] | None, fewshot_rows: Sequence[di
     return _manager(name).load([config])["tasks"][name]
 
 
-def num_fewshot(spec: DatasetSpec) -> int:
+def _num_fewshot(spec: DatasetSpec) -> int:
     return spec.num_fewshot if spec.num_fewshot is not None else int(_config(spec.task).get("num_fewshot") or 0)
 
 
@@ -109,7 +109,7 @@ def lm_eval_records(spec: DatasetSpec) -> list[Record]:
         raise DataError("dataset lm_eval needs a task name (--task lm_eval:NAME)")
     config = _config(spec.task)
     evaluation, fewshot = _splits(config)
-    k = num_fewshot(spec)
+    k = _num_fewshot(spec)
     if spec.path:
         table = read_file(Path(spec.path))
         rows: list[dict] | None = [dict(row) for row in table.rows]

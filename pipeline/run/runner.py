@@ -26,7 +26,7 @@ import ray
 import torch
 
 from pipeline.data.adapters import Example, load_examples, shard_examples
-from pipeline.generation.answer_scoring import plan_answers
+from pipeline.generation.answer_scoring import AnswerScoring, plan_answers
 from pipeline.generation.checkpoints import check_checkpoints, with_resolved_checkpoints
 from pipeline.generation.models import load_tokenizer
 from pipeline.generation.scoring import mostly_dropped
@@ -131,8 +131,8 @@ def run_job(spec: JobSpec, address: str | None = None,
             raise ValueError(f"cannot place {plan.describe()} on this machine ({describe_nodes(local)})")
     data_print = dataset_fingerprint(examples)
     answers = plan_answers(spec.dataset, spec.scorer, spec.stop, examples)  # imports and tries the scorer
-    identity = spec.identity() if answers.record() == type(answers)().record() else \
-        {**spec.identity(), "answers": answers.record()}
+    # a plain ROUGE run keeps the identity it had before answers existed
+    identity = spec.identity() if answers == AnswerScoring() else {**spec.identity(), "answers": answers.record()}
     if spec.scoring.tokenizer == "default":
         _warn_non_latin(examples)
     with run.lock():
