@@ -136,6 +136,8 @@ data_dir = "{DATA}"
 def test_user_scorer_runs_on_workers_fails_in_one_line_and_is_part_of_the_identity(local_ray, tiny, tmp_path):
     spec = load_job(job(tiny, tmp_path, "scored", "user_scores:worker_pid"), overrides={"out": str(tmp_path / "a")})
     run_job(spec)
+    resumed = run_job(spec)  # the same job resumes: nothing to compute
+    assert (resumed.skipped, resumed.computed) == (2, 0)
     record = json.loads((tmp_path / "a" / "run.json").read_text())
     assert record["metric_columns"] == [*EXACT_MATCH_COLUMNS, "scorer_pid", "has_answer"]
     assert record["identity"]["answers"]["scorer"] == "user_scores:worker_pid"

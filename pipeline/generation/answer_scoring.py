@@ -32,7 +32,8 @@ class AnswerScoring:
     columns: tuple[str, ...] = ()  # the metric columns all of the above add, in order
 
     def record(self) -> dict[str, Any]:
-        return asdict(self)
+        """As run.json stores it (lists, not tuples), so that a resume compares equal."""
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
 
     def score(self, examples: Sequence[Example], outputs: Sequence[Sequence[str]],
               config_ids: Sequence[str]) -> dict[str, list[float]]:
