@@ -138,6 +138,15 @@ def run(
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="ROUGE tokenizer: default (rouge_score's, "
                                             "a-z and 0-9 only) or unicode (letters and digits of every script)."),
     start_timeout: Optional[float] = typer.Option(None, "--start-timeout", help="Seconds to wait for workers to be placed and load the model, or to come back after a loss (default 600)."),
+    task: Optional[str] = typer.Option(None, "--task", help="lm_eval:NAME, an lm-evaluation-harness generate-until "
+                                       "task (needs dynoracle[lm-eval]); offline, its documents from --file."),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Exemplars before each question "
+                                              "(gsm8k, lm_eval tasks); default the task's."),
+    fewshot_path: Optional[str] = typer.Option(None, "--fewshot-file", help="Local file of an lm_eval task's "
+                                               "few-shot split (its first k rows are the exemplars)."),
+    scorer: Optional[str] = typer.Option(None, "--scorer", help="A scorer module:function, called as "
+                                         "function(output, reference, row) -> float or dict of floats."),
+    stop: Optional[str] = typer.Option(None, "--stop", help="Stop strings, comma-separated; default the task's."),
 ) -> None:
     """Generate and score every (sequence, configuration) of a job into sharded Parquet; reruns resume.
 
@@ -148,14 +157,21 @@ def run(
     from pipeline.run.rundir import RunLocked
     from pipeline.run.runner import RunError, run_job
 
-    overrides = {"name": name, "model": model, "families": families, "config_ids": config_ids,
+    if task is not None:
+        if not task.startswith("lm_eval:") or dataset or job:
+            fail(f"--task takes lm_eval:NAME (an lm-evaluation-harness task), without --dataset or --job; got {task}")
+        dataset = "lm_eval"
+    overrides = {"name": name or (task.replace(":", "_") if task else None), "model": model,
+                 "scorer": scorer, "stop": stop, "families": families, "config_ids": config_ids,
                  "max_new_tokens": max_new_tokens, "batch_size": batch_size, "shard_size": shard_size,
                  "workers": workers, "prefill": prefill, "dtype": dtype, "device": device, "out": out,
                  "trust_remote_code": trust_remote_code or None,
                  "start_timeout": start_timeout,
                  "dataset": {"split": split, "limit": limit, "data_dir": data_dir, "path": path,
                              "prompt_column": prompt_column, "reference_column": reference_column,
-                             "prompt_budget": prompt_budget, "prompt_format": prompt_format},
+                             "prompt_budget": prompt_budget, "prompt_format": prompt_format,
+                             "task": task.partition(":")[2] if task else None, "num_fewshot": num_fewshot,
+                             "fewshot_path": fewshot_path},
                  "scoring": {"stemming": stemming, "sentence_split": sentence_split, "tokenizer": tokenizer}}
     sigterm_as_interrupt()
     try:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.data import gsm8k
 from pipeline.data.sources import DATA_DIR_ENV, DataError, Table, _first_line, data_dir, read_file, read_files, read_hub
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ __all__ = ["DATASETS", "DataError", "DatasetSpec", "Example", "Record", "data_so
            "load_split", "shard_examples", "split_indices"]
 
 CHOICE_DATASETS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq", "winogrande", "mmlu")  # choice_tasks.py
-DATASETS = ("alpaca", "cnn_dailymail", "samsum", "file", "hub", *CHOICE_DATASETS)
+DATASETS = ("alpaca", "cnn_dailymail", "samsum", "gsm8k", "file", "hub", "lm_eval", *CHOICE_DATASETS)
 PROMPT_FORMATS = ("plain", "chat")
 SPLITS = ("train", "validation", "test")
 EMPTY_REFERENCES = ("refuse", "keep")
@@ -75,6 +76,9 @@ class DatasetSpec:
     prompt_budget: int | None = 1024
     limit: int | None = None
     empty_references: str = "refuse"
+    num_fewshot: int | None = None  # gsm8k, lm_eval: exemplars before each question (None: the task's own number)
+    task: str | None = None  # lm_eval: the lm-evaluation-harness task name (`--task lm_eval:NAME`)
+    fewshot_path: str | None = None  # lm_eval: a local file of the task's few-shot split
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,7 @@ class Record:
     tail: str
     references: tuple[str, ...]
     summary: bool
+    row: str = ""  # the source row as JSON, for scorers that read other columns (user scorers, lm_eval metrics)
 
     @property
     def plain_prompt(self) -> str:
@@ -107,6 +112,7 @@ class Example:
     references: tuple[str, ...]
     prompt_truncated: bool
     summary: bool
+    row: str = ""  # the source row as JSON (Record.row)
 
     @property
     def prompt_tokens(self) -> int:
@@ -194,6 +200,16 @@ def _check_spec(spec: DatasetSpec) -> _Adapter:
         raise DataError(f"unknown empty_references {spec.empty_references!r}; choose from {', '.join(EMPTY_REFERENCES)}")
     if spec.name == "alpaca" and spec.split not in SPLITS:
         raise DataError(f"unknown split {spec.split!r}; choose from {', '.join(SPLITS)}")
+    if spec.num_fewshot is not None and (spec.name not in ("gsm8k", "lm_eval") or spec.num_fewshot < 0):
+        raise DataError(f"num_fewshot is for gsm8k and lm_eval tasks, a number >= 0; got {spec.num_fewshot} "
+                        f"for {spec.name}")
+    if spec.name == "gsm8k":
+        if spec.path or spec.prompt_column or spec.reference_column:
+            raise DataError("gsm8k has its own source and columns; path and columns are for file and hub")
+        k = gsm8k.DEFAULT_FEWSHOT if spec.num_fewshot is None else spec.num_fewshot
+        context = gsm8k.fewshot_context(gsm8k.exemplars(k, data_dir(spec.data_dir)))
+        return _Adapter(gsm8k.HUB_ID, gsm8k.HUB_CONFIG, "question", "answer", False,
+                        lambda row: gsm8k.prompt_parts(context, row))
     if spec.name in _NAMED:
         if spec.path or spec.prompt_column or spec.reference_column:
             raise DataError(f"{spec.name} has its own source and columns; path and columns are for file and hub")
@@ -237,7 +253,7 @@ def _record(adapter: _Adapter, table: Table, index: int, seq_id: str, keep_empty
         raise DataError(f"{origin}: empty prompt (column {adapter.prompt_column!r})")
     head, body, tail = adapter.parts(row)
     references = _references(row[adapter.reference_column], origin, adapter.reference_column, keep_empty)
-    return Record(seq_id, head, body, tail, references, adapter.summary)
+    return Record(seq_id, head, body, tail, references, adapter.summary, json.dumps(row, default=str))
 
 
 def _references(value: object, origin: str, column: str, keep_empty: bool) -> tuple[str, ...]:
@@ -298,6 +314,10 @@ def load_split(spec: DatasetSpec) -> list[dict]:
 
 def load_records(spec: DatasetSpec) -> list[Record]:
     """The split's rows as prompt parts with seq ids, before tokenization (no tokenizer needed)."""
+    if spec.name == "lm_eval":
+        from pipeline.data.lm_eval_tasks import lm_eval_records
+
+        return lm_eval_records(spec)
     adapter, table, indices = _split(spec)
     prefix = _id_prefix(spec)
     keep = spec.empty_references == "keep"
@@ -322,7 +342,8 @@ def load_examples(spec: DatasetSpec, tokenizer: PreTrainedTokenizerBase) -> list
         truncated = spec.prompt_budget is not None and len(ids) > spec.prompt_budget
         if truncated:
             prompt, ids = _truncate(tokenizer, record, chat, spec.prompt_budget, len(ids))
-        examples.append(Example(record.seq_id, prompt, tuple(ids), record.references, truncated, record.summary))
+        examples.append(Example(record.seq_id, prompt, tuple(ids), record.references, truncated, record.summary,
+                                record.row))
     return examples
 
 

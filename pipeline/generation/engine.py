@@ -373,11 +373,13 @@ def generate(
     ignore_eos: bool = False,
     max_rows: int = DEFAULT_MAX_ROWS,
     on_group_done: Callable[[int], None] | None = None,
+    stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[list[Generation]]:
     """Greedy-decode every prompt under every configuration; result[i][k] is prompt i under configs[k].
 
     Configurations with the same executed layers are decoded once. Rows (prompt x distinct layer set)
-    are processed in groups of at most `max_rows`; `on_group_done(tokens)` reports progress.
+    are processed in groups of at most `max_rows`; `on_group_done(tokens)` reports progress. `stop`
+    (e.g. `stops.StopStrings`) ends rows early besides EOS: live rows' tokens (R, T) -> (R,) bool.
     """
     if prefill not in PREFILL_POLICIES:
         raise ValueError(f"unknown prefill policy {prefill!r}; choose from {', '.join(PREFILL_POLICIES)}")
@@ -405,7 +407,7 @@ def generate(
             for start in range(0, len(layer_sets), per_group):
                 group = layer_sets[start : start + per_group]
                 outputs = _decode_group(lm, wrappers, group, input_ids, mask, shared, capacity,
-                                        max_new_tokens, stop_ids)
+                                        max_new_tokens, stop_ids, stop)
                 results.update(zip(group, outputs))
                 if on_group_done is not None:
                     on_group_done(sum(g.gen_tokens for per_set in outputs for g in per_set))
@@ -436,7 +438,8 @@ def _shared_prefill(model: nn.Module, wrappers: list[_RoutedLayer], input_ids: t
 
 def _decode_group(lm: LoadedModel, wrappers: list[_RoutedLayer], layer_sets: list[tuple[int, ...]],
                   input_ids: torch.Tensor, mask: torch.Tensor | None, shared: _SharedPrefill | None,
-                  capacity: int, max_new_tokens: int, stop_ids: torch.Tensor | None) -> list[list[Generation]]:
+                  capacity: int, max_new_tokens: int, stop_ids: torch.Tensor | None,
+                  stop: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[list[Generation]]:
     """Decode one group of layer sets for every prompt; returns outputs[set][prompt]."""
     device, num_prompts, num_layers = input_ids.device, input_ids.shape[0], len(wrappers)
     set_member = _membership(layer_sets, num_layers, device)
@@ -484,8 +487,11 @@ def _decode_group(lm: LoadedModel, wrappers: list[_RoutedLayer], layer_sets: lis
             layers_run[rows.ids] += executed[: len(rows.ids)]
         tokens[rows.ids, step] = next_tokens
         lengths[rows.ids] = step + 1
-        if stop_ids is not None:
-            done = torch.isin(next_tokens, stop_ids)
+        if stop_ids is not None or stop is not None:
+            done = (torch.isin(next_tokens, stop_ids) if stop_ids is not None
+                    else torch.zeros_like(next_tokens, dtype=torch.bool))
+            if stop is not None:
+                done |= stop(tokens[rows.ids, : step + 1])
             if bool(done.any()):
                 finished_eos[rows.ids[done]] = True
                 keep = ~done

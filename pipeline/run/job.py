@@ -33,6 +33,8 @@ _DATASET_FIELDS = {f.name for f in dataclasses.fields(DatasetSpec)}
 _IDENTITY = ("model", "dtype", "prefill", "max_new_tokens", "shard_size", "families", "rls_seeds", "config_ids")
 _DATASET_IDENTITY = tuple(sorted(_DATASET_FIELDS - {"data_dir"}))
 _SCORING_FIELDS = {f.name for f in dataclasses.fields(ScoringOptions)}
+# Dataset fields in the identity only when set, so runs from before them keep their identity.
+_DATASET_OPTIONAL = ("num_fewshot", "task", "fewshot_path")
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ class JobSpec:
     checkpoints: Mapping[str, str] = dataclasses.field(default_factory=dict)  # [checkpoints]: config id -> model
     out: str = ""
     trust_remote_code: bool = False  # run a model folder's own Python code (recorded in run.json); off by default
+    stop: tuple[str, ...] = ()  # stop strings; empty: the task's own (gsm8k's, an lm_eval task's `until`)
+    scorer: str | None = None  # a user's scorer, module:function (pipeline.generation.user_scorer)
 
     def __post_init__(self) -> None:
         _check_types(self, "")
@@ -78,7 +82,8 @@ class JobSpec:
         ident = {key: getattr(self, key) for key in _IDENTITY}
         for key in ("families", "rls_seeds", "config_ids"):  # order does not change the rows
             ident[key] = sorted(ident[key])
-        ident["dataset"] = {key: getattr(self.dataset, key) for key in _DATASET_IDENTITY}
+        ident["dataset"] = {key: getattr(self.dataset, key) for key in _DATASET_IDENTITY
+                            if key not in _DATASET_OPTIONAL or getattr(self.dataset, key) is not None}
         ident["scoring"] = self.scoring.to_dict()
         if self.configs:  # only when used, so runs from before these tables keep their identity
             ident["configs"] = {name: sorted(layers) for name, layers in sorted(self.configs.items())}
@@ -224,7 +229,7 @@ def job_from_dict(raw: Mapping[str, Any]) -> JobSpec:
     data["scoring"] = ScoringOptions(**scoring)
     _check_types(data["scoring"], "scoring.")
     data.setdefault("name", data["dataset"].name)
-    for key in ("families", "rls_seeds", "config_ids"):
+    for key in ("families", "rls_seeds", "config_ids", "stop"):
         if key in data:
             value = data[key]
             if isinstance(value, str):

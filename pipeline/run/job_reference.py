@@ -47,9 +47,11 @@ MEANING = {
         "checkpoints": "[checkpoints]: config id = model it runs on (e.g. a `dynoracle finetune` folder)",
         "out": "run folder, or an s3:// or gs:// URI",
         "trust_remote_code": "run a model folder's own Python code (recorded in run.json)",
+        "stop": "stop strings: an output ends, and is cut, at the first (empty: the task's, e.g. gsm8k's `until`)",
+        "scorer": "a user's scorer module:function(output, reference, row) -> float or dict of floats, on the workers",
     },
     "dataset": {
-        "name": "which dataset; `file` reads `path`, `hub` a hub dataset named by `path`",
+        "name": "which dataset; `file` reads `path`, `hub` a hub dataset named by `path`, `lm_eval` the task `task`",
         "split": "alpaca: the study's split; cnn_dailymail, samsum, hub: their own; file: `test` is every row, "
                  "`train` / `validation` cut it as Alpaca (finetune)",
         "path": "file: a .jsonl, .json (list of objects) or .parquet file; hub: the dataset's hub id",
@@ -60,6 +62,10 @@ MEANING = {
         "prompt_budget": "most prompt tokens; a longer prompt loses tokens from the left of its body",
         "limit": "only the first N rows of the split",
         "empty_references": "refuse: an empty reference stops the run naming the row; keep: scored (as 0)",
+        "num_fewshot": "gsm8k, lm_eval: exemplars before each question, the first k of the few-shot split "
+                       "(none: the task's own number)",
+        "task": "lm_eval: the lm-evaluation-harness task name (`--task lm_eval:NAME`)",
+        "fewshot_path": "lm_eval: a local file of the task's few-shot split",
     },
     "scoring": {
         "stemming": "Porter-stem ROUGE tokens (the study: false)",

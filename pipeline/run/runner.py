@@ -28,6 +28,7 @@ import torch
 from pipeline.data.adapters import CHOICE_DATASETS, Example, load_examples, shard_examples
 from pipeline.data.choice_tasks import ChoiceExample
 from pipeline.generation.choice_task import ChoiceTask
+from pipeline.generation.answer_scoring import AnswerScoring, plan_answers
 from pipeline.generation.checkpoints import check_checkpoints, with_resolved_checkpoints
 from pipeline.generation.configs import SkipConfig
 from pipeline.generation.models import load_tokenizer
@@ -137,15 +138,18 @@ def run_job(spec: JobSpec, address: str | None = None,
         if not plan.fits(local):
             raise ValueError(f"cannot place {plan.describe()} on this machine ({describe_nodes(local)})")
     data_print = dataset_fingerprint(examples)
+    answers = plan_answers(spec.dataset, spec.scorer, spec.stop, examples)  # imports and tries the scorer
+    # a plain ROUGE run keeps the identity it had before answers existed
+    identity = spec.identity() if answers == AnswerScoring() else {**spec.identity(), "answers": answers.record()}
     if spec.scoring.tokenizer == "default":
         _warn_non_latin(examples)
     with run.lock():
         previous = run.read_run_json()
-        _check_same(previous, "identity", spec.identity(), run.root)
+        _check_same(previous, "identity", identity, run.root)
         _check_same(previous, "dataset_fingerprint", data_print, run.root)
         if run.remove_stale_temp_files():
             log("removed half-written files of an interrupted run")
-        done = _complete_already(spec, previous, configs, run, shards)
+        done = _complete_already(spec, previous, configs, run, shards, answers)
         if done is not None:
             return RunSummary(run.root, done.shards, done.skipped, 0, len(examples) * len(configs), 0, 0.0,
                               time.monotonic() - start)
@@ -168,12 +172,15 @@ def run_job(spec: JobSpec, address: str | None = None,
                     raise RunError("workers loaded models of another depth or different checkpoints")
                 checkpoint_prints = infos[0]["checkpoint_fingerprints"]
                 _check_same(previous, "checkpoint_fingerprints", checkpoint_prints, run.root)
-                record = {"task": "choice" if choice else "generate", "job": spec.to_dict(), "identity": spec.identity(), "scoring": scoring, "model_fingerprint": model_print,
+                if answers.columns or answers.stop:
+                    log(f"stop strings {list(answers.stop)}; metric columns beside ROUGE: {', '.join(answers.columns)}")
+                record = {"task": "choice" if choice else "generate", "job": spec.to_dict(), "identity": identity, "scoring": scoring, "model_fingerprint": model_print,
+                          "metric_columns": list(answers.columns),
                           "checkpoint_fingerprints": checkpoint_prints,
                           "dtype": dtype, "num_layers": num_layers, "dataset_fingerprint": data_print, "sequences": len(examples),
                           "configs": len(configs), "shards": len(shards), "versions": _versions(),
                           "git_sha": _git_sha(), "started": _now(), "finished": None, "workers": infos}
-                task = _shard_task(spec, configs)
+                task = _shard_task(spec, configs, answers)
                 todo = shards_to_compute(task, run, shards, job_identity(record))  # before run.json claims the folder
                 write_parquet(configs_table(configs), run.configs)
                 write_json(record, run.run_json)
@@ -183,16 +190,16 @@ def run_job(spec: JobSpec, address: str | None = None,
                       done.seconds, time.monotonic() - start)
 
 
-def _shard_task(spec: JobSpec, configs: list[SkipConfig]) -> ChoiceTask | GenerateTask:
+def _shard_task(spec: JobSpec, configs: list[SkipConfig], answers: AnswerScoring) -> ChoiceTask | GenerateTask:
     """The run's shard task: choice scoring for a multiple-choice dataset, else generation."""
     if spec.dataset.name in CHOICE_DATASETS:
         return ChoiceTask(tuple(configs), spec.prefill, spec.batch_size)
     return GenerateTask(tuple(configs), spec.max_new_tokens, spec.prefill, spec.batch_size, spec.max_rows,
-                        spec.scoring, tuple(sorted(spec.checkpoints.items())))
+                        spec.scoring, tuple(sorted(spec.checkpoints.items())), answers)
 
 
 def _complete_already(spec: JobSpec, previous: dict[str, Any] | None, configs: list[SkipConfig], run: RunDir,
-                      shards: list[list[Example]]) -> ExecSummary | None:
+                      shards: list[list[Example]], answers: AnswerScoring) -> ExecSummary | None:
     """A finished run of this job whose shard files are all valid: nothing to do, and Ray is not started.
 
     Only when no local model or checkpoint file changed since the run finished (their weights' fingerprint is
@@ -205,7 +212,7 @@ def _complete_already(spec: JobSpec, previous: dict[str, Any] | None, configs: l
         files = [path] if path.is_file() else path.rglob("*") if path.is_dir() else []
         if any(f.stat().st_mtime >= finished for f in files):
             return None
-    if shards_to_compute(_shard_task(spec, configs), run, shards, job_identity(previous)):
+    if shards_to_compute(_shard_task(spec, configs, answers), run, shards, job_identity(previous)):
         return None
     log(f"{spec.name}: all {len(shards)} shards are complete; nothing to compute (Ray not started)")
     return ExecSummary(len(shards), len(shards), 0, 0, 0.0)

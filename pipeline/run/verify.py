@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from pipeline.run.location import RunPath, read_parquet
 from pipeline.analysis.metrics import run_task_name
-from pipeline.run.rundir import OWN_SHARD_TEMP, SCORED_TABLES, RunDir, ShardProblem, job_identity, read_shard
+from pipeline.run.rundir import OWN_SHARD_TEMP, SCORED_TABLES, RunDir, ShardProblem, generations_schema, job_identity, read_shard
 
 REGENERATE = "rerun the run's `dynoracle run` command to regenerate it"
 RERUN = "rerun the run's `dynoracle run` command"
@@ -72,6 +72,8 @@ def verify_run(run_dir: str | RunPath, partial: bool = False) -> VerifiedRun:
     folder, schema = SCORED_TABLES.get(run_task_name(record), (None, None))
     if folder is None:
         raise RunFolderError(f"{run.run_json} names an unknown task {record.get('task')!r}; run it with a newer dynoracle")
+    if folder == "generations":  # with the run's own metric columns (exact match, a user scorer's, ...)
+        schema = generations_schema(record.get("metric_columns") or ())
     rows = run.root / folder
 
     def shard_path(index: int) -> RunPath:
