@@ -13,9 +13,10 @@ import pyarrow as pa
 
 from pipeline.data.adapters import Example
 from pipeline.generation.checkpoints import model_groups
-from pipeline.generation.configs import FULL_ID, SkipConfig
+from pipeline.generation.configs import FULL_ID, SAMPLE, SkipConfig
 from pipeline.generation.engine import Generation, generate
 from pipeline.generation.models import LoadedModel
+from pipeline.generation.sampling import Sampling, row_seed
 from pipeline.generation.scoring import ScoringOptions, score
 from pipeline.run.shard_task import ShardTask
 from pipeline.run.rundir import GENERATIONS_SCHEMA, shard_table
@@ -26,7 +27,8 @@ class GenerateTask(ShardTask):
     """Generate every example under every configuration, then score against references and `full`.
 
     A configuration named in `checkpoints` runs on that model (loaded once per worker process), the
-    others on the worker's model; each model's configurations are decoded together.
+    others on the worker's model; each model's configurations are decoded together, the greedy ones in
+    one engine call and the `sample` family's in another (each row seeded by `row_seed`).
     """
 
     configs: tuple[SkipConfig, ...]
@@ -36,6 +38,7 @@ class GenerateTask(ShardTask):
     max_rows: int
     scoring: ScoringOptions = ScoringOptions()
     checkpoints: tuple[tuple[str, str], ...] = ()  # (config id, model) pairs of the job's checkpoint table
+    sampling: Sampling = Sampling()  # how the `sample` family's configurations decode (the others are greedy)
 
     folder: ClassVar[str] = "generations"
     schema: ClassVar[pa.Schema] = GENERATIONS_SCHEMA
@@ -58,12 +61,18 @@ class GenerateTask(ShardTask):
             batch = order[start : start + self.batch_size]
             prompts = [list(examples[i].prompt_ids) for i in batch]
             per_prompt: list[list[Generation | None]] = [[None] * len(configs) for _ in batch]
-            for model, indices in groups:
-                outputs = generate(model, prompts, [configs[k] for k in indices], self.max_new_tokens,
-                                   prefill=self.prefill, max_rows=self.max_rows, on_group_done=on_tokens)
-                for row, per_config in zip(per_prompt, outputs):
-                    for k, gen in zip(indices, per_config):
-                        row[k] = gen
+            for model, group in groups:
+                sampled = [k for k in group if configs[k].family == SAMPLE]
+                for indices, settings in (([k for k in group if k not in sampled], {}), (sampled, self._sample(
+                        [examples[i].seq_id for i in batch], [configs[k] for k in sampled]))):
+                    if not indices:
+                        continue
+                    outputs = generate(model, prompts, [configs[k] for k in indices], self.max_new_tokens,
+                                       prefill=self.prefill, max_rows=self.max_rows, on_group_done=on_tokens,
+                                       **settings)
+                    for row, per_config in zip(per_prompt, outputs):
+                        for k, gen in zip(indices, per_config):
+                            row[k] = gen
             for i, row in zip(batch, per_prompt):
                 generations[i] = row
         full = next(k for k, cfg in enumerate(configs) if cfg.config_id == FULL_ID)
@@ -75,3 +84,8 @@ class GenerateTask(ShardTask):
             options=self.scoring,
         )
         return shard_table(shard, examples, configs, generations, scores)
+
+    def _sample(self, seq_ids: list[str], configs: list[SkipConfig]) -> dict:
+        """The engine's sampling arguments for these sequences under these `sample` configurations."""
+        seeds = [[row_seed(self.sampling.seed, seq_id, cfg.config_id) for cfg in configs] for seq_id in seq_ids]
+        return {"temperature": self.sampling.temperature, "top_p": self.sampling.top_p, "seeds": seeds}

@@ -160,7 +160,7 @@ def run_job(spec: JobSpec, address: str | None = None,
                           "configs": len(configs), "shards": len(shards), "versions": _versions(),
                           "git_sha": _git_sha(), "started": _now(), "finished": None, "workers": infos}
                 task = GenerateTask(tuple(configs), spec.max_new_tokens, spec.prefill, spec.batch_size, spec.max_rows,
-                                    spec.scoring, tuple(sorted(spec.checkpoints.items())))
+                                    spec.scoring, tuple(sorted(spec.checkpoints.items())), spec.sampling)
                 todo = shards_to_compute(task, run, shards, job_identity(record))  # before run.json claims the folder
                 write_parquet(configs_table(configs), run.configs)
                 write_json(record, run.run_json)
