@@ -402,6 +402,11 @@ def controller(
     except (ValueError, OSError) as exc:
         fail(str(exc).strip().splitlines()[0])
     s, curves = result.summary, result.curves
+    from pipeline.analysis.small_sample import controller_warning
+
+    small = controller_warning(s["num_sequences"], folds)
+    if small:
+        typer.echo(f"warning: {small}", err=True)
     typer.echo(f"{metric} controllers: {s['num_sequences']} sequences x {s['num_configs']} configurations, "
                f"{folds}-fold cross-fitting (seed {seed}); written to {result.out_dir}")
     typer.echo("share = (controller - best static) / (oracle - best static); null = shuffled features")

@@ -439,9 +439,17 @@ def noise_ceiling_summary(frontier: Frontier, matrix: Matrix, rows: list[Frontie
         draws.interval(draws.values[:, top] - draws.config_means[:, 0]))
     match = min_budget_to_match(frontier, best_of_k(samples), tolerance) if match_full else None
     out["min_budget_to_match_best_of_k"] = match
-    out["min_budget_to_match_best_of_k_interval"] = None if draws is None or draws.target_match is None else _pair(
-        draws.interval(draws.target_match[:, 0]))
+    out["min_budget_to_match_best_of_k_interval"] = None if draws is None or draws.target_match is None else (
+        open_interval(draws.target_match[:, 0], level))
     return out
+
+
+def open_interval(matches: np.ndarray, level: float) -> list[float | None]:
+    """Percentile interval of least matching budgets where NaN (no match) counts as beyond every budget: a bound
+    that falls there is None. Quantiles without interpolation (`inverted_cdf`), so infinities stay apart."""
+    tail = (1.0 - level) / 2.0
+    bounds = np.quantile(np.where(np.isnan(matches), np.inf, matches), [tail, 1.0 - tail], method="inverted_cdf")
+    return [None if not np.isfinite(v) else float(v) for v in bounds]
 
 
 def null_summary(null: NullDraws, rows: list[FrontierRow], draws: int, seed: int) -> dict:

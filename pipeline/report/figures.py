@@ -21,6 +21,7 @@ from matplotlib.ticker import PercentFormatter
 
 from pipeline.analysis.reduce import reduce_run
 from pipeline.generation.configs import CUSTOM, FULL_ID, KNOWN_FAMILIES
+from pipeline.report.oracle_checks import checks_section, draw_null_and_ceiling, picks_section, read_null
 from pipeline.report.query import open_run
 from pipeline.report.similarity_figures import load_summary, plot_final_against_cost, plot_layers, similarity_section
 from pipeline.run.atomic import write_atomic
@@ -81,18 +82,19 @@ def build_report(run_dir: str | RunPath, metric: str = "rougeL", families: list[
     from pipeline.analysis.controller_run import read_curves  # scikit-learn is imported only when a report is made
 
     figures = {
-        "cost_quality.png": plot_cost_quality(per_config, frontier, summary, title, read_curves(run_dir, metric)),
+        "cost_quality.png": plot_cost_quality(per_config, frontier, summary, title, read_curves(run_dir, metric),
+                                              read_null(out)),
         "oracle_shares.png": plot_shares(per_config, frontier, summary, title),
         "lengths.png": plot_lengths(per_config, summary, title, job.get("max_new_tokens")),
     }
     similarity = load_summary(run_dir)
-    extra: list[str] = []
+    extra: list[str] = [*checks_section(summary), *picks_section(run_dir, metric, summary, partial)]
     if similarity is not None:
         response, frame = similarity
         L = int(round(summary["num_layers"]))
         figures["similarity_cost.png"] = plot_final_against_cost(frame, L, response, title)
         figures["similarity_layers.png"] = plot_layers(frame, L, response, title)
-        extra = similarity_section(frame, L, response)
+        extra += similarity_section(frame, L, response)
     paths = []
     for name, fig in figures.items():
         paths.append(run_dir / name)
@@ -127,6 +129,8 @@ def stale_reason(run_dir: RunPath, metric: str, families: list[str] | None, pres
         return "the oracle files cover a partial run"
     if not summary.get("match_full"):
         return "the oracle files lack the minimal matching budget"
+    if "degenerate" not in summary:
+        return "the oracle files predate the null, the noise ceiling and the degenerate rule"
     wanted = set(present if families is None else [FULL_ID, *families])
     if set(summary.get("families", ())) != wanted | {FULL_ID}:
         return "the oracle files cover other families"
@@ -155,9 +159,10 @@ def _label(family: str, curve: pd.DataFrame) -> str:
 
 
 def plot_cost_quality(per_config: pd.DataFrame, frontier: pd.DataFrame, summary: dict, title: str,
-                      controllers: pd.DataFrame | None = None) -> Figure:
+                      controllers: pd.DataFrame | None = None, null: pd.DataFrame | None = None) -> Figure:
     """The study's figure 2: static families and the oracle frontier against cost, with the matching budget,
-    and the prompt-feature controllers (`dynoracle controller`) when the run has them."""
+    the oracle's null and the full model's best-of-K (`pipeline.report.oracle_checks`), and the prompt-feature
+    controllers (`dynoracle controller`) when the run has them."""
     L, metric, full_mean = summary["num_layers"], summary["metric"], summary["full_mean"]
     fig = Figure(figsize=(10, 5.5), layout="constrained")
     ax = fig.add_subplot()
@@ -174,6 +179,7 @@ def plot_cost_quality(per_config: pd.DataFrame, frontier: pd.DataFrame, summary:
                         label=f"{summary['bootstrap']['level']:.0%} bootstrap intervals (bands)")
     if controllers is not None:
         plot_controllers(ax, controllers, L)
+    draw_null_and_ceiling(ax, null, summary)
 
     match = summary["min_budget_to_match"]
     if match is None:
@@ -197,7 +203,7 @@ def plot_cost_quality(per_config: pd.DataFrame, frontier: pd.DataFrame, summary:
     ax.set_ylim(low, high + 0.2 * (high - low))  # headroom for the note
 
     ax.set_xlim(0, L + 0.5)
-    ax.set_xlabel("cost: executed layers per sequence (mean)")
+    ax.set_xlabel("cost (nominal): executed layers per generated token after the first, mean over sequences")
     ax.set_ylabel(f"mean {metric}")
     top = ax.secondary_xaxis("top", functions=(lambda x: x / L, lambda f: f * L))
     top.xaxis.set_major_formatter(PercentFormatter(1.0))
