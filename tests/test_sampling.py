@@ -94,6 +94,23 @@ def test_draws_follow_the_top_p_distribution():
     assert tiny_p.tolist() == [0, 0, 0]  # top-p near 0 keeps only the most probable token
 
 
+def test_top_k_candidates_equal_a_stable_sort_of_the_whole_vocabulary():
+    """The sampler sorts only the top tokens; a plain stable sort of all of them, drawn with the same uniforms,
+    picks the same tokens (ties included: logits rounded to create many)."""
+    logits = (torch.randn(32, 5000, generator=torch.Generator().manual_seed(0)) * 4).round()
+    temperature, top_p, seeds = 0.7, 0.95, list(range(100, 132))
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    before = probs.cumsum(-1) - probs
+    probs = probs.masked_fill(before >= top_p, 0.0)
+    cumulative = probs.cumsum(-1)
+    uniforms = torch.tensor([np.random.default_rng(s).random() for s in seeds], dtype=torch.float64)
+    at = torch.searchsorted(cumulative, (uniforms * cumulative[:, -1])[:, None], right=True)
+    expected = order.gather(-1, at).squeeze(-1)
+    drawn = RowSampler(temperature, top_p, seeds).pick(logits, torch.arange(32))
+    assert drawn.tolist() == expected.tolist()
+
+
 def test_row_seeds_and_settings():
     assert row_seed(0, "a", "sample-0") == row_seed(0, "a", "sample-0")
     assert len({row_seed(s, q, c) for s in (0, 1) for q in ("a", "b") for c in ("sample-0", "sample-1")}) == 8

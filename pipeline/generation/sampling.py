@@ -74,17 +74,38 @@ class RowSampler:
         self.generators = [np.random.default_rng(s) for s in seeds]
 
     def pick(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """logits (R, V) of the live rows, rows (R,) their original row numbers -> (R,) sampled token ids."""
+        """logits (R, V) of the live rows, rows (R,) their original row numbers -> (R,) sampled token ids.
+
+        Only the most probable tokens are sorted: the top k (k = 64, x4 until every row's top-k mass reaches
+        top_p), which hold every row's kept set; ties are ordered by token id, as a stable sort of the whole
+        vocabulary would. With top_p = 1 the whole vocabulary is kept and nothing is sorted: the draw walks the
+        distribution in token-id order.
+        """
         uniforms = torch.tensor([self.generators[r].random() for r in rows.tolist()], dtype=torch.float64,
-                                device=logits.device)
-        probs = torch.softmax(logits.double() / self.temperature, dim=-1)
-        probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+                                device=logits.device)[:, None]
+        scaled = logits.double() / self.temperature
+        if self.top_p >= 1.0:
+            cumulative = torch.softmax(scaled, dim=-1).cumsum(-1)
+            at = torch.searchsorted(cumulative, uniforms * cumulative[:, -1:], right=True)
+            return at.clamp_(max=scaled.shape[-1] - 1).squeeze(-1)
+        log_total = torch.logsumexp(scaled, dim=-1, keepdim=True)
+        k = min(64, scaled.shape[-1])
+        while True:
+            top, ids = scaled.topk(k, dim=-1)
+            probs = torch.exp(top - log_total)
+            if k == scaled.shape[-1] or bool((probs.sum(-1) >= self.top_p).all()):
+                break
+            k = min(4 * k, scaled.shape[-1])
+        by_id = ids.argsort(dim=-1)  # then a stable sort by probability: ties in token-id order
+        ids, probs = ids.gather(-1, by_id), probs.gather(-1, by_id)
+        order = torch.sort(probs, dim=-1, descending=True, stable=True).indices
+        ids, probs = ids.gather(-1, order), probs.gather(-1, order)
         cumulative = probs.cumsum(-1)
         probs = probs.masked_fill(cumulative - probs >= self.top_p, 0.0)  # the mass before a kept token < top_p
         cumulative = probs.cumsum(-1)
-        at = torch.searchsorted(cumulative, (uniforms * cumulative[:, -1])[:, None], right=True)
+        at = torch.searchsorted(cumulative, uniforms * cumulative[:, -1:], right=True)
         at = torch.minimum(at, (probs > 0).sum(-1, keepdim=True) - 1)  # guards the last kept token against rounding
-        return order.gather(-1, at).squeeze(-1)
+        return ids.gather(-1, at).squeeze(-1)
 
 
 def pick_tokens(logits: torch.Tensor, rows: torch.Tensor, sampler: RowSampler | None) -> torch.Tensor:
