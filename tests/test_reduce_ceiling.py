@@ -138,3 +138,22 @@ def test_cli_prints_the_null_the_ceiling_and_the_degenerate_picks(tmp_path: Path
     assert "warning: small sample: only 12 sequences" in out.output
     bad = CliRunner().invoke(app, ["reduce", str(run), "--degenerate", "drop"])
     assert bad.exit_code == 2 and "unknown degenerate mode 'drop'" in bad.output
+
+
+def test_report_shows_the_null_and_the_oracles_picks_beside_the_full_models_output(tmp_path: Path):
+    from handmade_run import make_run
+    from pipeline.report.figures import build_report
+
+    run = make_run(tmp_path / "run", num_sequences=16)
+    result = build_report(run)
+    text = result.markdown.read_text()
+    s = result.summary
+    assert "## How much of the oracle is real" in text and "the same on the null (median of 200 draws)" in text
+    assert "| degenerate picks of the oracle at the matching budget | 0 of 16 | |" in text
+    picks = pq.read_table(run / "oracle/rougeL/allocations.parquet").to_pandas()
+    picks = picks[(picks["budget"] == s["min_budget_to_match"]) & (picks["config_id"] != "full")]
+    first = picks.merge(pq.read_table(run / "configs.parquet").to_pandas(), on="config_id").sort_values(
+        ["cost", "seq_id"]).iloc[0]
+    n = int(first["seq_id"][1:])
+    assert f"| {first['seq_id']} | {first['config_id']} ({first['cost']} layers) | `answer {n} by {first['config_id']}`" in text
+    assert f"`answer {n} by full`" in text  # beside the full model's output for the same sequence

@@ -406,7 +406,7 @@ def generate(
 
 @dataclass
 class _SharedPrefill:
-    """The prompt pass through all layers, done once: first tokens, every layer's prompt KV, the padding."""
+    """The prompt pass through all layers, done once: first-token logits, every layer's prompt KV, the padding."""
 
     first_logits: torch.Tensor  # (P, V): each prompt's first token is picked from them, per row
     prompt_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (P, Hkv, width, D) in float32

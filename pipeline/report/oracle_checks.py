@@ -72,17 +72,18 @@ def checks_section(summary: dict) -> list[str]:
     if ceiling is not None:
         k = ceiling["samples"]
         bar = ceiling["min_budget_to_match_best_of_k"]
-        lines += [
-            f"| full model, mean of one sample | {ceiling['sample_mean']:.4f} | {_span(ceiling['sample_mean_interval'], '.4f')} |",
-            f"| full model, best of {k} samples | {ceiling['best_of_k_mean']:.4f} | "
-            f"{_span(ceiling['best_of_k_mean_interval'], '.4f')} |",
-            f"| selection gain of the full model alone (best of {k} - greedy) | {ceiling['best_of_k_gain']:+.4f} | "
-            f"{_span(ceiling['best_of_k_gain_interval'], '.4f')} |",
-            f"| the oracle's gain at the full budget (oracle at {L:g} - full) | "
-            f"{ceiling['oracle_gain_at_full_budget']:+.4f} | {_span(ceiling['oracle_gain_at_full_budget_interval'], '.4f')} |",
-            f"| least budget matching the full model's best of {k} | "
-            f"{'none' if bar is None else f'{bar:.3f} layers'} | {_span(ceiling['min_budget_to_match_best_of_k_interval'])} |",
+        bar_text = "none" if bar is None else f"{bar:.3f} layers"
+        rows = [
+            ("full model, mean of one sample", f"{ceiling['sample_mean']:.4f}", "sample_mean_interval"),
+            (f"full model, best of {k} samples", f"{ceiling['best_of_k_mean']:.4f}", "best_of_k_mean_interval"),
+            (f"selection gain of the full model alone (best of {k} - greedy)", f"{ceiling['best_of_k_gain']:+.4f}",
+             "best_of_k_gain_interval"),
+            (f"the oracle's gain at the full budget (oracle at {L:g} - full)",
+             f"{ceiling['oracle_gain_at_full_budget']:+.4f}", "oracle_gain_at_full_budget_interval"),
         ]
+        lines += [f"| {name} | {value} | {_span(ceiling[key], '.4f')} |" for name, value, key in rows]
+        lines.append(f"| least budget matching the full model's best of {k} | {bar_text} | "
+                     f"{_span(ceiling['min_budget_to_match_best_of_k_interval'])} |")
     degenerate = summary.get("degenerate") or {}
     if degenerate:
         picks = degenerate["picks_at_match"]
@@ -94,7 +95,8 @@ def checks_section(summary: dict) -> list[str]:
     total = summary.get("total_cost") or {}
     if total.get("oracle_at_match") is not None:
         lines.append(f"| total cost at the matching budget, prompt pass included | {total['oracle_at_match']:.0f} "
-                     f"layer-tokens per sequence, {total['fraction']:.1%} of the full model's {total['full_mean']:.0f} | |")
+                     f"layer-tokens per sequence, {total['fraction']:.1%} of the full model's "
+                     f"{total['full_mean']:.0f} | |")
     lines += ["", "The figure's cost axis is nominal: executed layers per generated token after the first (under the "
               "`full` prefill the prompt and the first token run through all layers for every configuration; the "
               "total-cost row counts them). The null keeps each sequence's difficulty and each configuration's "
