@@ -301,6 +301,7 @@ def reduce_command(
         typer.echo(f"{r.budget:>9.4f}  {r.kind:<10} {r.value:>11.4f} {interval:>15} {null_cell}{r.lp_bound:>9.4f} "
                    f"{r.gap:>9.2g}  {shares}")
     full = f"full model (mean {summary['full_mean']:.4f})"
+    unit = "layer-tokens per sequence" if cost == "total" else "layers"
     if summary["full_mean_interval"] is not None:
         lo, hi = summary["full_mean_interval"]
         full = f"full model (mean {summary['full_mean']:.4f}, {level} {lo:.4f}-{hi:.4f})"
@@ -308,18 +309,18 @@ def reduce_command(
         interval = ""
         if summary["min_budget_interval"] is not None:
             lo, hi = summary["min_budget_interval"]
-            interval = f"; {level} {lo:.4g}-{hi:.4g} layers, {bootstrap} paired resamples, seed {seed}"
-        typer.echo(f"minimal budget matching {full}: {summary['min_budget_to_match']:.6g} layers of "
+            interval = f"; {level} {lo:.4g}-{hi:.4g} {unit}, {bootstrap} paired resamples, seed {seed}"
+        typer.echo(f"minimal budget matching {full}: {summary['min_budget_to_match']:.6g} {unit} of "
                    f"{summary['num_layers']:g} ({summary['min_budget_fraction']:.1%}){interval}")
     elif match_full:
         typer.echo(f"no budget up to {summary['num_layers']:g} layers matches the {full}")
-    for line in headline_lines(summary, level):
+    for line in headline_lines(summary, level, unit):
         typer.echo(line)
     if summary["warning"]:
         typer.echo(f"warning: {summary['warning']}", err=True)
 
 
-def headline_lines(summary: dict, level: str) -> list[str]:
+def headline_lines(summary: dict, level: str, unit: str = "layers") -> list[str]:
     """The reducer's lines beside the oracle's match: its null, the noise ceiling, degenerate picks, total cost."""
     def span(pair: list | None, digits: str = ".4g") -> str:
         if not pair:
@@ -330,7 +331,7 @@ def headline_lines(summary: dict, level: str) -> list[str]:
     lines = []
     null = summary.get("oracle_null")
     if null is not None:
-        where = "no budget" if null["min_budget_to_match"] is None else f"{null['min_budget_to_match']:.4g} layers"
+        where = "no budget" if null["min_budget_to_match"] is None else f"{null['min_budget_to_match']:.4g} {unit}"
         lines.append(f"null (residual permutation, {null['draws']} draws): the oracle matches the full model at "
                      f"{where}{span(null['min_budget_interval'])}")
     ceiling = summary.get("noise_ceiling")
@@ -341,7 +342,7 @@ def headline_lines(summary: dict, level: str) -> list[str]:
                      f"{span(ceiling['best_of_k_gain_interval'])}; the oracle's gain at the full budget "
                      f"{ceiling['oracle_gain_at_full_budget']:+.4f}{span(ceiling['oracle_gain_at_full_budget_interval'])}; "
                      "least budget matching best-of-K: "
-                     + ("none" if bar is None else f"{bar:.4g} layers{span(ceiling['min_budget_to_match_best_of_k_interval'])}"))
+                     + ("none" if bar is None else f"{bar:.4g} {unit}{span(ceiling['min_budget_to_match_best_of_k_interval'])}"))
     degenerate = summary["degenerate"]
     picks = degenerate["picks_at_match"]
     lines.append(f"degenerate ({degenerate['mode']}): {degenerate['rows']} of {degenerate['of_rows']} rows"
