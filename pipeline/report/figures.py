@@ -203,7 +203,7 @@ def plot_cost_quality(per_config: pd.DataFrame, frontier: pd.DataFrame, summary:
     ax.set_ylim(low, high + 0.2 * (high - low))  # headroom for the note
 
     ax.set_xlim(0, L + 0.5)
-    ax.set_xlabel("cost (nominal): executed layers per generated token after the first, mean over sequences")
+    ax.set_xlabel("cost (nominal): layers per generated token after the first (mean)")
     ax.set_ylabel(f"mean {metric}")
     top = ax.secondary_xaxis("top", functions=(lambda x: x / L, lambda f: f * L))
     top.xaxis.set_major_formatter(PercentFormatter(1.0))
