@@ -123,3 +123,18 @@ def test_row_seeds_and_settings():
     with pytest.raises(ValueError, match="one seed per prompt"):
         generate_args = dict(temperature=1.0, seeds=[[1]])
         generate(None, [[1], [2]], [full_config(2)], 1, **generate_args)  # checked before the model is touched
+
+
+def test_the_job_carries_the_sample_family_in_its_identity(tmp_path):
+    from pipeline.run.job import load_job
+
+    plain = load_job(dataset="alpaca", overrides={"sampling": {"samples": 0}})
+    assert "sampling" not in plain.identity()  # runs without samples keep their identity
+    job = load_job(dataset="alpaca", overrides={"sampling": {"samples": 3, "temperature": 0.5}})
+    assert job.identity()["sampling"] == {"samples": 3, "temperature": 0.5, "top_p": 0.9, "seed": 0}
+    ids = [cfg.config_id for cfg in job.configurations(30)]
+    assert ids[-3:] == ["sample-0", "sample-1", "sample-2"] and len(ids) == 88 + 3
+    bad = tmp_path / "bad.toml"
+    bad.write_text('dataset = "alpaca"\n[sampling]\ntemp = 1\n')
+    with pytest.raises(ValueError, match="unknown sampling field temp"):
+        load_job(bad)
