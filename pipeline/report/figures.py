@@ -97,7 +97,7 @@ def build_report(run_dir: str | RunPath, metric: str = "rougeL", families: list[
         "lengths.png": plot_lengths(per_config, summary, title, job.get("max_new_tokens")),
     }
     similarity = load_summary(run_dir)
-    extra: list[str] = [*checks_section(summary), *picks_section(run_dir, metric, summary, partial)]
+    extra: list[str] = [*checks_section(summary), *picks_section(run_dir, out, metric, summary, partial)]
     if similarity is not None:
         response, frame = similarity
         L = int(round(summary["num_layers"]))

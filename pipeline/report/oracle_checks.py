@@ -16,15 +16,7 @@ from pipeline.run.location import RunPath, read_parquet
 PICKS_SHOWN = 4
 PICK_CHARS = 200
 
-PICKS = """
-    select a.seq_id, a.config_id, g.cost, g."{metric}" as score, g.output, f."{metric}" as full_score,
-           f.output as full_output
-    from allocations a
-    join generations g on g.seq_id = a.seq_id and g.config_id = a.config_id
-    join generations f on f.seq_id = a.seq_id and f.config_id = 'full'
-    where abs(a.budget - {budget!r}) < 1e-9 and a.config_id <> 'full'
-    order by g.cost, a.seq_id
-"""
+OUTPUTS = 'select seq_id, config_id, cost, "{metric}" as score, output from generations where config_id in ({ids})'
 
 
 def read_null(out_dir: RunPath) -> pd.DataFrame | None:
@@ -106,26 +98,31 @@ def checks_section(summary: dict) -> list[str]:
     return lines + [""]
 
 
-def picks_section(run_dir: RunPath, metric: str, summary: dict, partial: bool = False) -> list[str]:
-    """report.md lines: up to PICKS_SHOWN of the oracle's cheapest non-full picks at the matching budget, each
-    beside the full model's output for the same sequence."""
+def picks_section(run_dir: RunPath, out_dir: RunPath, metric: str, summary: dict, partial: bool = False) -> list[str]:
+    """report.md lines: up to PICKS_SHOWN of the oracle's cheapest non-full picks at the matching budget (from
+    `out_dir`'s allocations), each beside the full model's output for the same sequence."""
     match = summary["min_budget_to_match"]
     if match is None:
         return []
+    alloc = read_parquet(out_dir / "allocations.parquet").to_pandas()
+    alloc = alloc[((alloc["budget"] - match).abs() < 1e-9) & (alloc["config_id"] != "full")]
+    if alloc.empty:
+        return []
+    ids = ", ".join(f"'{c}'" for c in sorted({*alloc["config_id"], "full"}) if "'" not in c)
     db = open_run(run_dir, metric, partial)
     try:
-        picks = db.frame(PICKS.format(metric=metric, budget=float(match)))
+        rows = db.frame(OUTPUTS.format(metric=metric, ids=ids))
     finally:
         db.connection.close()
-    if picks.empty:
-        return []
+    full = rows[rows["config_id"] == "full"].set_index("seq_id")
+    picks = alloc.merge(rows, on=["seq_id", "config_id"]).sort_values(["cost", "seq_id"])
     lines = [f"## What matching means: the oracle's picks at {match:.3f} layers", "",
              f"The {min(PICKS_SHOWN, len(picks))} cheapest of the {len(picks)} sequences the oracle does not leave on "
              f"the full model, beside the full model's output ({metric} in brackets; outputs cut to {PICK_CHARS} "
              "characters).", "", "| sequence | pick | pick's output | full model's output |", "|---|---|---|---|"]
     for row in picks.head(PICKS_SHOWN).itertuples():
         lines.append(f"| {row.seq_id} | {row.config_id} ({row.cost} layers) | {_cell(row.output)} [{row.score:.3f}] | "
-                     f"{_cell(row.full_output)} [{row.full_score:.3f}] |")
+                     f"{_cell(full.at[row.seq_id, 'output'])} [{full.at[row.seq_id, 'score']:.3f}] |")
     return lines + [""]
 
 
