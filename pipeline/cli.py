@@ -147,6 +147,13 @@ def run(
     scorer: Optional[str] = typer.Option(None, "--scorer", help="A scorer module:function, called as "
                                          "function(output, reference, row) -> float or dict of floats."),
     stop: Optional[str] = typer.Option(None, "--stop", help="Stop strings, comma-separated; default the task's."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="K sampled outputs of the full model per "
+                                          "sequence (family `sample`, cost L: the noise ceiling); default 0."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature of the `sample` "
+                                                "family (default 1.0; 0 is greedy)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Top-p (nucleus) of the `sample` family (default 1.0)."),
+    sample_seed: Optional[int] = typer.Option(None, "--sample-seed", help="Seed every sampled row's seed derives "
+                                              "from, with its sequence and configuration (default 0)."),
 ) -> None:
     """Generate and score every (sequence, configuration) of a job into sharded Parquet; reruns resume.
 
@@ -172,7 +179,8 @@ def run(
                              "prompt_budget": prompt_budget, "prompt_format": prompt_format,
                              "task": task.partition(":")[2] if task else None, "num_fewshot": num_fewshot,
                              "fewshot_path": fewshot_path},
-                 "scoring": {"stemming": stemming, "sentence_split": sentence_split, "tokenizer": tokenizer}}
+                 "scoring": {"stemming": stemming, "sentence_split": sentence_split, "tokenizer": tokenizer},
+                 "sampling": {"samples": samples, "temperature": temperature, "top_p": top_p, "seed": sample_seed}}
     sigterm_as_interrupt()
     try:
         summary = run_job(load_job(job, dataset, overrides), address)
@@ -262,21 +270,33 @@ def reduce_command(
     match_full: bool = typer.Option(True, "--match-full/--no-match-full", help="Find the least budget matching full."),
     metric: Optional[str] = typer.Option(None, "--metric", help=METRIC_HELP),
     families: Optional[str] = typer.Option(None, "--families", help="Comma-separated: uls,ee,rls; default all."),
-    cost: str = typer.Option("nominal", "--cost", help="nominal (executed layers) or measured (layers per token)."),
+    cost: str = typer.Option("nominal", "--cost", help="nominal: executed layers per generated token after the "
+                             "first (the configuration's layer count); measured: executed layers per generated "
+                             "token as run (the first token's full-model pass included under the full prefill); "
+                             "total: layer-tokens per sequence, the prompt pass included (P*L + (g-1)*c under "
+                             "the full prefill)."),
     tolerance: float = typer.Option(0.0, "--tolerance", help="Match when oracle mean >= full mean - T."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary JSON instead of a table."),
     partial: bool = typer.Option(False, "--partial", help=PARTIAL_HELP),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Paired bootstrap resamples for intervals; 0 turns them off."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resamples."),
     confidence: float = typer.Option(0.95, "--confidence", help="Level of the bootstrap intervals."),
+    degenerate: str = typer.Option("zero", "--degenerate", help="What degenerate outputs (empty, no letter or "
+                                   "digit, function words only, one word repeated, looping) score: zero (default: "
+                                   "what a reader would give them), keep (their metric as is) or exclude (not a "
+                                   "choice while another is affordable)."),
+    null_draws: int = typer.Option(200, "--null-draws", help="Draws of the oracle's residual-permutation null "
+                                   "(sequence and configuration effects kept, their interaction shuffled); 0 "
+                                   "turns it off. Seeded by --seed."),
 ) -> None:
-    """Solve the oracle from a run's generations: frontier, allocations, minimal budget matching full, intervals."""
+    """Solve the oracle from a run's generations: frontier, allocations, minimal budget matching full, intervals,
+    the oracle's null, the full model's best-of-K noise ceiling (runs with a `sample` family) and degenerate picks."""
     from pipeline.analysis.reduce import reduce_run
 
     chosen = family_names(families)
     try:
         result = reduce_run(run_dir, metric, chosen, tuple(budget or ()), match_full, cost, tolerance, partial,
-                            bootstrap, seed, confidence)
+                            bootstrap, seed, confidence, degenerate, null_draws)
     except (ValueError, OSError) as exc:
         fail(str(exc).strip().splitlines()[0])
     summary = result.summary
@@ -284,18 +304,24 @@ def reduce_command(
     if as_json:
         typer.echo(json.dumps(summary, indent=1))
         return
-    shown = [r for r in result.rows if r.kind != "grid" or (not budget and float(r.budget).is_integer())]
     typer.echo(f"{summary['metric']} oracle: {summary['num_sequences']} sequences x {summary['num_configs']} configurations "
                f"({', '.join(summary['families'])}; {cost} cost), written to {result.out_dir}")
     level = f"{confidence:.0%} CI" if bootstrap else "(no CI)"
-    typer.echo(f"{'budget':>9}  {'kind':<10} {'oracle mean':>11} {level:>15} {'LP bound':>9} {'gap':>9}  top shares")
-    for r in shown:
+    null_head = f"{'null (median, interval)':>24} " if result.null is not None else ""
+    typer.echo(f"{'budget':>9}  {'kind':<10} {'oracle mean':>11} {level:>15} {null_head}{'LP bound':>9} {'gap':>9}  "
+               "top shares")
+    rows = list(zip(result.rows, result.null if result.null is not None else [None] * len(result.rows)))
+    for r, null in rows:
+        if r.kind == "grid" and not (not budget and float(r.budget).is_integer()):
+            continue
         top = sorted(r.shares, key=lambda item: -item[1])[:3]
         shares = ", ".join(f"{config_id} {share:.1%}" for config_id, share in top)
         interval = f"{r.value_lo:.4f}-{r.value_hi:.4f}" if r.value_lo is not None else ""
-        typer.echo(f"{r.budget:>9.4f}  {r.kind:<10} {r.value:>11.4f} {interval:>15} {r.lp_bound:>9.4f} {r.gap:>9.2g}  "
-                   f"{shares}")
+        null_cell = "" if null is None else f"{f'{null[0]:.4f} ({null[1]:.4f}-{null[2]:.4f})':>24} "
+        typer.echo(f"{r.budget:>9.4f}  {r.kind:<10} {r.value:>11.4f} {interval:>15} {null_cell}{r.lp_bound:>9.4f} "
+                   f"{r.gap:>9.2g}  {shares}")
     full = f"full model (mean {summary['full_mean']:.4f})"
+    unit = "layer-tokens per sequence" if cost == "total" else "layers"
     if summary["full_mean_interval"] is not None:
         lo, hi = summary["full_mean_interval"]
         full = f"full model (mean {summary['full_mean']:.4f}, {level} {lo:.4f}-{hi:.4f})"
@@ -303,11 +329,51 @@ def reduce_command(
         interval = ""
         if summary["min_budget_interval"] is not None:
             lo, hi = summary["min_budget_interval"]
-            interval = f"; {level} {lo:.4g}-{hi:.4g} layers, {bootstrap} paired resamples, seed {seed}"
-        typer.echo(f"minimal budget matching {full}: {summary['min_budget_to_match']:.6g} layers of "
+            interval = f"; {level} {lo:.4g}-{hi:.4g} {unit}, {bootstrap} paired resamples, seed {seed}"
+        typer.echo(f"minimal budget matching {full}: {summary['min_budget_to_match']:.6g} {unit} of "
                    f"{summary['num_layers']:g} ({summary['min_budget_fraction']:.1%}){interval}")
     elif match_full:
         typer.echo(f"no budget up to {summary['num_layers']:g} layers matches the {full}")
+    for line in headline_lines(summary, level, unit):
+        typer.echo(line)
+    if summary["warning"]:
+        typer.echo(f"warning: {summary['warning']}", err=True)
+
+
+def headline_lines(summary: dict, level: str, unit: str = "layers") -> list[str]:
+    """The reducer's lines beside the oracle's match: its null, the noise ceiling, degenerate picks, total cost."""
+    def span(pair: list | None, digits: str = ".4g") -> str:
+        if not pair:
+            return ""
+        lo, hi = (("none" if v is None or v != v else format(v, digits)) for v in pair)
+        return f" ({level} {lo}-{hi})"
+
+    lines = []
+    null = summary.get("oracle_null")
+    if null is not None:
+        where = "no budget" if null["min_budget_to_match"] is None else f"{null['min_budget_to_match']:.4g} {unit}"
+        lines.append(f"null (residual permutation, {null['draws']} draws): the oracle matches the full model at "
+                     f"{where}{span(null['min_budget_interval'])}")
+    ceiling = summary.get("noise_ceiling")
+    if ceiling is not None:
+        bar = ceiling["min_budget_to_match_best_of_k"]
+        lines.append(f"noise ceiling: the full model's best of {ceiling['samples']} samples {ceiling['best_of_k_mean']:.4f}"
+                     f"{span(ceiling['best_of_k_mean_interval'])}, gain over greedy {ceiling['best_of_k_gain']:+.4f}"
+                     f"{span(ceiling['best_of_k_gain_interval'])}; the oracle's gain at the full budget "
+                     f"{ceiling['oracle_gain_at_full_budget']:+.4f}{span(ceiling['oracle_gain_at_full_budget_interval'])}; "
+                     "least budget matching best-of-K: "
+                     + ("none" if bar is None else f"{bar:.4g} {unit}{span(ceiling['min_budget_to_match_best_of_k_interval'])}"))
+    degenerate = summary["degenerate"]
+    picks = degenerate["picks_at_match"]
+    lines.append(f"degenerate ({degenerate['mode']}): {degenerate['rows']} of {degenerate['of_rows']} rows"
+                 + ("" if picks is None else f"; {picks} of the oracle's {degenerate['of_sequences']} picks at the "
+                    "matching budget"))
+    total = summary["total_cost"]
+    if total["oracle_at_match"] is not None:
+        lines.append(f"total cost at the matching budget, prompt pass included: {total['oracle_at_match']:.0f} "
+                     f"layer-tokens per sequence against the full model's {total['full_mean']:.0f} "
+                     f"({total['fraction']:.1%})")
+    return lines
 
 
 @app.command()
@@ -415,6 +481,11 @@ def controller(
     except (ValueError, OSError) as exc:
         fail(str(exc).strip().splitlines()[0])
     s, curves = result.summary, result.curves
+    from pipeline.analysis.small_sample import controller_warning
+
+    small = controller_warning(s["num_sequences"], folds)
+    if small:
+        typer.echo(f"warning: {small}", err=True)
     typer.echo(f"{s['metric']} controllers: {s['num_sequences']} sequences x {s['num_configs']} configurations, "
                f"{folds}-fold cross-fitting (seed {seed}); written to {result.out_dir}")
     typer.echo("share = (controller - best static) / (oracle - best static); null = shuffled features")

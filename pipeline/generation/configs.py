@@ -13,8 +13,9 @@ import numpy as np
 FAMILIES = ("uls", "ee", "rls")
 FULL_ID = "full"
 CUSTOM = "custom"  # a layer set a job names itself (DESIGN.md, Definitions)
+SAMPLE = "sample"  # K sampled outputs of the full model per sequence: the noise ceiling, not an oracle choice
 KNOWN_FAMILIES = (*FAMILIES, CUSTOM)
-_BUILT_ID = re.compile(r"^(full|uls-\d+|ee-\d+|rls-\d+-s\d+)$")
+_BUILT_ID = re.compile(r"^(full|uls-\d+|ee-\d+|rls-\d+-s\d+|sample-\d+)$")
 
 
 @dataclass(frozen=True)
@@ -155,3 +156,11 @@ def custom_configs(sets: dict[str, list[int]], num_layers: int) -> list[SkipConf
                              f"{num_layers}-layer model (0..{num_layers - 1})")
         configs.append(SkipConfig(name, CUSTOM, len(chosen), chosen))
     return configs
+
+
+def sample_configs(num_layers: int, samples: int) -> list[SkipConfig]:
+    """Family `sample`: `sample-0` .. `sample-{K-1}`, each the full model (all L layers, cost L), decoded by
+    sampling with the job's `[sampling]` settings and a seed per (sequence, configuration)
+    (`pipeline.generation.sampling`). They are rows of the run like any configuration; the oracle leaves
+    them out and `reduce` reads them as the full model's best-of-K noise ceiling."""
+    return [SkipConfig(f"{SAMPLE}-{k}", SAMPLE, num_layers, tuple(range(num_layers))) for k in range(samples)]

@@ -26,6 +26,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from pipeline.generation.configs import SkipConfig
 from pipeline.generation.models import LoadedModel, cache_argument, decoder_layers
+from pipeline.generation.sampling import RowSampler, pick_tokens
 
 PREFILL_POLICIES = ("full", "skip")
 DEFAULT_MAX_ROWS = 2048
@@ -339,10 +340,10 @@ def eos_ids(lm: LoadedModel) -> torch.Tensor | None:
 
 def _forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
              position_ids: torch.Tensor, cache: Cache, **attention_kwargs) -> torch.Tensor:
-    """One model forward; returns the greedy next token of each row."""
+    """One model forward; returns the last position's logits of each row (R, V)."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 use_cache=True, logits_to_keep=1, **cache_argument(model, cache), **attention_kwargs)
-    return out.logits[:, -1, :].max(-1).indices  # = argmax (first maximum on ties), 2x faster on CPU in bfloat16
+    return out.logits[:, -1, :]
 
 
 @contextmanager
@@ -374,10 +375,15 @@ def generate(
     max_rows: int = DEFAULT_MAX_ROWS,
     on_group_done: Callable[[int], None] | None = None,
     stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seeds: list[list[int]] | None = None,
 ) -> list[list[Generation]]:
-    """Greedy-decode every prompt under every configuration; result[i][k] is prompt i under configs[k].
+    """Decode every prompt under every configuration; result[i][k] is prompt i under configs[k].
 
-    Configurations with the same executed layers are decoded once. Rows (prompt x distinct layer set)
+    Greedy by default (temperature 0), when configurations with the same executed layers are decoded
+    once. With temperature > 0 every (prompt, configuration) row samples (`pipeline.generation.sampling`:
+    temperature, top-p, `seeds[i][k]` the seed of prompt i under configs[k]) and is its own row. Rows
     are processed in groups of at most `max_rows`; `on_group_done(tokens)` reports progress. `stop`
     (e.g. `stops.StopStrings`) ends rows early besides EOS: live rows' tokens (R, T) -> (R,) bool.
     """
@@ -387,12 +393,16 @@ def generate(
         raise ValueError("max_new_tokens must be at least 1")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    sampled = temperature > 0
+    if sampled and (seeds is None or len(seeds) != len(prompts) or any(len(s) != len(configs) for s in seeds)):
+        raise ValueError("sampling needs one seed per prompt and configuration (seeds[i][k])")
     num_layers = lm.num_layers
     for cfg in configs:
         if not cfg.layers or max(cfg.layers) >= num_layers or cfg.layers[0] != 0:
             raise ValueError(f"{cfg.config_id} does not fit a {num_layers}-layer model")
 
-    layer_sets = list(dict.fromkeys(cfg.layers for cfg in configs))
+    # A unit is decoded once for every prompt: a distinct layer set, or under sampling each configuration.
+    units = list(range(len(configs))) if sampled else list(dict.fromkeys(cfg.layers for cfg in configs))
     device, model = lm.device, lm.model
     input_ids, attention_mask = left_pad(prompts, lm.tokenizer.pad_token_id, device)
     mask = attention_mask if bool((attention_mask == 0).any()) else None  # as generate: no padding, no mask
@@ -400,25 +410,29 @@ def generate(
     stop_ids = None if ignore_eos else eos_ids(lm)
 
     per_group = max(1, max_rows // len(prompts))
-    results: dict[tuple[int, ...], list[Generation]] = {}
+    results: dict = {}
     with wrapped_layers(model, _RoutedLayer) as wrappers:
         shared = _shared_prefill(model, wrappers, input_ids, mask) if prefill == "full" else None
         with attention_implementation(model, SHARED_PROMPT_ATTENTION) if shared else nullcontext():
-            for start in range(0, len(layer_sets), per_group):
-                group = layer_sets[start : start + per_group]
-                outputs = _decode_group(lm, wrappers, group, input_ids, mask, shared, capacity,
-                                        max_new_tokens, stop_ids, stop)
+            for start in range(0, len(units), per_group):
+                group = units[start : start + per_group]
+                sampler = None
+                if sampled:  # row r = (unit u, prompt i) as _decode_group lays them out
+                    sampler = RowSampler(temperature, top_p, [seeds[i][k] for k in group for i in range(len(prompts))])
+                outputs = _decode_group(lm, wrappers, [configs[k].layers for k in group] if sampled else group,
+                                        input_ids, mask, shared, capacity, max_new_tokens, stop_ids, sampler,
+                                        stop)
                 results.update(zip(group, outputs))
                 if on_group_done is not None:
                     on_group_done(sum(g.gen_tokens for per_set in outputs for g in per_set))
-    return [[results[cfg.layers][i] for cfg in configs] for i in range(len(prompts))]
+    return [[results[k if sampled else cfg.layers][i] for k, cfg in enumerate(configs)] for i in range(len(prompts))]
 
 
 @dataclass
 class _SharedPrefill:
-    """The prompt pass through all layers, done once: first tokens, every layer's prompt KV, the padding."""
+    """The prompt pass through all layers, done once: first-token logits, every layer's prompt KV, the padding."""
 
-    first_tokens: torch.Tensor  # (P,)
+    first_logits: torch.Tensor  # (P, V): each prompt's first token is picked from them, per row
     prompt_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (P, Hkv, width, D) in float32
     padding_bias: torch.Tensor | None  # (P, 1, 1, width) float32: -inf on left padding; None without padding
 
@@ -439,6 +453,7 @@ def _shared_prefill(model: nn.Module, wrappers: list[_RoutedLayer], input_ids: t
 def _decode_group(lm: LoadedModel, wrappers: list[_RoutedLayer], layer_sets: list[tuple[int, ...]],
                   input_ids: torch.Tensor, mask: torch.Tensor | None, shared: _SharedPrefill | None,
                   capacity: int, max_new_tokens: int, stop_ids: torch.Tensor | None,
+                  sampler: RowSampler | None = None,
                   stop: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[list[Generation]]:
     """Decode one group of layer sets for every prompt; returns outputs[set][prompt]."""
     device, num_prompts, num_layers = input_ids.device, input_ids.shape[0], len(wrappers)
@@ -461,7 +476,10 @@ def _decode_group(lm: LoadedModel, wrappers: list[_RoutedLayer], layer_sets: lis
         ])
         rows = _Rows(membership, prompt_of_row, None, start_positions[:, -1], cache)
         attention_kwargs = {"prompt_cache": cache}
-        next_tokens = shared.first_tokens[prompt_of_row]
+        if sampler is None:  # greedy: one pick per prompt, not a (rows x vocabulary) copy
+            next_tokens = pick_tokens(shared.first_logits, rows.ids, None)[prompt_of_row]
+        else:
+            next_tokens = pick_tokens(shared.first_logits[prompt_of_row], rows.ids, sampler)
         layers_run = torch.full((num_rows,), num_layers, dtype=torch.long, device=device)
     else:
         row_mask = mask[prompt_of_row] if mask is not None else None
@@ -469,7 +487,8 @@ def _decode_group(lm: LoadedModel, wrappers: list[_RoutedLayer], layer_sets: lis
         rows = _Rows(membership, prompt_of_row, row_mask, start_positions[:, -1], cache)
         attention_kwargs = {}
         rows.route(wrappers, executed)
-        next_tokens = _forward(lm.model, input_ids[prompt_of_row], row_mask, start_positions, rows.cache)
+        next_tokens = pick_tokens(_forward(lm.model, input_ids[prompt_of_row], row_mask, start_positions, rows.cache),
+                                  rows.ids, sampler)
         layers_run = executed.clone()
 
     tokens = torch.full((num_rows, max_new_tokens), -1, dtype=torch.long, device=device)
@@ -482,8 +501,9 @@ def _decode_group(lm: LoadedModel, wrappers: list[_RoutedLayer], layer_sets: lis
             rows.positions = rows.positions + 1
             if rows.attention_mask is not None:
                 rows.attention_mask = torch.cat([rows.attention_mask, rows.attention_mask.new_ones(len(rows.ids), 1)], 1)
-            next_tokens = _forward(lm.model, next_tokens[:, None], rows.attention_mask, rows.positions[:, None],
-                                   rows.cache, **attention_kwargs)
+            next_tokens = pick_tokens(_forward(lm.model, next_tokens[:, None], rows.attention_mask,
+                                               rows.positions[:, None], rows.cache, **attention_kwargs),
+                                      rows.ids, sampler)
             layers_run[rows.ids] += executed[: len(rows.ids)]
         tokens[rows.ids, step] = next_tokens
         lengths[rows.ids] = step + 1

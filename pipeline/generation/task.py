@@ -14,9 +14,10 @@ import pyarrow as pa
 from pipeline.data.adapters import Example
 from pipeline.generation.answer_scoring import AnswerScoring
 from pipeline.generation.checkpoints import model_groups
-from pipeline.generation.configs import FULL_ID, SkipConfig
+from pipeline.generation.configs import FULL_ID, SAMPLE, SkipConfig
 from pipeline.generation.engine import Generation, generate
 from pipeline.generation.models import LoadedModel
+from pipeline.generation.sampling import Sampling, row_seed
 from pipeline.generation.scoring import ScoringOptions, score
 from pipeline.generation.stops import StopStrings, cut_at_stops
 from pipeline.run.shard_task import ShardTask
@@ -28,9 +29,10 @@ class GenerateTask(ShardTask):
     """Generate every example under every configuration, then score against references and `full`.
 
     A configuration named in `checkpoints` runs on that model (loaded once per worker process), the
-    others on the worker's model; each model's configurations are decoded together. `answers` adds stop
-    strings (a row stops once its text holds one, and is cut there: finish_reason "stop") and the task's
-    metric columns (exact match, an lm_eval task's metrics, a user scorer) beside ROUGE.
+    others on the worker's model; each model's configurations are decoded together, the greedy ones in
+    one engine call and the `sample` family's in another (each row seeded by `row_seed`). `answers` adds
+    stop strings (a row stops once its text holds one, and is cut there: finish_reason "stop") and the
+    task's metric columns (exact match, an lm_eval task's metrics, a user scorer) beside ROUGE.
     """
 
     configs: tuple[SkipConfig, ...]
@@ -41,6 +43,7 @@ class GenerateTask(ShardTask):
     scoring: ScoringOptions = ScoringOptions()
     checkpoints: tuple[tuple[str, str], ...] = ()  # (config id, model) pairs of the job's checkpoint table
     answers: AnswerScoring = AnswerScoring()
+    sampling: Sampling = Sampling()  # how the `sample` family's configurations decode (the others are greedy)
 
     folder: ClassVar[str] = "generations"
     key_columns: ClassVar[tuple[str, ...]] = ("seq_id", "config_id")
@@ -67,13 +70,18 @@ class GenerateTask(ShardTask):
             batch = order[start : start + self.batch_size]
             prompts = [list(examples[i].prompt_ids) for i in batch]
             per_prompt: list[list[Generation | None]] = [[None] * len(configs) for _ in batch]
-            for model, indices in groups:
-                outputs = generate(model, prompts, [configs[k] for k in indices], self.max_new_tokens,
-                                   prefill=self.prefill, max_rows=self.max_rows, on_group_done=on_tokens,
-                                   stop=stop)
-                for row, per_config in zip(per_prompt, outputs):
-                    for k, gen in zip(indices, per_config):
-                        row[k] = gen
+            for model, group in groups:
+                sampled = [k for k in group if configs[k].family == SAMPLE]
+                for indices, settings in (([k for k in group if k not in sampled], {}), (sampled, self._sample(
+                        [examples[i].seq_id for i in batch], [configs[k] for k in sampled]))):
+                    if not indices:
+                        continue
+                    outputs = generate(model, prompts, [configs[k] for k in indices], self.max_new_tokens,
+                                       prefill=self.prefill, max_rows=self.max_rows, on_group_done=on_tokens,
+                                       stop=stop, **settings)
+                    for row, per_config in zip(per_prompt, outputs):
+                        for k, gen in zip(indices, per_config):
+                            row[k] = gen
             for i, row in zip(batch, per_prompt):
                 generations[i] = [self._cut(gen) for gen in row]
         full = next(k for k, cfg in enumerate(configs) if cfg.config_id == FULL_ID)
@@ -92,3 +100,8 @@ class GenerateTask(ShardTask):
         """The output before its first stop string (finish_reason "stop" when there was one)."""
         text, found = cut_at_stops(gen.text, self.answers.stop)
         return replace(gen, text=text, finish_reason="stop") if found else gen
+
+    def _sample(self, seq_ids: list[str], configs: list[SkipConfig]) -> dict:
+        """The engine's sampling arguments for these sequences under these `sample` configurations."""
+        seeds = [[row_seed(self.sampling.seed, seq_id, cfg.config_id) for cfg in configs] for seq_id in seq_ids]
+        return {"temperature": self.sampling.temperature, "top_p": self.sampling.top_p, "seeds": seeds}

@@ -23,6 +23,7 @@ from pipeline.analysis.token_oracle import read_token_oracle
 from pipeline.analysis.result_key import oracle_name
 from pipeline.generation.configs import CUSTOM, FULL_ID, KNOWN_FAMILIES
 from pipeline.report.accuracy import cola_section
+from pipeline.report.oracle_checks import checks_section, draw_null_and_ceiling, picks_section, read_null
 from pipeline.report.paper import (
     band_colors,
     checkpoint_section,
@@ -102,7 +103,7 @@ def build_report(run_dir: str | RunPath, metric: str | None = None, families: li
     curves = read_curves(run_dir, metric)
     figures = {
         "cost_quality.png": plot_cost_quality(per_config, frontier, summary, title, curves, checkpoints,
-                                              read_gates(run_dir, metric)),
+                                              read_gates(run_dir, metric), read_null(out)),
         "oracle_shares.png": plot_shares(per_config, frontier, summary, title, checkpoints),
     }
     if generations:
@@ -111,7 +112,8 @@ def build_report(run_dir: str | RunPath, metric: str | None = None, families: li
     if token_oracle is not None:
         figures["token_oracle.png"] = plot_token_oracle(*token_oracle, summary, title)
     similarity = load_summary(run_dir)
-    extra: list[str] = cola_section(summary)
+    extra: list[str] = [*checks_section(summary), *picks_section(run_dir, out, metric, summary, partial),
+                        *cola_section(summary)]
     if similarity is not None:
         response, frame = similarity
         L = int(round(summary["num_layers"]))
@@ -156,6 +158,8 @@ def stale_reason(run_dir: RunPath, metric: str, families: list[str] | None, pres
         return "the oracle files cover a partial run"
     if not summary.get("match_full"):
         return "the oracle files lack the minimal matching budget"
+    if "degenerate" not in summary:
+        return "the oracle files predate the null, the noise ceiling and the degenerate rule"
     wanted = set(present if families is None else [FULL_ID, *families])
     if set(summary.get("families", ())) != wanted | {FULL_ID}:
         return "the oracle files cover other families"
@@ -185,11 +189,12 @@ def _label(family: str, curve: pd.DataFrame) -> str:
 
 def plot_cost_quality(per_config: pd.DataFrame, frontier: pd.DataFrame, summary: dict, title: str,
                       controllers: pd.DataFrame | None = None, checkpoints: dict[str, str] | None = None,
-                      gates: pd.DataFrame | None = None) -> Figure:
+                      gates: pd.DataFrame | None = None, null: pd.DataFrame | None = None) -> Figure:
     """The study's figure 2: static families and the oracle frontier against cost, with the matching budget,
-    the prompt-feature controllers (`dynoracle controller`) and the per-token gates (`dynoracle gates`, cost =
-    layers run per decode token) when the run has them. Custom layer sets are named points (not a curve);
-    configurations that ran on a checkpoint are ringed."""
+    the oracle's null and the full model's best-of-K (`pipeline.report.oracle_checks`), the prompt-feature
+    controllers (`dynoracle controller`) and the per-token gates (`dynoracle gates`, cost = layers run per
+    decode token) when the run has them. Custom layer sets are named points (not a curve); configurations
+    that ran on a checkpoint are ringed."""
     L, metric, full_mean = summary["num_layers"], summary["metric"], summary["full_mean"]
     fig = Figure(figsize=(10, 5.5), layout="constrained")
     ax = fig.add_subplot()
@@ -211,6 +216,7 @@ def plot_cost_quality(per_config: pd.DataFrame, frontier: pd.DataFrame, summary:
         plot_controllers(ax, controllers, L)
     if gates is not None and len(gates):
         plot_gates(ax, gates)
+    draw_null_and_ceiling(ax, null, summary)
 
     match = summary["min_budget_to_match"]
     if match is None:
@@ -234,7 +240,7 @@ def plot_cost_quality(per_config: pd.DataFrame, frontier: pd.DataFrame, summary:
     ax.set_ylim(low, high + 0.2 * (high - low))  # headroom for the note
 
     ax.set_xlim(0, L + 0.5)
-    ax.set_xlabel("cost: executed layers per sequence (mean)")
+    ax.set_xlabel("cost (nominal): layers per generated token after the first (mean)")
     ax.set_ylabel(f"mean {metric}")
     top = ax.secondary_xaxis("top", functions=(lambda x: x / L, lambda f: f * L))
     top.xaxis.set_major_formatter(PercentFormatter(1.0))

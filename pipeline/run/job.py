@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.data.adapters import DATASETS, DatasetSpec
-from pipeline.generation.configs import FAMILIES, SkipConfig, build_configs, check_custom_layers, custom_configs
+from pipeline.generation.configs import (FAMILIES, SkipConfig, build_configs, check_custom_layers, custom_configs,
+                                         sample_configs)
 from pipeline.generation.engine import DEFAULT_MAX_ROWS, PREFILL_POLICIES
 from pipeline.generation.models import AUTO_DTYPE, DTYPES, EMBEDDED_MODEL
+from pipeline.generation.sampling import Sampling
 from pipeline.generation.scoring import ScoringOptions
 from pipeline.run.location import RunPath, locate
 
@@ -56,6 +58,7 @@ class JobSpec:
     shard_size: int = 64  # examples per shard file, the unit of work and of resume
     workers: int | None = None  # None: one per GPU, or one CPU worker
     scoring: ScoringOptions = ScoringOptions()  # [scoring]: stemming, sentence_split, tokenizer
+    sampling: Sampling = Sampling()  # [sampling]: samples (K of family `sample`), temperature, top_p, seed
     start_timeout: float = 600.0  # seconds to wait for workers to be placed and load the model, or to come back
     configs: Mapping[str, list[int]] = dataclasses.field(default_factory=dict)  # [configs]: custom layer sets
     checkpoints: Mapping[str, str] = dataclasses.field(default_factory=dict)  # [checkpoints]: config id -> model
@@ -89,6 +92,8 @@ class JobSpec:
             ident["configs"] = {name: sorted(layers) for name, layers in sorted(self.configs.items())}
         if self.checkpoints:
             ident["checkpoints"] = dict(sorted(self.checkpoints.items()))
+        if self.sampling.samples:  # likewise: only a run with a `sample` family has it in its identity
+            ident["sampling"] = self.sampling.to_dict()
         return ident
 
     def select_configs(self, configs: list[SkipConfig]) -> list[SkipConfig]:
@@ -107,7 +112,7 @@ class JobSpec:
         """Every configuration this job runs on an L-layer model: the chosen built-in ones, then its custom
         layer sets (always included). Raises ValueError for a set that does not fit the model."""
         return [*self.select_configs(build_configs(num_layers, self.families, self.rls_seeds)),
-                *custom_configs(dict(self.configs), num_layers)]
+                *custom_configs(dict(self.configs), num_layers), *sample_configs(num_layers, self.sampling.samples)]
 
 
 def _validate(spec: JobSpec) -> None:
@@ -228,6 +233,7 @@ def job_from_dict(raw: Mapping[str, Any]) -> JobSpec:
         raise ValueError(f"unknown scoring field {', '.join(unknown)}; known: {', '.join(sorted(_SCORING_FIELDS))}")
     data["scoring"] = ScoringOptions(**scoring)
     _check_types(data["scoring"], "scoring.")
+    data["sampling"] = _sampling(data.get("sampling", {}))
     data.setdefault("name", data["dataset"].name)
     for key in ("families", "rls_seeds", "config_ids", "stop"):
         if key in data:
@@ -238,6 +244,17 @@ def job_from_dict(raw: Mapping[str, Any]) -> JobSpec:
                 raise ValueError(f"{key} must be a list, got {value!r}")
             data[key] = tuple(value)
     return JobSpec(**data)
+
+
+def _sampling(table: Any) -> Sampling:
+    """The [sampling] table as Sampling; unknown fields and bad values are one ValueError line."""
+    known = {f.name for f in dataclasses.fields(Sampling)}
+    if not isinstance(table, Mapping):
+        raise ValueError(f"sampling must be a table ([sampling]) with {', '.join(sorted(known))}")
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ValueError(f"unknown sampling field {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return Sampling(**table)
 
 
 def load_job(path: str | Path | None = None, dataset: str | None = None,

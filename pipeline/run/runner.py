@@ -195,7 +195,7 @@ def _shard_task(spec: JobSpec, configs: list[SkipConfig], answers: AnswerScoring
     if spec.dataset.name in CHOICE_DATASETS:
         return ChoiceTask(tuple(configs), spec.prefill, spec.batch_size)
     return GenerateTask(tuple(configs), spec.max_new_tokens, spec.prefill, spec.batch_size, spec.max_rows,
-                        spec.scoring, tuple(sorted(spec.checkpoints.items())), answers)
+                        spec.scoring, tuple(sorted(spec.checkpoints.items())), answers, spec.sampling)
 
 
 def _complete_already(spec: JobSpec, previous: dict[str, Any] | None, configs: list[SkipConfig], run: RunDir,
