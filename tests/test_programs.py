@@ -3,6 +3,9 @@ program rule of configs.py, on tiny float32 Llama and OPT models under both pref
 
 from __future__ import annotations
 
+import functools
+import random
+
 import pytest
 
 from pipeline.generation.configs import (
@@ -13,7 +16,7 @@ from pipeline.generation.configs import (
     loop_configs,
     loop_program,
 )
-from pipeline.generation.engine import generate, generate_pairs, layer_schedule, program_membership
+from pipeline.generation.engine import _supersequence, generate, generate_pairs, layer_schedule, program_membership
 from pipeline.generation.models import decoder_layers
 from pipeline.generation.reference import program_generate
 from tests.test_engine import prompts, tiny_llama, tiny_opt  # noqa: F401 (fixtures)
@@ -59,6 +62,25 @@ def test_layers_per_token_counts_every_execution(tiny_llama, prompts):  # noqa: 
         for row in got:
             for cfg, g in zip(configs, row):
                 assert g.layers_per_token == pytest.approx((first(cfg) + cfg.cost * (NEW_TOKENS - 1)) / NEW_TOKENS)
+
+
+def test_supersequence_of_two_is_a_shortest_one():
+    """Against the identity |SCS(a, b)| = |a| + |b| - |LCS(a, b)|, the LCS by an independent recursion."""
+    rng = random.Random(0)
+
+    @functools.lru_cache(maxsize=None)
+    def lcs(a: tuple, b: tuple) -> int:
+        if not a or not b:
+            return 0
+        return 1 + lcs(a[1:], b[1:]) if a[0] == b[0] else max(lcs(a[1:], b), lcs(a, b[1:]))
+
+    for _ in range(300):
+        a, b = (tuple(rng.randint(0, 4) for _ in range(rng.randint(0, 7))) for _ in range(2))
+        merged = _supersequence(a, b)
+        for part in (a, b):
+            rest = iter(merged)
+            assert all(x in rest for x in part)
+        assert len(merged) == len(a) + len(b) - lcs(a, b)
 
 
 def test_schedule_embeds_every_program_and_is_the_stack_for_subsets():

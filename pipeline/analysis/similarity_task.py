@@ -18,11 +18,11 @@ from pipeline.analysis.similarity import SHARD_SCHEMA, folder_name, summarise, s
 from pipeline.data.adapters import Example
 from pipeline.generation.configs import FULL_ID, LOOP, SkipConfig, build_configs
 from pipeline.generation.engine import (
-    program_membership,
     _RoutedLayer,
     _shared_prefill,
     _SlotLayer,
     left_pad,
+    program_membership,
     prompt_positions,
     wrapped_layers,
 )

@@ -312,12 +312,10 @@ def _supersequence(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
                 length[i][j] = 1 + min(length[i + 1][j], length[i][j + 1])
     out, i, j = [], 0, 0
     while i < n or j < m:
-        if i < n and j < m and a[i] == b[j]:
-            out.append(a[i]); i += 1; j += 1  # noqa: E702
-        elif j == m or (i < n and length[i + 1][j] <= length[i][j + 1]):
-            out.append(a[i]); i += 1  # noqa: E702
-        else:
-            out.append(b[j]); j += 1  # noqa: E702
+        take_a = i < n and (j == m or a[i] == b[j] or length[i + 1][j] <= length[i][j + 1])
+        take_b = j < m and (i == n or a[i] == b[j] or not take_a)
+        out.append(a[i] if take_a else b[j])
+        i, j = i + take_a, j + take_b
     return tuple(out)
 
 
