@@ -4,6 +4,7 @@ under a load average near 50 timed out every `ray.init`). Ray is never started; 
 the executor's `ShardWorker` here and written and checked as the executor does.
 
     python benchmarks/search_study.py --out outputs/search_study [--limit 8] [--budget 16] [--width 4]
+                                      [--model M] [--max-new-tokens N]
 """
 
 from __future__ import annotations
@@ -43,11 +44,15 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=16)
     parser.add_argument("--width", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default=None, help="default: the job's (the embedded model)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the job's (32)")
     args = parser.parse_args()
 
     started = time.monotonic()
-    spec = load_job(dataset="alpaca", overrides={"out": args.out, "workers": 1, "shard_size": 4,
-                                                 "dataset": {"limit": args.limit}})
+    overrides = {"out": args.out, "workers": 1, "shard_size": 4, "dataset": {"limit": args.limit}}
+    overrides |= {"model": args.model} if args.model else {}
+    overrides |= {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
+    spec = load_job(dataset="alpaca", overrides=overrides)
     worker = ShardWorker(spec, "cpu")
     lm = worker.lm
     examples = load_examples(spec.dataset, lm.tokenizer)
