@@ -405,8 +405,12 @@ def controller(
 @app.command("query")
 def query_command(
     run_dir: str = typer.Argument(..., help="Run folder."),
-    sql: str = typer.Argument(..., help="SQL over the views generations, configs, frontier, allocations."),
-    metric: str = typer.Option("rougeL", "--metric", help="Which oracle/<metric>/ the frontier and allocations read."),
+    sql: str = typer.Argument(..., help="SQL over the views generations, configs, frontier, allocations, "
+                              "config_means, controller_curves, controller_matches, similarity, features."),
+    metric: str = typer.Option("rougeL", "--metric", help="Which metric's oracle (and controller) the views read."),
+    families: Optional[str] = typer.Option(None, "--families", help="The oracle reduced over these families "
+                                           "(as `reduce --families`); default all."),
+    cost: str = typer.Option("nominal", "--cost", help="The oracle reduced with this cost (as `reduce --cost`)."),
     output_format: str = typer.Option("table", "--format", help="table, csv or json."),
     partial: bool = typer.Option(False, "--partial", help=PARTIAL_HELP),
 ) -> None:
@@ -418,7 +422,7 @@ def query_command(
     from pipeline.report.query import query_run, render
 
     try:
-        columns, rows = query_run(run_dir, sql, metric, partial)
+        columns, rows = query_run(run_dir, sql, metric, partial, family_names(families), cost)
         text = render(columns, rows, output_format)
     except (ValueError, OSError) as exc:
         fail(str(exc).strip().splitlines()[0])
@@ -432,13 +436,16 @@ def report(
     metric: str = typer.Option("rougeL", "--metric", help="rougeL, rougeLsum, rouge1, rouge2 or fidelity."),
     families: Optional[str] = typer.Option(None, "--families", help="Comma-separated: uls,ee,rls; default all."),
     partial: bool = typer.Option(False, "--partial", help=PARTIAL_HELP),
+    figure_format: str = typer.Option("png", "--format", help="Figure formats, comma-separated: png, pdf, svg "
+                                      "(e.g. png,pdf); report.md shows the first."),
 ) -> None:
     """Write the study's figures and report.md into a run folder, reducing first when the oracle is stale."""
     from pipeline.report.figures import build_report
+    from pipeline.report.paper import figure_formats
 
     chosen = None if families is None else [f.strip() for f in families.split(",") if f.strip()]
     try:
-        result = build_report(run_dir, metric, chosen, partial)
+        result = build_report(run_dir, metric, chosen, partial, figure_formats(figure_format))
     except (ValueError, OSError) as exc:
         fail(str(exc).strip().splitlines()[0])
     summary = result.summary

@@ -1,9 +1,10 @@
 """The reducer: from a run's generations to the oracle frontier, allocations and minimal matching budget.
 
 The I/O edge around `pipeline.analysis.oracle`: reads `generations/*.parquet` and `configs.parquet`, pivots one
-metric into the sequences x configurations matrix, and writes `oracle/<metric>/{frontier.parquet,
+metric into the sequences x configurations matrix, and writes `oracle/<name>/{frontier.parquet,
 allocations.parquet, config_means.parquet, summary.json}` (columns as in DESIGN.md, plus the bootstrap
-intervals of pipeline.analysis.bootstrap; the report reads them). It reads only the
+intervals of pipeline.analysis.bootstrap; the report reads them), where <name> is the metric plus the
+options that differ from their defaults (`pipeline.analysis.result_key`). It reads only the
 run's own shard files, verified (`pipeline.run.verify`). Everything is checked and computed before the first
 file is written, and the folder of three files is replaced as a set, whole or not at all.
 The run folder may be a path or an object-store URI (`pipeline.run.location`; there the set is
@@ -22,6 +23,7 @@ import pyarrow as pa
 
 from pipeline.analysis.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, BootstrapDraws, bootstrap_oracle
 from pipeline.analysis.oracle import Frontier, allocate, build_frontier, min_budget_to_match
+from pipeline.analysis.result_key import oracle_name
 from pipeline.generation.configs import FULL_ID, KNOWN_FAMILIES
 from pipeline.run.atomic import replace_folder, write_json, write_parquet
 from pipeline.run.location import RunPath, locate, read_parquet
@@ -140,8 +142,10 @@ def reduce_run(
 
     integers = [float(b) for b in range(1, matrix.num_layers + 1) if b >= frontier.min_budget]
     allocation_budgets = sorted({*requested, *integers, *([match] if match is not None else [])})
+    name = oracle_name(metric, families, run_families(run_dir), cost)  # the folder: what this oracle is over
     summary = {
         "metric": metric,
+        "result": name,
         "families": matrix.families,
         "cost_mode": cost,
         "num_sequences": int(matrix.scores.shape[0]),
@@ -174,9 +178,14 @@ def reduce_run(
             write_parquet(table, folder / name)
         write_json(summary, folder / "summary.json")
 
-    out_dir = run_dir / "oracle" / metric
+    out_dir = run_dir / "oracle" / name
     replace_folder(out_dir, write)
     return ReduceResult(out_dir, summary, rows)
+
+
+def run_families(run_dir: RunPath) -> list[str]:
+    """The families a run's configs.parquet lists (`full` included)."""
+    return read_parquet(run_dir / "configs.parquet", columns=["family"]).column("family").unique().to_pylist()
 
 
 def _pair(bounds: np.ndarray) -> list[float]:

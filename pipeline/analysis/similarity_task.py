@@ -26,7 +26,7 @@ from pipeline.generation.engine import (
     prompt_positions,
     wrapped_layers,
 )
-from pipeline.generation.models import LoadedModel
+from pipeline.generation.models import LoadedModel, cache_argument
 from pipeline.run.atomic import write_parquet
 from pipeline.run.runner import run_task
 from pipeline.run.shard_task import ShardTask
@@ -125,8 +125,9 @@ def _group_states(lm: LoadedModel, wrappers: list[_RoutedLayer], group: list[tup
     captured: list[torch.Tensor] = []
     hooks = [w.register_forward_hook(lambda _m, _a, out: captured.append(out[:, -width:])) for w in wrappers]
     try:
-        out = model.get_decoder()(input_ids=ids, attention_mask=row_mask, position_ids=position_ids,
-                                  past_key_values=cache, use_cache=cache is not None)
+        decoder = model.get_decoder()
+        out = decoder(input_ids=ids, attention_mask=row_mask, position_ids=position_ids,
+                      use_cache=cache is not None, **cache_argument(decoder, cache))
     finally:
         for hook in hooks:
             hook.remove()

@@ -5,6 +5,9 @@ or the instruction when there is no input) may be cut, so the template header, t
 answer cue ("### Response:", "### Summary:", "Summary:") always survive. A prompt over the budget loses
 tokens from the left of its body (DESIGN.md: "truncated from the left of the article/input").
 
+A file has no splits of its own: `test`, the default, is every row, while `train` and `validation` cut its
+rows by the study's rule below (70% / 15%, seed 42), which `finetune` uses for its training and evaluation.
+
 Seq ids are `<dataset>-<split>-<position>` (`file`: `<file stem>-<position>`), the position of the row in
 the split as served: for Alpaca, its place in the study's split below; otherwise its row index in the
 source. They are the same on every run and machine for the same source data (the hub and a local mirror
@@ -35,13 +38,16 @@ from pipeline.data.sources import DATA_DIR_ENV, DataError, Table, _first_line, d
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["DATASETS", "DataError", "DatasetSpec", "Example", "Record", "load_examples", "load_records",
+__all__ = ["DATASETS", "DataError", "DatasetSpec", "Example", "Record", "data_source", "load_examples", "load_records",
            "load_split", "shard_examples", "split_indices"]
 
 DATASETS = ("alpaca", "cnn_dailymail", "samsum", "file", "hub")
 PROMPT_FORMATS = ("plain", "chat")
 SPLITS = ("train", "validation", "test")
 EMPTY_REFERENCES = ("refuse", "keep")
+# A file is one split: `test` (the default) serves every row; `train` and `validation` cut it as Alpaca is cut,
+# so that `finetune` never evaluates on rows it trained on.
+FILE_TRAINING_SPLITS = ("train", "validation")
 SPLIT_SEED = 42
 HELD_OUT = 0.3  # first call's test_size; the held-out part is then halved (second call's test_size 0.5)
 
@@ -256,7 +262,8 @@ def _split(spec: DatasetSpec) -> tuple[_Adapter, Table, Sequence[int]]:
     """The source table and the row indices of the spec's split (within `limit`), in the order served."""
     adapter = _check_spec(spec)
     table = _read(spec, adapter)
-    indices: Sequence[int] = split_indices(len(table), spec.split) if adapter.own_split else range(len(table))
+    cut = adapter.own_split or (spec.name == "file" and spec.split in FILE_TRAINING_SPLITS)
+    indices: Sequence[int] = split_indices(len(table), spec.split) if cut else range(len(table))
     where = table.label if spec.name == "file" else f"{table.label} ({spec.split} split)"
     if not indices:
         raise DataError(f"no rows in {where}")
@@ -265,6 +272,17 @@ def _split(spec: DatasetSpec) -> tuple[_Adapter, Table, Sequence[int]]:
             raise DataError(f"limit {spec.limit} is more than the {len(indices)} rows in {where}")
         indices = indices[: spec.limit]
     return adapter, table, indices
+
+
+def data_source(spec: DatasetSpec) -> str:
+    """Where the rows of `spec` are read from, as a path or `hub:<id>` (the local mirror when one is set)."""
+    adapter = _check_spec(spec)
+    if spec.name == "file":
+        return str(Path(spec.path).resolve())
+    if spec.name == "hub":
+        return f"hub:{spec.path}"
+    root = data_dir(spec.data_dir)
+    return str((root / spec.name).resolve()) if root is not None else f"hub:{adapter.hub_id}"
 
 
 def load_split(spec: DatasetSpec) -> list[dict]:

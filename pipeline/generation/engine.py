@@ -37,7 +37,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
 
 from pipeline.generation.configs import SkipConfig, check_program, is_subset
-from pipeline.generation.models import LoadedModel, decoder_layers
+from pipeline.generation.models import LoadedModel, cache_argument, decoder_layers
 
 PREFILL_POLICIES = ("full", "skip")
 DEFAULT_MAX_ROWS = 2048
@@ -165,11 +165,19 @@ class _SharedPromptLayer(DynamicLayer):
         query (R, H, 1, D) -> output (R, 1, H, D), H = Hkv * G query heads (head h*G+g reads KV head h).
         """
         rows, heads, _, dim = query.shape
-        prompts, kv_heads = self.prompt_keys.shape[:2]
-        group, per_prompt = heads // kv_heads, self.per_prompt
-        q = query.float().view(rows, kv_heads, group, dim) * scaling
+        kv_heads = self.prompt_keys.shape[1]
+        q = query.float().view(rows, kv_heads, heads // kv_heads, dim) * scaling
+        out = self._own_attention(q, *self._prompt_attention(q))
+        return out.to(query.dtype).view(rows, 1, heads, dim)
 
-        # Prompt part: all rows of a prompt as one (per_prompt * G, D) query block per KV head.
+    def _prompt_attention(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The prompt part: all rows of a prompt as one (per_prompt * G, D) query block per KV head.
+
+        q (R, Hkv, G, D) scaled float32 -> per row (R, Hkv, G, *): the softmax-weighted values (D), the
+        weights' sum (1) and the scores' maximum (1) over the prompt.
+        """
+        rows, kv_heads, group, dim = q.shape
+        prompts, per_prompt = self.prompt_keys.shape[0], self.per_prompt
         grouped = torch.cat([q, q.new_zeros(1, kv_heads, group, dim)])[self.slots]  # (P, S, Hkv, G, D)
         grouped = grouped.permute(0, 2, 1, 3, 4).reshape(prompts, kv_heads, per_prompt * group, dim)
         scores = grouped @ self.prompt_keys.transpose(-1, -2)  # (P, Hkv, S*G, Lp)
@@ -180,9 +188,14 @@ class _SharedPromptLayer(DynamicLayer):
         partial = torch.cat([weights @ self.prompt_values, weights.sum(-1, keepdim=True), prompt_max], -1)
         partial = (partial.view(prompts, kv_heads, per_prompt, group, dim + 2).permute(0, 2, 1, 3, 4)
                    .reshape(prompts * per_prompt, kv_heads, group, dim + 2)[self.slot_of_row])  # (R, Hkv, G, D+2)
-        prompt_out, prompt_sum, prompt_max = partial[..., :dim], partial[..., dim : dim + 1], partial[..., dim + 1 :]
+        return partial[..., :dim], partial[..., dim : dim + 1], partial[..., dim + 1 :]
 
-        # Generated part: each row's own tokens, merged with the prompt part by their running maxima.
+    def _own_attention(self, q: torch.Tensor, prompt_out: torch.Tensor, prompt_sum: torch.Tensor,
+                       prompt_max: torch.Tensor) -> torch.Tensor:
+        """The generated part: each row's own tokens, merged with the prompt part by their running maxima.
+
+        q (R, Hkv, G, D) and the prompt part of `_prompt_attention` -> the attention output (R, Hkv, G, D) float32.
+        """
         gen_keys, gen_values = (t[:, :, : self.length].float() for t in (self.gen_keys, self.gen_values))
         gen_scores = q @ gen_keys.transpose(-1, -2)  # (R, Hkv, G, T)
         top = torch.maximum(prompt_max, gen_scores.amax(-1, keepdim=True))
@@ -190,7 +203,7 @@ class _SharedPromptLayer(DynamicLayer):
         prompt_scale = torch.exp(prompt_max - top)
         out = prompt_out * prompt_scale + gen_weights @ gen_values
         out /= prompt_sum * prompt_scale + gen_weights.sum(-1, keepdim=True)
-        return out.to(query.dtype).view(rows, 1, heads, dim)
+        return out
 
 
 def shared_prompt_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -381,24 +394,32 @@ class _Rows:
         self.attention_mask = attention_mask  # (R, width) with padding, for per-row (`skip`) caches; else None
         self.positions = positions  # (R,) position of the last token fed
         self.cache = cache  # one layer per slot, holding the rows that run it
+        self.layer_rows = _rows_per_layer(membership)
 
     def route(self, wrappers: list[_RoutedLayer], executed: torch.Tensor) -> None:
-        everyone = bool(self.membership.all())
-        for j, wrapper in enumerate(wrappers):
-            column = self.membership[:, j]
-            wrapper.rows = None if everyone or bool(column.all()) else column.nonzero().squeeze(1)
-            wrapper.executed = executed
+        for wrapper, rows in zip(wrappers, self.layer_rows):
+            wrapper.rows, wrapper.executed = rows, executed
 
     def keep(self, keep: torch.Tensor) -> None:
         """Drop finished rows from every per-row tensor and from each layer's cache."""
         for j, layer in enumerate(self.cache.layers):
             layer.keep_rows(keep[self.membership[:, j]])
         self.membership = self.membership[keep]
+        self.layer_rows = _rows_per_layer(self.membership)
         self.prompt_of_row = self.prompt_of_row[keep]
         self.ids = self.ids[keep]
         self.positions = self.positions[keep]
         if self.attention_mask is not None:
             self.attention_mask = self.attention_mask[keep]
+
+
+def _rows_per_layer(membership: torch.Tensor) -> list[torch.Tensor | None]:
+    """The rows that run each layer, ascending (None: every row), from one `nonzero` over the whole (R, L)
+    membership: computed when the rows change (start, EOS drops), so a decode step routes its layers
+    without a host-device sync per layer."""
+    counts = membership.sum(0).tolist()
+    rows = membership.t().nonzero()[:, 1].contiguous()  # layer-major: each layer's rows in ascending order
+    return [None if n == membership.shape[0] else part for n, part in zip(counts, rows.split(counts))]
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -431,7 +452,7 @@ def _forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
              position_ids: torch.Tensor, cache: Cache, **attention_kwargs) -> torch.Tensor:
     """One model forward; returns the greedy next token of each row."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=cache, use_cache=True, logits_to_keep=1, **attention_kwargs)
+                use_cache=True, logits_to_keep=1, **cache_argument(model, cache), **attention_kwargs)
     return out.logits[:, -1, :].max(-1).indices  # = argmax (first maximum on ties), 2x faster on CPU in bfloat16
 
 

@@ -22,7 +22,7 @@ from transformers import DynamicCache
 
 from pipeline.generation.configs import SkipConfig
 from pipeline.generation.engine import eos_ids, left_pad, prompt_positions, swapped_stack, wrapped_layers
-from pipeline.generation.models import LoadedModel, decoder_layers
+from pipeline.generation.models import LoadedModel, cache_argument, decoder_layers
 
 
 class _MaskedLayer(nn.Module):
@@ -70,7 +70,7 @@ def masked_generate(lm: LoadedModel, prompts: list[list[int]], config: SkipConfi
                 wrapper.keep = True if j in kept else (in_prompt.expand_as(ids) if prefill == "full" else False)
             step_mask = None if mask is None else torch.cat([mask, mask.new_ones(num_prompts, step)], 1)
             out = model(input_ids=ids, attention_mask=step_mask, position_ids=pos[:, -ids.shape[1]:],
-                        past_key_values=cache, use_cache=use_cache, logits_to_keep=1)
+                        use_cache=use_cache, logits_to_keep=1, **cache_argument(model, cache))
             generated = torch.cat([generated, out.logits[:, -1, :].argmax(-1, keepdim=True)], 1)
     return _cut_at_eos(lm, generated, ignore_eos)
 

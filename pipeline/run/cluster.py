@@ -60,12 +60,29 @@ def ray_session(address: str | None) -> Iterator[RaySession]:
     if joined:
         ray.init(address=address, **quiet)
     else:
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
+        with _token_notice_silenced():
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
     sigterm_as_interrupt()  # again: ray.init installs its own SIGTERM handler (a bare sys.exit)
     try:
         yield RaySession(joined=joined)
     finally:
         ray.shutdown()
+
+
+@contextmanager
+def _token_notice_silenced() -> Iterator[None]:
+    """Ray turns token authentication on for a new local cluster (kept: it guards the private Ray) and warns
+    that it did, on every command; that one warning is dropped, everything else Ray logs still shows."""
+    source = logging.getLogger("ray._private.authentication.authentication_token_setup")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")
+
+    source.addFilter(keep)
+    try:
+        yield
+    finally:
+        source.removeFilter(keep)
 
 
 def worker_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:

@@ -135,8 +135,8 @@ def _validate(spec: JobSpec) -> None:
         raise ValueError(f"unknown device {spec.device!r}; choose from {', '.join(DEVICES)}")
     if spec.prefill not in PREFILL_POLICIES:
         raise ValueError(f"unknown prefill {spec.prefill!r}; choose from {', '.join(PREFILL_POLICIES)}")
-    if not spec.families:
-        raise ValueError("families is empty; choose from " + ", ".join(PROGRAM_FAMILIES))
+    if not spec.families and not spec.configs:  # with [configs], families = [] runs only the custom sets and full
+        raise ValueError("families is empty and the job has no [configs]; choose from " + ", ".join(PROGRAM_FAMILIES))
     bad = [f for f in spec.families if f not in PROGRAM_FAMILIES]
     if bad:
         raise ValueError(f"unknown family {', '.join(map(str, bad))}; choose from {', '.join(PROGRAM_FAMILIES)}")
@@ -172,7 +172,7 @@ def _validate(spec: JobSpec) -> None:
         raise ValueError(f"dataset.prompt_budget must be a positive integer, got {budget!r}")
 
 
-_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", type(None): "none"}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "none"}
 
 
 def _expected(hint: Any) -> str:

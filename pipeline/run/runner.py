@@ -27,6 +27,7 @@ import torch
 
 from pipeline.data.adapters import Example, load_examples, shard_examples
 from pipeline.generation.checkpoints import check_checkpoints, with_resolved_checkpoints
+from pipeline.generation.configs import SkipConfig
 from pipeline.generation.models import load_tokenizer
 from pipeline.generation.scoring import mostly_dropped
 from pipeline.generation.task import GenerateTask
@@ -137,6 +138,10 @@ def run_job(spec: JobSpec, address: str | None = None,
         _check_same(previous, "dataset_fingerprint", data_print, run.root)
         if run.remove_stale_temp_files():
             log("removed half-written files of an interrupted run")
+        done = _complete_already(spec, previous, configs, run, shards)
+        if done is not None:
+            return RunSummary(run.root, done.shards, done.skipped, 0, len(examples) * len(configs), 0, 0.0,
+                              time.monotonic() - start)
         with ray_session(address) as session:
             log(f"{spec.name}: {len(examples)} sequences in {len(shards)} shards")
             with start_workers(spec, session) as pool:
@@ -159,8 +164,7 @@ def run_job(spec: JobSpec, address: str | None = None,
                           "dtype": dtype, "num_layers": num_layers, "dataset_fingerprint": data_print, "sequences": len(examples),
                           "configs": len(configs), "shards": len(shards), "versions": _versions(),
                           "git_sha": _git_sha(), "started": _now(), "finished": None, "workers": infos}
-                task = GenerateTask(tuple(configs), spec.max_new_tokens, spec.prefill, spec.batch_size, spec.max_rows,
-                                    spec.scoring, tuple(sorted(spec.checkpoints.items())))
+                task = _generate_task(spec, configs)
                 todo = shards_to_compute(task, run, shards, job_identity(record))  # before run.json claims the folder
                 write_parquet(configs_table(configs), run.configs)
                 write_json(record, run.run_json)
@@ -168,6 +172,31 @@ def run_job(spec: JobSpec, address: str | None = None,
         write_json({**record, "finished": _now(), "rows": len(examples) * len(configs)}, run.run_json)
     return RunSummary(run.root, done.shards, done.skipped, done.computed, len(examples) * len(configs), done.tokens,
                       done.seconds, time.monotonic() - start)
+
+
+def _generate_task(spec: JobSpec, configs: list[SkipConfig]) -> GenerateTask:
+    return GenerateTask(tuple(configs), spec.max_new_tokens, spec.prefill, spec.batch_size, spec.max_rows,
+                        spec.scoring, tuple(sorted(spec.checkpoints.items())))
+
+
+def _complete_already(spec: JobSpec, previous: dict[str, Any] | None, configs: list[SkipConfig], run: RunDir,
+                      shards: list[list[Example]]) -> ExecSummary | None:
+    """A finished run of this job whose shard files are all valid: nothing to do, and Ray is not started.
+
+    Only when no local model or checkpoint file changed since the run finished (their weights' fingerprint is
+    known only once a worker loads them); else None, and the run goes on as usual (which checks it)."""
+    if previous is None or not previous.get("finished") or previous.get("shards") != len(shards):
+        return None
+    finished = datetime.fromisoformat(previous["finished"]).timestamp()
+    for source in (spec.model, *spec.checkpoints.values()):
+        path = Path(source)
+        files = [path] if path.is_file() else path.rglob("*") if path.is_dir() else []
+        if any(f.stat().st_mtime >= finished for f in files):
+            return None
+    if shards_to_compute(_generate_task(spec, configs), run, shards, job_identity(previous)):
+        return None
+    log(f"{spec.name}: all {len(shards)} shards are complete; nothing to compute (Ray not started)")
+    return ExecSummary(len(shards), len(shards), 0, 0, 0.0)
 
 
 def _warn_non_latin(examples: list[Example]) -> None:
