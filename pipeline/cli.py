@@ -457,6 +457,42 @@ def token_oracle(
 
 
 @app.command()
+def search(
+    run_dir: str = typer.Argument(..., help="A finished run folder (its enumerated configurations start the search)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="New run folder for source + searched rows; default RUN-search."),
+    budget: int = typer.Option(16, "--budget", help="Programs evaluated per sequence, per arm (search and random)."),
+    width: int = typer.Option(4, "--width", help="Programs per sequence per round (one engine batch per round)."),
+    cost_cap: Optional[int] = typer.Option(None, "--cost-cap", help="Longest program (layers per token); default L."),
+    seed: int = typer.Option(0, "--seed", help="Seed of every proposal and of the bootstrap."),
+    metric: str = typer.Option("rougeL", "--metric", help="Score column the search maximises and the curve reads."),
+    budgets: Optional[list[float]] = typer.Option(None, "--at", help="Layer budget of the curve's value (repeatable; default 4 and 8)."),
+    threshold: float = typer.Option(0.3, "--right-at", help="A row is 'right' for CoLa's shares when metric >= this."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Worker actors; default the run's."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (auto, or host:port); default local."),
+) -> None:
+    """Per-sequence local search over layer programs against random programs of the same costs, then the curve."""
+    import json as json_module
+
+    from pipeline.run.rundir import RunDir, RunLocked
+    from pipeline.run.runner import RunError
+    from pipeline.search.policy import SearchSpec
+    from pipeline.search.run import run_search, search_report
+
+    try:
+        record = RunDir(run_dir).read_run_json() or {}
+        spec = SearchSpec(budget, width, cost_cap or int(record.get("num_layers") or 1), seed, metric)
+        folder, done = run_search(run_dir, spec, out, address, workers)
+        typer.echo(f"{done.shards} shards ({done.computed} computed, {done.skipped} skipped) in {done.seconds:.1f} s "
+                   f"into {folder}")
+        result = search_report(folder, metric, tuple(budgets or (4.0, 8.0)), threshold, seed=seed)
+    except (ValueError, OSError, RunLocked, RunError) as exc:
+        fail(str(exc).strip().splitlines()[0])
+    typer.echo(result["curve"].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    typer.echo(json_module.dumps(result["shares"], indent=1, default=str))
+    typer.echo("files: " + ", ".join(map(str, result["files"])))
+
+
+@app.command()
 def controller(
     run_dir: str = typer.Argument(..., help="Run folder with generations/ and features/."),
     metric: Optional[str] = typer.Option(None, "--metric", help=METRIC_HELP),

@@ -17,13 +17,13 @@ from pipeline.analysis.bootstrap import DEFAULT_RESAMPLES
 from pipeline.analysis.metrics import run_task_name
 from pipeline.analysis.similarity import SHARD_SCHEMA, folder_name, summarise, summary_path
 from pipeline.data.adapters import Example
-from pipeline.generation.configs import FULL_ID, SkipConfig, build_configs
+from pipeline.generation.configs import FULL_ID, LOOP, SkipConfig, build_configs
 from pipeline.generation.engine import (
-    _membership,
     _RoutedLayer,
     _shared_prefill,
     _SlotLayer,
     left_pad,
+    program_membership,
     prompt_positions,
     wrapped_layers,
 )
@@ -105,7 +105,7 @@ def _group_states(lm: LoadedModel, wrappers: list[_RoutedLayer], group: list[tup
     width = response_ids.shape[1]
     prompt_of_row = torch.arange(num_prompts, device=device).repeat(len(group))
     set_of_row = torch.arange(len(group), device=device).repeat_interleave(num_prompts)
-    membership = _membership(group, len(wrappers), device)[set_of_row]
+    membership = program_membership(group, tuple(range(len(wrappers))), device)[set_of_row]
     rows = prompt_of_row.numel()
     everyone = bool(membership.all())
     for j, wrapper in enumerate(wrappers):
@@ -206,6 +206,9 @@ def run_similarity(run_dir: str | Path, response: str = "reference", workers: in
         raise ValueError(f"bootstrap resamples must be >= 1, got {resamples}")
 
     def make_task(spec, record):
+        if LOOP in spec.families:
+            raise ValueError(f"{run_dir}: similarity compares per-layer states of layer subsets, and this run has "
+                             "loop programs (a layer runs twice); run it on a run without the loop family")
         configs = spec.select_configs(build_configs(record["num_layers"], spec.families, spec.rls_seeds))
         outputs = None
         if response == "full" and run_task_name(record) != "generate":

@@ -44,6 +44,7 @@ from pipeline.generation.engine import (
     wrapped_layers,
 )
 from pipeline.generation.models import LoadedModel
+from pipeline.generation.sampling import pick_tokens
 
 KV_MODES = ("compute", "none")
 
@@ -184,7 +185,7 @@ def gated_generate(lm: LoadedModel, prompts: list[list[int]], gate: Gate, max_ne
     stop_ids = None if ignore_eos else eos_ids(lm)
     ids = torch.arange(num_rows, device=device)  # the live rows' original numbers
     positions = prompt_positions(input_ids, mask)[:, -1]
-    next_tokens = shared.first_tokens
+    next_tokens = pick_tokens(shared.first_logits, ids, None)
     tokens = torch.full((num_rows, max_new_tokens), -1, dtype=torch.long, device=device)
     lengths = torch.zeros(num_rows, dtype=torch.long, device=device)
     layers_run = torch.zeros(num_rows, dtype=torch.long, device=device)
@@ -198,8 +199,8 @@ def gated_generate(lm: LoadedModel, prompts: list[list[int]], gate: Gate, max_ne
                     layer.slot = step - 1
                 decoder.executed = torch.zeros(len(ids), dtype=torch.long, device=device)
                 positions = positions + 1
-                next_tokens = _forward(model, next_tokens[:, None], None, positions[:, None], decoder.cache,
-                                       prompt_cache=decoder.cache)
+                next_tokens = pick_tokens(_forward(model, next_tokens[:, None], None, positions[:, None],
+                                                   decoder.cache, prompt_cache=decoder.cache), ids, None)
                 layers_run[ids] += decoder.executed
             tokens[ids, step] = next_tokens
             lengths[ids] = step + 1

@@ -17,8 +17,18 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.data.adapters import DATASETS, DatasetSpec
-from pipeline.generation.configs import (FAMILIES, SkipConfig, build_configs, check_custom_layers, custom_configs,
-                                         sample_configs)
+from pipeline.generation.configs import (
+    FAMILIES,
+    LOOP,
+    PROGRAM_FAMILIES,
+    SkipConfig,
+    build_configs,
+    check_custom_layers,
+    check_loop_grid,
+    custom_configs,
+    loop_configs,
+    sample_configs,
+)
 from pipeline.generation.engine import DEFAULT_MAX_ROWS, PREFILL_POLICIES
 from pipeline.generation.models import AUTO_DTYPE, DTYPES, EMBEDDED_MODEL
 from pipeline.generation.sampling import Sampling
@@ -60,7 +70,8 @@ class JobSpec:
     scoring: ScoringOptions = ScoringOptions()  # [scoring]: stemming, sentence_split, tokenizer
     sampling: Sampling = Sampling()  # [sampling]: samples (K of family `sample`), temperature, top_p, seed
     start_timeout: float = 600.0  # seconds to wait for workers to be placed and load the model, or to come back
-    configs: Mapping[str, list[int]] = dataclasses.field(default_factory=dict)  # [configs]: custom layer sets
+    configs: Mapping[str, list[int]] = dataclasses.field(default_factory=dict)  # [configs]: custom programs
+    loop: Mapping[str, list[int]] = dataclasses.field(default_factory=dict)  # [loop]: starts, lengths, repeats
     checkpoints: Mapping[str, str] = dataclasses.field(default_factory=dict)  # [checkpoints]: config id -> model
     out: str = ""
     trust_remote_code: bool = False  # run a model folder's own Python code (recorded in run.json); off by default
@@ -89,7 +100,9 @@ class JobSpec:
                             if key not in _DATASET_OPTIONAL or getattr(self.dataset, key) is not None}
         ident["scoring"] = self.scoring.to_dict()
         if self.configs:  # only when used, so runs from before these tables keep their identity
-            ident["configs"] = {name: sorted(layers) for name, layers in sorted(self.configs.items())}
+            ident["configs"] = {name: list(layers) for name, layers in sorted(self.configs.items())}  # programs: order counts
+        if self.loop:
+            ident["loop"] = {key: sorted(values) for key, values in sorted(self.loop.items())}
         if self.checkpoints:
             ident["checkpoints"] = dict(sorted(self.checkpoints.items()))
         if self.sampling.samples:  # likewise: only a run with a `sample` family has it in its identity
@@ -109,10 +122,15 @@ class JobSpec:
         return [cfg for cfg in configs if cfg.family == "full" or cfg.config_id in wanted]
 
     def configurations(self, num_layers: int) -> list[SkipConfig]:
-        """Every configuration this job runs on an L-layer model: the chosen built-in ones, then its custom
-        layer sets (always included). Raises ValueError for a set that does not fit the model."""
-        return [*self.select_configs(build_configs(num_layers, self.families, self.rls_seeds)),
-                *custom_configs(dict(self.configs), num_layers), *sample_configs(num_layers, self.sampling.samples)]
+        """Every configuration this job runs on an L-layer model: the chosen built-in ones (`loop` from the
+        [loop] table), then its custom programs (always included), then the `sample` family. Raises ValueError for a program that does
+        not fit the model."""
+        subsets = [f for f in self.families if f != LOOP]
+        built = build_configs(num_layers, subsets, self.rls_seeds)
+        if LOOP in self.families:
+            built += loop_configs(num_layers, dict(self.loop))
+        return [*self.select_configs(built), *custom_configs(dict(self.configs), num_layers),
+                *sample_configs(num_layers, self.sampling.samples)]
 
 
 def _validate(spec: JobSpec) -> None:
@@ -129,10 +147,14 @@ def _validate(spec: JobSpec) -> None:
     if spec.prefill not in PREFILL_POLICIES:
         raise ValueError(f"unknown prefill {spec.prefill!r}; choose from {', '.join(PREFILL_POLICIES)}")
     if not spec.families and not spec.configs:  # with [configs], families = [] runs only the custom sets and full
-        raise ValueError("families is empty and the job has no [configs]; choose from " + ", ".join(FAMILIES))
-    bad = [f for f in spec.families if f not in FAMILIES]
+        raise ValueError("families is empty and the job has no [configs]; choose from " + ", ".join(PROGRAM_FAMILIES))
+    bad = [f for f in spec.families if f not in PROGRAM_FAMILIES]
     if bad:
-        raise ValueError(f"unknown family {', '.join(map(str, bad))}; choose from {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown family {', '.join(map(str, bad))}; choose from {', '.join(PROGRAM_FAMILIES)}")
+    if (LOOP in spec.families) != bool(spec.loop):
+        raise ValueError("family loop and the [loop] table (starts, lengths, repeats) go together: give both or neither")
+    if spec.loop:
+        check_loop_grid(dict(spec.loop))  # the blocks' range against the model at preflight
     if any(not isinstance(s, int) or s < 0 for s in spec.rls_seeds):
         raise ValueError(f"rls_seeds must be non-negative integers, got {list(spec.rls_seeds)}")
     for key in ("max_new_tokens", "batch_size", "max_rows", "shard_size"):
