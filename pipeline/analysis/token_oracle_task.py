@@ -26,12 +26,12 @@ from transformers import AttentionInterface, DynamicCache
 from pipeline.analysis.bootstrap import DEFAULT_RESAMPLES
 from pipeline.analysis.token_oracle import FOLDER, POSITIONS, SHARD_SCHEMA, SUMMARY, by_position, cheapest_matching, summarise
 from pipeline.data.adapters import Example
-from pipeline.generation.configs import FULL_ID, SkipConfig, build_configs
+from pipeline.generation.configs import FULL_ID, LOOP, SkipConfig, build_configs
 from pipeline.generation.engine import (
-    _membership,
     _RoutedLayer,
     attention_implementation,
     left_pad,
+    program_membership,
     prompt_positions,
     wrapped_layers,
 )
@@ -129,7 +129,7 @@ def token_matches(lm: LoadedModel, prompts: list[list[int]], outputs: list[list[
         for start in range(0, len(layer_sets), per_group):
             group = layer_sets[start : start + per_group]
             prompt_of_row = torch.arange(num_prompts, device=device).repeat(len(group))
-            membership = _membership(group, len(wrappers), device)[torch.arange(len(group), device=device)
+            membership = program_membership(group, tuple(range(len(wrappers))), device)[torch.arange(len(group), device=device)
                                                                      .repeat_interleave(num_prompts)]
             for j, wrapper in enumerate(wrappers):
                 column = membership[:, j]
@@ -199,6 +199,9 @@ def run_token_oracle(run_dir: str | Path, workers: int | None = None, address: s
     root = Path(run_dir)
 
     def make_task(spec, record):
+        if LOOP in spec.families:
+            raise ValueError(f"{run_dir}: the per-token oracle compares layer subsets, and this run has loop "
+                             "programs (a layer runs twice); run it on a run without the loop family")
         configs = spec.select_configs(build_configs(record["num_layers"], spec.families, spec.rls_seeds))
         tokenizer = load_tokenizer(spec.model, spec.trust_remote_code)
         full = pq.read_table(root / "generations", columns=["seq_id", "output"], filters=[("config_id", "=", FULL_ID)])

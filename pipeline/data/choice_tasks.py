@@ -178,7 +178,7 @@ def load_choice_examples(spec: DatasetSpec, tokenizer: PreTrainedTokenizerBase) 
         if any(not cont for _, cont in requests):
             raise DataError(f"{seq_id}: a choice encodes to no tokens after its context")
         examples.append(ChoiceExample(seq_id, doc.contexts[0], requests[0][0], (doc.choices[doc.gold],), False, False,
-                                      doc.choices, requests, doc.gold))
+                                      choices=doc.choices, requests=requests, gold=doc.gold))
     return examples
 
 
