@@ -9,11 +9,17 @@ Steps, each in its own process so that one failing or missing package skips it a
 3. limits: measured matmul throughput and copy bandwidth, and the fraction the engine reaches (sweep.py);
 4. a run: `dynoracle run` of a few Alpaca sequences on one GPU (Ray, one actor with num_gpus=1); where
    Ray is not installed, and with --cpu, the same shard work in this process (ShardWorker on the
-   device, shard files written and checked as the runner does), said so in the table.
+   device, shard files written and checked as the runner does), said so in the table;
+5. with `--profile`: one decode step at 32 prompts and at the plateau (512 prompts = 12,288 rows) under
+   torch.profiler (`benchmarks/step_profile.py`: time per kind of work, host syncs per step), written to
+   <out>/profile.json.
+`--baseline DIR|REF` measures the previous engine in the same run: DIR a copy of its tree (e.g.
+`git archive REF pipeline | tar -x -C DIR`), or a git ref of this checkout; its sweep (bfloat16, engine
+alone, the same batch-size scan) and, with --profile, its profile run beside this engine's.
 It prints one summary table and writes every figure to <out>/gpu.json. `--cpu` does the same on a CPU
 with tiny sizes (a tiny random OPT instead of OPT-1.3B), which the test suite runs.
 
-    bash benchmarks/gpu.sh [--cpu] [--out DIR]
+    bash benchmarks/gpu.sh [--cpu] [--out DIR] [--profile] [--baseline DIR|REF] [--steps exactness,sweep,run]
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -32,6 +39,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 import transformers
+from step_profile import table as profile_table  # noqa: E402 (this script's folder)
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {  # --cpu: under 3 minutes on a 2-core CPU; cuda: 2.5 minutes on one H200
@@ -39,13 +47,16 @@ SIZES = {  # --cpu: under 3 minutes on a 2-core CPU; cuda: 2.5 minutes on one H2
             "ray": False,
             "sweep": ["--prompts", "4", "--new-tokens", "8", "--baseline-configs", "1", "--batch-scan", "2,4",
                       "--peak-size", "512"],
-            "run": {"limit": 4, "max_new_tokens": 4, "shard_size": 2, "dtype": "float32"}},
+            "run": {"limit": 4, "max_new_tokens": 4, "shard_size": 2, "dtype": "float32"},
+            "profile": ["--dtype", "bfloat16", "--prompts", "2,4", "--step", "2"]},
     "cuda": {"model": "random:opt-1.3b", "dtypes": ("float16", "bfloat16"), "timeout": 240, "checks": "tiny",
              "ray": True,
              "sweep": ["--prompts", "32", "--new-tokens", "32", "--baseline-configs", "6", "--repeats", "3",
                        "--batch-scan", "8,32,128,256,512,1024"],
-             "run": {"limit": 4, "max_new_tokens": 16, "shard_size": 2, "dtype": "bfloat16"}},
+             "run": {"limit": 4, "max_new_tokens": 16, "shard_size": 2, "dtype": "bfloat16"},
+            "profile": ["--dtype", "bfloat16", "--prompts", "32,512", "--step", "8"]},
 }
+STEPS = ("exactness", "sweep", "run", "profile")
 
 
 def say(message: str) -> None:
@@ -56,11 +67,16 @@ def missing(*modules: str) -> list[str]:
     return [m for m in modules if importlib.util.find_spec(m) is None]
 
 
-def step(cmd: list[str], timeout: float) -> int:
-    """Run one step's process, echoing its output; its exit status (124 when killed past `timeout`)."""
+def step(cmd: list[str], timeout: float, engine: Path | None = None) -> int:
+    """Run one step's process, echoing its output; its exit status (124 when killed past `timeout`).
+    `engine`: the tree whose `pipeline` package the process imports (the previous engine's), else this one."""
+    env = None
+    if engine is not None:
+        env = {**os.environ, "PYTHONPATH": str(engine)}
+        say(f"(previous engine: PYTHONPATH={engine})")
     say("$ " + " ".join(cmd))
     try:
-        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as exc:
         print(exc.output.decode() if isinstance(exc.output, bytes) else exc.output or "", flush=True)
         return 124
@@ -84,13 +100,43 @@ def exactness(device: str, checks: str, out: Path, timeout: float) -> dict:
     return {"tests": results}
 
 
-def sweep(size: dict, device: str, dtype: str, out: Path) -> dict:
-    figures = out / f"sweep_{dtype}.json"
+def sweep(size: dict, device: str, dtype: str, out: Path, engine: Path | None = None) -> dict:
+    """sweep.py's figures; for the previous engine (`engine`), of the engine alone."""
+    figures = out / f"sweep_{dtype}{'_baseline' if engine else ''}.json"
     rc = step([sys.executable, "benchmarks/sweep.py", "--model", size["model"], "--device", device,
-                  "--dtype", dtype, *size["sweep"], "--json", str(figures)], size["timeout"])
+               "--dtype", dtype, *size["sweep"], *(["--no-baselines"] if engine else []), "--json", str(figures)],
+              size["timeout"], engine)
     if rc != 0 or not figures.is_file():
         return {"error": f"sweep.py exited {rc}"}
     return json.loads(figures.read_text())
+
+
+def profile(size: dict, device: str, out: Path, engine: Path | None = None) -> dict:
+    """step_profile.py's figures: one decode step at each of the size's prompt counts."""
+    figures = out / f"profile{'_baseline' if engine else ''}.json"
+    rc = step([sys.executable, "benchmarks/step_profile.py", "--model", size["model"], "--device", device,
+               *size["profile"], "--json", str(figures)], size["timeout"], engine)
+    if rc != 0 or not figures.is_file():
+        return {"error": f"step_profile.py exited {rc}"}
+    return json.loads(figures.read_text())
+
+
+def baseline_tree(spec: str, out: Path) -> Path:
+    """The previous engine's tree: `spec` itself when it is a folder, else the `pipeline` package of git ref
+    `spec` of this checkout, extracted under <out>/baseline. Raises SystemExit naming `spec` otherwise."""
+    if Path(spec).is_dir():
+        if not (Path(spec) / "pipeline" / "generation" / "engine.py").is_file():
+            raise SystemExit(f"gpu.sh: --baseline {spec}: no pipeline/generation/engine.py in that folder")
+        return Path(spec).resolve()
+    tree = out / "baseline"
+    shutil.rmtree(tree, ignore_errors=True)  # this script's own extraction of an earlier call
+    tree.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", spec, "pipeline"], capture_output=True)
+    if archive.returncode != 0:
+        raise SystemExit(f"gpu.sh: --baseline {spec}: neither a folder nor a git ref of {REPO} "
+                         f"({archive.stderr.decode().strip()}); give a copy of the previous engine's tree")
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    return tree
 
 
 def run(size: dict, device: str, out: Path) -> dict:
@@ -158,13 +204,32 @@ def table(report: dict) -> str:
     """The summary: one line per figure, the sweep's dtypes side by side."""
     lines = [f"dynoracle GPU-path check on {report['device_name']} (torch {report['torch']}, "
              f"transformers {report['transformers']})"]
-    tests = report["exactness"].get("tests")
-    if tests:
-        passed = sum(v == "passed" for v in tests.values())
-        lines.append(f"exactness ({report['device']}, float32): {passed}/{len(tests)} passed"
-                     + "".join(f"\n  {v:7s} {k}" for k, v in tests.items()))
-    else:
-        lines.append(f"exactness: {report['exactness']}")
+    if "exactness" in report:
+        tests = report["exactness"].get("tests")
+        if tests:
+            passed = sum(v == "passed" for v in tests.values())
+            lines.append(f"exactness ({report['device']}, float32): {passed}/{len(tests)} passed"
+                         + "".join(f"\n  {v:7s} {k}" for k, v in tests.items()))
+        else:
+            lines.append(f"exactness: {report['exactness']}")
+    if "sweep" in report:
+        lines += _sweep_lines(report)
+    if "run" in report:
+        r = report["run"]
+        lines.append(f"run: {r['rows']} rows ({r['sequences']} sequences x {r['configs']} configs) in "
+                     f"{r['seconds']:.1f} s, {r['gen_tokens']} tokens, {r['mode']}, rows {'ok' if r['rows_ok'] else 'WRONG'}"
+                     if "rows" in r else f"run: {r}")
+    for name, label in (("profile", "this engine"), ("profile_baseline", "previous engine")):
+        if name in report:
+            p = report[name]
+            lines.append(f"profile, {label}: " + (f"{p['error']}" if "error" in p else
+                                                  "\n" + profile_table(p["steps"])))
+    return "\n".join(lines)
+
+
+def _sweep_lines(report: dict) -> list[str]:
+    """The sweep's figures, its dtypes side by side; against the previous engine where it ran."""
+    lines = []
     dtypes = list(report["sweep"])
     cols = [report["sweep"][d] for d in dtypes]
     rows = [("figure", dtypes)]
@@ -196,45 +261,73 @@ def table(report: dict) -> str:
                 f"{p['rows']} rows {p['tok_s']:,.0f} tok/s"
                 + (f" {p['bytes_per_row'] / 2**20:.2f} MiB/row" if "bytes_per_row" in p else "")
                 for p in c["scan"]))
-    r = report["run"]
-    lines.append(f"run: {r['rows']} rows ({r['sequences']} sequences x {r['configs']} configs) in {r['seconds']:.1f} s, "
-                 f"{r['gen_tokens']} tokens, {r['mode']}, rows {'ok' if r['rows_ok'] else 'WRONG'}"
-                 if "rows" in r else f"run: {r}")
-    return "\n".join(lines)
+    for d, old in report.get("sweep_baseline", {}).items():
+        new = report["sweep"].get(d, {})
+        if "error" in old or "error" in new:
+            lines.append(f"previous engine {d}: {old.get('error') or new.get('error')}")
+            continue
+        lines.append(f"previous engine {d}: {old['engine_tok_s']:,.0f} tokens/s at {old['prompts']} prompts "
+                     f"(this engine {new['engine_tok_s'] / old['engine_tok_s']:.2f}x); scan "
+                     + ", ".join(f"{p['rows']} rows {p['tok_s']:,.0f} tok/s (this {q['tok_s'] / p['tok_s']:.2f}x)"
+                                 for p, q in zip(old.get("scan", []), new.get("scan", []))))
+    return lines
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="tiny sizes on the CPU (the suite's check)")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "gpu", help="folder for gpu.json and logs")
+    parser.add_argument("--profile", action="store_true", help="add the profile step (profile.json beside gpu.json)")
+    parser.add_argument("--steps", default="exactness,sweep,run",
+                        help=f"comma-separated steps to run, of {', '.join(STEPS)} (--profile adds profile)")
+    parser.add_argument("--baseline", help="the previous engine (a folder holding its pipeline/, or a git ref): "
+                                           "its sweep and profile beside this engine's")
     args = parser.parse_args()
+    steps = [s for s in args.steps.split(",") if s] + (["profile"] if args.profile else [])
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown:
+        print(f"gpu.sh: unknown step {unknown[0]!r} in --steps; choose from {', '.join(STEPS)}", file=sys.stderr)
+        return 2
     device = "cpu" if args.cpu else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         print("gpu.sh: torch sees no CUDA device; use --cpu for the CPU check", file=sys.stderr)
         return 2
     size = SIZES[device]
     args.out.mkdir(parents=True, exist_ok=True)
+    previous = baseline_tree(args.baseline, args.out) if args.baseline else None
     start = time.perf_counter()
     report = {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
               "python": platform.python_version(),
               "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "CPU"}
-    say("1/4 exactness")
-    report["exactness"] = exactness(device, size["checks"], args.out, size["timeout"])
-    say("2-3/4 sweep and limits")
-    report["sweep"] = {dtype: sweep(size, device, dtype, args.out) for dtype in size["dtypes"]}
-    say("4/4 run")
-    try:
-        report["run"] = run(size, device, args.out)
-    except Exception as exc:  # a step's failure is reported, the table still printed
-        report["run"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+    if "exactness" in steps:
+        say("exactness")
+        report["exactness"] = exactness(device, size["checks"], args.out, size["timeout"])
+    if "sweep" in steps:
+        say("sweep and limits")
+        report["sweep"] = {dtype: sweep(size, device, dtype, args.out) for dtype in size["dtypes"]}
+        if previous:
+            dtype = size["profile"][size["profile"].index("--dtype") + 1]
+            report["sweep_baseline"] = {dtype: sweep(size, device, dtype, args.out, previous)}
+    if "run" in steps:
+        say("run")
+        try:
+            report["run"] = run(size, device, args.out)
+        except Exception as exc:  # a step's failure is reported, the table still printed
+            report["run"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+    if "profile" in steps:
+        say("profile of one decode step")
+        report["profile"] = profile(size, device, args.out)
+        if previous:
+            report["profile_baseline"] = profile(size, device, args.out, previous)
     report["seconds"] = time.perf_counter() - start
     (args.out / "gpu.json").write_text(json.dumps(report, indent=1))
     print(table(report))
     print(f"figures: {args.out / 'gpu.json'} ({report['seconds']:.0f} s)")
-    tests = report["exactness"].get("tests", {})
-    failed = "error" in report["exactness"] or any(v == "failed" for v in tests.values()) \
-        or any("error" in c for c in report["sweep"].values()) or "error" in report["run"] \
-        or not report["run"].get("rows_ok", True)
+    tests = report.get("exactness", {}).get("tests", {})
+    failed = "error" in report.get("exactness", {}) or any(v == "failed" for v in tests.values()) \
+        or any("error" in c for part in ("sweep", "sweep_baseline") for c in report.get(part, {}).values()) \
+        or "error" in report.get("run", {}) or not report.get("run", {}).get("rows_ok", True) \
+        or any("error" in report.get(part, {}) for part in ("profile", "profile_baseline"))
     return 1 if failed else 0
 
 

@@ -8,11 +8,13 @@ number of prompts:
 It also measures the device's matmul throughput and copy bandwidth and reports the fraction of each
 the engine's sweep reaches (its FLOPs and its minimal HBM traffic per decode step, counted below), and
 with `--batch-scan` times the engine at several prompt counts (rows decoded together = prompts x
-distinct layer sets) for its best operating point and, on a GPU, its memory per row.
+distinct layer sets) for its best operating point and, on a GPU, its memory per row. `--profile 32,512`
+profiles one decode step at each prompt count (`benchmarks/step_profile.py`: time per kind of work, host
+syncs); `--no-baselines` times the engine alone (gpu.sh's run of the previous engine).
 
     python benchmarks/sweep.py [--model embedded:...|random:opt-1.3b] [--device cpu|cuda] [--dtype auto]
                                [--prompts 64] [--new-tokens 64] [--baseline-configs 6] [--repeats 1]
-                               [--batch-scan 8,16,32] [--json figures.json]
+                               [--batch-scan 8,16,32] [--profile 32,512] [--no-baselines] [--json figures.json]
 
 Baselines take long on a CPU, so by default they run on an evenly spaced sample of the configurations
 (whose mean cost matches the sweep's) and their time is scaled by the number of configurations.
@@ -33,6 +35,7 @@ from pipeline.generation.configs import build_configs
 from pipeline.generation.engine import generate
 from pipeline.generation.models import EMBEDDED_MODEL, LoadedModel, load_model
 from pipeline.generation.reference import masked_generate, subset_generate
+from step_profile import profile_batches, table as profile_table  # noqa: E402 (this script's folder)
 
 ALPACA = "alpaca/alpaca_sample.jsonl"
 TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
@@ -127,12 +130,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="time the engine's sweep this often, keep the best")
     parser.add_argument("--batch-scan", default="", help="comma-separated prompt counts for the engine alone")
     parser.add_argument("--peak-size", type=int, default=0, help="matmul side for the peak; default 8192 on GPUs, 2048 on CPUs")
+    parser.add_argument("--profile", default="", help="comma-separated prompt counts: profile one decode step at each")
+    parser.add_argument("--profile-step", type=int, default=4, help="the decode step profiled (>= 2)")
+    parser.add_argument("--no-baselines", action="store_true", help="time the engine only (no plain/study way)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
 
     device = torch.device(args.device)
     lm = load_model(args.model, args.dtype, args.device)
-    texts = alpaca_prompts(max([args.prompts, *(int(n) for n in args.batch_scan.split(",") if n)]))
+    profile_counts = [int(n) for n in args.profile.split(",") if n]
+    texts = alpaca_prompts(max([args.prompts, *profile_counts, *(int(n) for n in args.batch_scan.split(",") if n)]))
     encoded = [lm.tokenizer(t)["input_ids"] for t in texts]
     prompts = encoded[: args.prompts]
     configs = build_configs(lm.num_layers, ("uls",))
@@ -154,8 +161,9 @@ def main() -> None:
 
     step = 1 if args.baseline_configs <= 0 else max(1, len(configs) // args.baseline_configs)
     sample = configs[step // 2 :: step]  # evenly spaced, centred: mean cost close to the sweep's
-    for name, run in (("plain", lambda c: subset_generate(lm, prompts, c, args.new_tokens, ignore_eos=True)),
-                      ("study", lambda c: masked_generate(lm, prompts, c, args.new_tokens, ignore_eos=True))):
+    ways = (("plain", lambda c: subset_generate(lm, prompts, c, args.new_tokens, ignore_eos=True)),
+            ("study", lambda c: masked_generate(lm, prompts, c, args.new_tokens, ignore_eos=True)))
+    for name, run in () if args.no_baselines else ways:
         run(sample[0])  # warm-up
         elapsed = sum(timed(lambda: run(cfg), device) for cfg in sample)
         sweep_s = elapsed * len(configs) / len(sample)
@@ -207,6 +215,9 @@ def main() -> None:
         best = max(scan, key=lambda p: p["tok_s"])
         figures.update(scan=scan, best=best)
         print(f"best: {best['rows']} rows ({best['prompts']} prompts), {best['tok_s']:,.0f} tokens/s")
+    if profile_counts:
+        figures["profile"] = profile_batches(lm, encoded, profile_counts, args.profile_step)
+        print(profile_table(figures["profile"]))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1))
 

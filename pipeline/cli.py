@@ -34,6 +34,8 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+METRIC_HELP = ("Any metric column of the run's scored rows (default: its task's first): rougeL, rougeLsum, rouge1, "
+               "rouge2, fidelity for generation runs; acc, acc_norm, acc_bytes, prob_gold for multiple-choice runs.")
 PARTIAL_HELP = "Read a run with shard files missing (still running or interrupted); refused by default."
 
 
@@ -65,7 +67,7 @@ def configs(
 
 @app.command()
 def prompts(
-    dataset: str = typer.Option("alpaca", "--dataset", "-d", help="alpaca, cnn_dailymail, samsum, file or hub."),
+    dataset: str = typer.Option("alpaca", "--dataset", "-d", help="alpaca, cnn_dailymail, samsum, file, hub, or a multiple-choice task (arc_easy, ...)."),
     split: str = typer.Option("test", "--split", help=SPLIT_HELP),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Local data root; default $DYNORACLE_DATA_DIR."),
     path: Optional[str] = typer.Option(None, "--file", "--path", help="File (dataset file) or hub id (dataset hub)."),
@@ -94,6 +96,8 @@ def prompts(
     for ex in examples:
         typer.echo(f"== {ex.seq_id}  {ex.prompt_tokens} tokens{', truncated' if ex.prompt_truncated else ''}")
         typer.echo(ex.prompt)
+        for k, (choice, (_, continuation)) in enumerate(zip(getattr(ex, "choices", ()), getattr(ex, "requests", ()))):
+            typer.echo(f"  choice {k}{' (right)' if k == ex.gold else ''}: {choice!r}, {len(continuation)} tokens")
     lengths = [ex.prompt_tokens for ex in examples]
     typer.echo(f"{len(examples)} prompts: {sum(lengths) / len(lengths):.0f} tokens on average, {max(lengths)} at most, "
                f"{sum(ex.prompt_truncated for ex in examples)} truncated")
@@ -134,6 +138,22 @@ def run(
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="ROUGE tokenizer: default (rouge_score's, "
                                             "a-z and 0-9 only) or unicode (letters and digits of every script)."),
     start_timeout: Optional[float] = typer.Option(None, "--start-timeout", help="Seconds to wait for workers to be placed and load the model, or to come back after a loss (default 600)."),
+    task: Optional[str] = typer.Option(None, "--task", help="lm_eval:NAME, an lm-evaluation-harness generate-until "
+                                       "task (needs dynoracle[lm-eval]); offline, its documents from --file."),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Exemplars before each question "
+                                              "(gsm8k, lm_eval tasks); default the task's."),
+    fewshot_path: Optional[str] = typer.Option(None, "--fewshot-file", help="Local file of an lm_eval task's "
+                                               "few-shot split (its first k rows are the exemplars)."),
+    scorer: Optional[str] = typer.Option(None, "--scorer", help="A scorer module:function, called as "
+                                         "function(output, reference, row) -> float or dict of floats."),
+    stop: Optional[str] = typer.Option(None, "--stop", help="Stop strings, comma-separated; default the task's."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="K sampled outputs of the full model per "
+                                          "sequence (family `sample`, cost L: the noise ceiling); default 0."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature of the `sample` "
+                                                "family (default 1.0; 0 is greedy)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Top-p (nucleus) of the `sample` family (default 1.0)."),
+    sample_seed: Optional[int] = typer.Option(None, "--sample-seed", help="Seed every sampled row's seed derives "
+                                              "from, with its sequence and configuration (default 0)."),
 ) -> None:
     """Generate and score every (sequence, configuration) of a job into sharded Parquet; reruns resume.
 
@@ -144,15 +164,23 @@ def run(
     from pipeline.run.rundir import RunLocked
     from pipeline.run.runner import RunError, run_job
 
-    overrides = {"name": name, "model": model, "families": families, "config_ids": config_ids,
+    if task is not None:
+        if not task.startswith("lm_eval:") or dataset or job:
+            fail(f"--task takes lm_eval:NAME (an lm-evaluation-harness task), without --dataset or --job; got {task}")
+        dataset = "lm_eval"
+    overrides = {"name": name or (task.replace(":", "_") if task else None), "model": model,
+                 "scorer": scorer, "stop": stop, "families": families, "config_ids": config_ids,
                  "max_new_tokens": max_new_tokens, "batch_size": batch_size, "shard_size": shard_size,
                  "workers": workers, "prefill": prefill, "dtype": dtype, "device": device, "out": out,
                  "trust_remote_code": trust_remote_code or None,
                  "start_timeout": start_timeout,
                  "dataset": {"split": split, "limit": limit, "data_dir": data_dir, "path": path,
                              "prompt_column": prompt_column, "reference_column": reference_column,
-                             "prompt_budget": prompt_budget, "prompt_format": prompt_format},
-                 "scoring": {"stemming": stemming, "sentence_split": sentence_split, "tokenizer": tokenizer}}
+                             "prompt_budget": prompt_budget, "prompt_format": prompt_format,
+                             "task": task.partition(":")[2] if task else None, "num_fewshot": num_fewshot,
+                             "fewshot_path": fewshot_path},
+                 "scoring": {"stemming": stemming, "sentence_split": sentence_split, "tokenizer": tokenizer},
+                 "sampling": {"samples": samples, "temperature": temperature, "top_p": top_p, "seed": sample_seed}}
     sigterm_as_interrupt()
     try:
         summary = run_job(load_job(job, dataset, overrides), address)
@@ -240,23 +268,35 @@ def reduce_command(
     run_dir: str = typer.Argument(..., help="Run folder holding configs.parquet and generations/."),
     budget: Optional[list[float]] = typer.Option(None, "--budget", "-b", help="Budget in mean layers (repeatable)."),
     match_full: bool = typer.Option(True, "--match-full/--no-match-full", help="Find the least budget matching full."),
-    metric: str = typer.Option("rougeL", "--metric", help="rougeL, rougeLsum, rouge1, rouge2 or fidelity."),
+    metric: Optional[str] = typer.Option(None, "--metric", help=METRIC_HELP),
     families: Optional[str] = typer.Option(None, "--families", help="Comma-separated: uls,ee,rls; default all."),
-    cost: str = typer.Option("nominal", "--cost", help="nominal (executed layers) or measured (layers per token)."),
+    cost: str = typer.Option("nominal", "--cost", help="nominal: executed layers per generated token after the "
+                             "first (the configuration's layer count); measured: executed layers per generated "
+                             "token as run (the first token's full-model pass included under the full prefill); "
+                             "total: layer-tokens per sequence, the prompt pass included (P*L + (g-1)*c under "
+                             "the full prefill)."),
     tolerance: float = typer.Option(0.0, "--tolerance", help="Match when oracle mean >= full mean - T."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary JSON instead of a table."),
     partial: bool = typer.Option(False, "--partial", help=PARTIAL_HELP),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Paired bootstrap resamples for intervals; 0 turns them off."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resamples."),
     confidence: float = typer.Option(0.95, "--confidence", help="Level of the bootstrap intervals."),
+    degenerate: str = typer.Option("zero", "--degenerate", help="What degenerate outputs (empty, no letter or "
+                                   "digit, function words only, one word repeated, looping) score: zero (default: "
+                                   "what a reader would give them), keep (their metric as is) or exclude (not a "
+                                   "choice while another is affordable)."),
+    null_draws: int = typer.Option(200, "--null-draws", help="Draws of the oracle's residual-permutation null "
+                                   "(sequence and configuration effects kept, their interaction shuffled); 0 "
+                                   "turns it off. Seeded by --seed."),
 ) -> None:
-    """Solve the oracle from a run's generations: frontier, allocations, minimal budget matching full, intervals."""
+    """Solve the oracle from a run's generations: frontier, allocations, minimal budget matching full, intervals,
+    the oracle's null, the full model's best-of-K noise ceiling (runs with a `sample` family) and degenerate picks."""
     from pipeline.analysis.reduce import reduce_run
 
     chosen = family_names(families)
     try:
         result = reduce_run(run_dir, metric, chosen, tuple(budget or ()), match_full, cost, tolerance, partial,
-                            bootstrap, seed, confidence)
+                            bootstrap, seed, confidence, degenerate, null_draws)
     except (ValueError, OSError) as exc:
         fail(str(exc).strip().splitlines()[0])
     summary = result.summary
@@ -264,18 +304,24 @@ def reduce_command(
     if as_json:
         typer.echo(json.dumps(summary, indent=1))
         return
-    shown = [r for r in result.rows if r.kind != "grid" or (not budget and float(r.budget).is_integer())]
-    typer.echo(f"{metric} oracle: {summary['num_sequences']} sequences x {summary['num_configs']} configurations "
+    typer.echo(f"{summary['metric']} oracle: {summary['num_sequences']} sequences x {summary['num_configs']} configurations "
                f"({', '.join(summary['families'])}; {cost} cost), written to {result.out_dir}")
     level = f"{confidence:.0%} CI" if bootstrap else "(no CI)"
-    typer.echo(f"{'budget':>9}  {'kind':<10} {'oracle mean':>11} {level:>15} {'LP bound':>9} {'gap':>9}  top shares")
-    for r in shown:
+    null_head = f"{'null (median, interval)':>24} " if result.null is not None else ""
+    typer.echo(f"{'budget':>9}  {'kind':<10} {'oracle mean':>11} {level:>15} {null_head}{'LP bound':>9} {'gap':>9}  "
+               "top shares")
+    rows = list(zip(result.rows, result.null if result.null is not None else [None] * len(result.rows)))
+    for r, null in rows:
+        if r.kind == "grid" and not (not budget and float(r.budget).is_integer()):
+            continue
         top = sorted(r.shares, key=lambda item: -item[1])[:3]
         shares = ", ".join(f"{config_id} {share:.1%}" for config_id, share in top)
         interval = f"{r.value_lo:.4f}-{r.value_hi:.4f}" if r.value_lo is not None else ""
-        typer.echo(f"{r.budget:>9.4f}  {r.kind:<10} {r.value:>11.4f} {interval:>15} {r.lp_bound:>9.4f} {r.gap:>9.2g}  "
-                   f"{shares}")
+        null_cell = "" if null is None else f"{f'{null[0]:.4f} ({null[1]:.4f}-{null[2]:.4f})':>24} "
+        typer.echo(f"{r.budget:>9.4f}  {r.kind:<10} {r.value:>11.4f} {interval:>15} {null_cell}{r.lp_bound:>9.4f} "
+                   f"{r.gap:>9.2g}  {shares}")
     full = f"full model (mean {summary['full_mean']:.4f})"
+    unit = "layer-tokens per sequence" if cost == "total" else "layers"
     if summary["full_mean_interval"] is not None:
         lo, hi = summary["full_mean_interval"]
         full = f"full model (mean {summary['full_mean']:.4f}, {level} {lo:.4f}-{hi:.4f})"
@@ -283,11 +329,51 @@ def reduce_command(
         interval = ""
         if summary["min_budget_interval"] is not None:
             lo, hi = summary["min_budget_interval"]
-            interval = f"; {level} {lo:.4g}-{hi:.4g} layers, {bootstrap} paired resamples, seed {seed}"
-        typer.echo(f"minimal budget matching {full}: {summary['min_budget_to_match']:.6g} layers of "
+            interval = f"; {level} {lo:.4g}-{hi:.4g} {unit}, {bootstrap} paired resamples, seed {seed}"
+        typer.echo(f"minimal budget matching {full}: {summary['min_budget_to_match']:.6g} {unit} of "
                    f"{summary['num_layers']:g} ({summary['min_budget_fraction']:.1%}){interval}")
     elif match_full:
         typer.echo(f"no budget up to {summary['num_layers']:g} layers matches the {full}")
+    for line in headline_lines(summary, level, unit):
+        typer.echo(line)
+    if summary["warning"]:
+        typer.echo(f"warning: {summary['warning']}", err=True)
+
+
+def headline_lines(summary: dict, level: str, unit: str = "layers") -> list[str]:
+    """The reducer's lines beside the oracle's match: its null, the noise ceiling, degenerate picks, total cost."""
+    def span(pair: list | None, digits: str = ".4g") -> str:
+        if not pair:
+            return ""
+        lo, hi = (("none" if v is None or v != v else format(v, digits)) for v in pair)
+        return f" ({level} {lo}-{hi})"
+
+    lines = []
+    null = summary.get("oracle_null")
+    if null is not None:
+        where = "no budget" if null["min_budget_to_match"] is None else f"{null['min_budget_to_match']:.4g} {unit}"
+        lines.append(f"null (residual permutation, {null['draws']} draws): the oracle matches the full model at "
+                     f"{where}{span(null['min_budget_interval'])}")
+    ceiling = summary.get("noise_ceiling")
+    if ceiling is not None:
+        bar = ceiling["min_budget_to_match_best_of_k"]
+        lines.append(f"noise ceiling: the full model's best of {ceiling['samples']} samples {ceiling['best_of_k_mean']:.4f}"
+                     f"{span(ceiling['best_of_k_mean_interval'])}, gain over greedy {ceiling['best_of_k_gain']:+.4f}"
+                     f"{span(ceiling['best_of_k_gain_interval'])}; the oracle's gain at the full budget "
+                     f"{ceiling['oracle_gain_at_full_budget']:+.4f}{span(ceiling['oracle_gain_at_full_budget_interval'])}; "
+                     "least budget matching best-of-K: "
+                     + ("none" if bar is None else f"{bar:.4g} {unit}{span(ceiling['min_budget_to_match_best_of_k_interval'])}"))
+    degenerate = summary["degenerate"]
+    picks = degenerate["picks_at_match"]
+    lines.append(f"degenerate ({degenerate['mode']}): {degenerate['rows']} of {degenerate['of_rows']} rows"
+                 + ("" if picks is None else f"; {picks} of the oracle's {degenerate['of_sequences']} picks at the "
+                    "matching budget"))
+    total = summary["total_cost"]
+    if total["oracle_at_match"] is not None:
+        lines.append(f"total cost at the matching budget, prompt pass included: {total['oracle_at_match']:.0f} "
+                     f"layer-tokens per sequence against the full model's {total['full_mean']:.0f} "
+                     f"({total['fraction']:.1%})")
+    return lines
 
 
 @app.command()
@@ -313,9 +399,103 @@ def similarity(
 
 
 @app.command()
+def gates(
+    run_dir: str = typer.Argument(..., help="A finished run folder (its model, dataset, scoring and sequences)."),
+    lam: list[float] = typer.Option(..., "--lambda", help="Cost weight per expected executed layer (repeatable)."),
+    gate_input: Optional[list[str]] = typer.Option(None, "--input", help="hidden or fixed (repeatable); default both."),
+    train_limit: Optional[int] = typer.Option(256, "--train-limit", help="Train-split rows to train on."),
+    epochs: float = typer.Option(1.0, "--epochs"),
+    lr: float = typer.Option(1e-2, "--lr", help="AdamW learning rate of the gates."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    max_response_tokens: int = typer.Option(32, "--max-response-tokens", help="Reference tokens trained on per row."),
+    hidden: int = typer.Option(0, "--gate-hidden", help="0: one linear layer (the study's); N: an MLP with N ReLU units."),
+    bf16: bool = typer.Option(False, "--bf16/--no-bf16", help="bfloat16 autocast in training."),
+    kv: str = typer.Option("compute", "--kv", help="compute (the study's masked semantics) or none."),
+    seed: int = typer.Option(0, "--seed"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Worker actors of the evaluation; default the run's."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (auto, or host:port); default local."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples of the intervals."),
+) -> None:
+    """Per-token skip gates (hidden state vs a fixed input): train for each lambda, generate the run's sequences."""
+    from pipeline.analysis.gates_task import run_gates
+    from pipeline.run.rundir import RunLocked
+    from pipeline.run.runner import RunError
+    from pipeline.training.gates import GATE_INPUTS
+
+    try:
+        done = run_gates(run_dir, lam, tuple(gate_input or GATE_INPUTS), train_limit, epochs, lr, batch_size,
+                         max_response_tokens, hidden, bf16, kv, seed, workers, address, bootstrap)
+    except (ValueError, OSError, RunLocked, RunError) as exc:
+        fail(str(exc).strip().splitlines()[0])
+    typer.echo(f"{len(done['trained'])} gate sets evaluated in {done['shards']} shards ({done['computed']} computed, "
+               f"{done['skipped']} skipped) in {done['seconds']:.1f} s; summary: {done['summary']}")
+
+
+@app.command("token-oracle")
+def token_oracle(
+    run_dir: str = typer.Argument(..., help="A finished run folder."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Worker actors; default the run's."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (auto, or host:port); default local."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples of the intervals."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resamples."),
+) -> None:
+    """Per-token oracle: per token of the full model's output, the cheapest matching configuration of each family
+    (teacher-forced, the full model's states for earlier tokens: an optimistic bound)."""
+    from pipeline.analysis.token_oracle_task import run_token_oracle
+    from pipeline.run.rundir import RunLocked
+    from pipeline.run.runner import RunError
+
+    try:
+        done = run_token_oracle(run_dir, workers, address, bootstrap, seed)
+    except (ValueError, OSError, RunLocked, RunError) as exc:
+        fail(str(exc).strip().splitlines()[0])
+    for row in done["summary"].itertuples():
+        typer.echo(f"{row.family}: {row.mean_cost:.2f} layers per token (95% {row.mean_cost_lo:.2f}-"
+                   f"{row.mean_cost_hi:.2f}) over {row.tokens} tokens of {row.sequences} sequences")
+    typer.echo(f"{done['shards']} shards ({done['computed']} computed, {done['skipped']} skipped) in "
+               f"{done['seconds']:.1f} s")
+
+
+@app.command()
+def search(
+    run_dir: str = typer.Argument(..., help="A finished run folder (its enumerated configurations start the search)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="New run folder for source + searched rows; default RUN-search."),
+    budget: int = typer.Option(16, "--budget", help="Programs evaluated per sequence, per arm (search and random)."),
+    width: int = typer.Option(4, "--width", help="Programs per sequence per round (one engine batch per round)."),
+    cost_cap: Optional[int] = typer.Option(None, "--cost-cap", help="Longest program (layers per token); default L."),
+    seed: int = typer.Option(0, "--seed", help="Seed of every proposal and of the bootstrap."),
+    metric: str = typer.Option("rougeL", "--metric", help="Score column the search maximises and the curve reads."),
+    budgets: Optional[list[float]] = typer.Option(None, "--at", help="Layer budget of the curve's value (repeatable; default 4 and 8)."),
+    threshold: float = typer.Option(0.3, "--right-at", help="A row is 'right' for CoLa's shares when metric >= this."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Worker actors; default the run's."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (auto, or host:port); default local."),
+) -> None:
+    """Per-sequence local search over layer programs against random programs of the same costs, then the curve."""
+    import json as json_module
+
+    from pipeline.run.rundir import RunDir, RunLocked
+    from pipeline.run.runner import RunError
+    from pipeline.search.policy import SearchSpec
+    from pipeline.search.run import run_search, search_report
+
+    try:
+        record = RunDir(run_dir).read_run_json() or {}
+        spec = SearchSpec(budget, width, cost_cap or int(record.get("num_layers") or 1), seed, metric)
+        folder, done = run_search(run_dir, spec, out, address, workers)
+        typer.echo(f"{done.shards} shards ({done.computed} computed, {done.skipped} skipped) in {done.seconds:.1f} s "
+                   f"into {folder}")
+        result = search_report(folder, metric, tuple(budgets or (4.0, 8.0)), threshold, seed=seed)
+    except (ValueError, OSError, RunLocked, RunError) as exc:
+        fail(str(exc).strip().splitlines()[0])
+    typer.echo(result["curve"].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    typer.echo(json_module.dumps(result["shares"], indent=1, default=str))
+    typer.echo("files: " + ", ".join(map(str, result["files"])))
+
+
+@app.command()
 def controller(
     run_dir: str = typer.Argument(..., help="Run folder with generations/ and features/."),
-    metric: str = typer.Option("rougeL", "--metric", help="rougeL, rougeLsum, rouge1, rouge2 or fidelity."),
+    metric: Optional[str] = typer.Option(None, "--metric", help=METRIC_HELP),
     families: Optional[str] = typer.Option(None, "--families", help="Comma-separated: uls,ee,rls; default all."),
     layer: Optional[list[int]] = typer.Option(None, "--layer", "-l", help="Feature layer (repeatable); default every stored one."),
     learner: Optional[list[str]] = typer.Option(None, "--learner", help="ridge, boosting or classifier (repeatable); default all."),
@@ -337,7 +517,12 @@ def controller(
     except (ValueError, OSError) as exc:
         fail(str(exc).strip().splitlines()[0])
     s, curves = result.summary, result.curves
-    typer.echo(f"{metric} controllers: {s['num_sequences']} sequences x {s['num_configs']} configurations, "
+    from pipeline.analysis.small_sample import controller_warning
+
+    small = controller_warning(s["num_sequences"], folds)
+    if small:
+        typer.echo(f"warning: {small}", err=True)
+    typer.echo(f"{s['metric']} controllers: {s['num_sequences']} sequences x {s['num_configs']} configurations, "
                f"{folds}-fold cross-fitting (seed {seed}); written to {result.out_dir}")
     typer.echo("share = (controller - best static) / (oracle - best static); null = shuffled features")
     learners = list(s["learners"])
@@ -369,8 +554,13 @@ def controller(
 @app.command("query")
 def query_command(
     run_dir: str = typer.Argument(..., help="Run folder."),
-    sql: str = typer.Argument(..., help="SQL over the views generations, configs, frontier, allocations."),
-    metric: str = typer.Option("rougeL", "--metric", help="Which oracle/<metric>/ the frontier and allocations read."),
+    sql: str = typer.Argument(..., help="SQL over the views generations (choices for a multiple-choice run), "
+                              "configs, frontier, allocations, config_means, controller_curves, controller_matches, similarity, features."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="Which metric's oracle (and controller) the views "
+                                         "read. " + METRIC_HELP),
+    families: Optional[str] = typer.Option(None, "--families", help="The oracle reduced over these families "
+                                           "(as `reduce --families`); default all."),
+    cost: str = typer.Option("nominal", "--cost", help="The oracle reduced with this cost (as `reduce --cost`)."),
     output_format: str = typer.Option("table", "--format", help="table, csv or json."),
     partial: bool = typer.Option(False, "--partial", help=PARTIAL_HELP),
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds a query may run before it is stopped."),
@@ -384,7 +574,7 @@ def query_command(
     from pipeline.report.query import query_run, render
 
     try:
-        columns, rows = query_run(run_dir, sql, metric, partial, timeout)
+        columns, rows = query_run(run_dir, sql, metric, partial, family_names(families), cost, timeout)
         text = render(columns, rows, output_format)
     except (ValueError, OSError) as exc:
         fail(str(exc).strip().splitlines()[0])
@@ -398,16 +588,19 @@ def query_command(
 @app.command()
 def report(
     run_dir: str = typer.Argument(..., help="Run folder holding configs.parquet and generations/."),
-    metric: str = typer.Option("rougeL", "--metric", help="rougeL, rougeLsum, rouge1, rouge2 or fidelity."),
+    metric: Optional[str] = typer.Option(None, "--metric", help=METRIC_HELP),
     families: Optional[str] = typer.Option(None, "--families", help="Comma-separated: uls,ee,rls; default all."),
     partial: bool = typer.Option(False, "--partial", help=PARTIAL_HELP),
+    figure_format: str = typer.Option("png", "--format", help="Figure formats, comma-separated: png, pdf, svg "
+                                      "(e.g. png,pdf); report.md shows the first."),
 ) -> None:
     """Write the study's figures and report.md into a run folder, reducing first when the oracle is stale."""
     from pipeline.report.figures import build_report
+    from pipeline.report.paper import figure_formats
 
     chosen = None if families is None else [f.strip() for f in families.split(",") if f.strip()]
     try:
-        result = build_report(run_dir, metric, chosen, partial)
+        result = build_report(run_dir, metric, chosen, partial, figure_formats(figure_format))
     except (ValueError, OSError) as exc:
         fail(str(exc).strip().splitlines()[0])
     summary = result.summary
@@ -415,7 +608,7 @@ def report(
     if result.reduced:
         typer.echo(f"reduced first: {result.reduced}")
     match = summary["min_budget_to_match"]
-    typer.echo(f"{summary['num_sequences']} sequences; full-model mean {metric} {summary['full_mean']:.4f}; " + (
+    typer.echo(f"{summary['num_sequences']} sequences; full-model mean {summary['metric']} {summary['full_mean']:.4f}; " + (
         f"the oracle matches it at {match:.3f} of {summary['num_layers']:g} layers ({summary['min_budget_fraction']:.1%})"
         if match is not None else "no budget matches it"))
     for path in (result.markdown, *result.figures):

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.analysis.features import FEATURES_SCHEMA
 from pipeline.generation.configs import build_configs
 from pipeline.run.rundir import GENERATIONS_SCHEMA, RunDir, configs_fingerprint, job_identity, write_shard
 
@@ -63,6 +64,16 @@ def write_run(root: Path, job: dict, shards: list[pa.Table]) -> dict:
     for index, table in enumerate(shards):
         write_shard(run.shard_path(index), index, table.cast(GENERATIONS_SCHEMA), job_identity(record))
     return record
+
+
+def write_features(run_dir: Path, vectors: dict[str, np.ndarray], layer: int = 1) -> None:
+    """A hand-made features/ file: `last` holds the given vector, `mean` noise."""
+    rng = np.random.default_rng(5)
+    rows = [{"seq_id": s, "shard": 0, "layer": layer, "pooling": p, "prompt_tokens": 20,
+             "hidden": (v if p == "last" else rng.normal(size=v.size)).astype(np.float32).tolist()}
+            for s, v in vectors.items() for p in ("last", "mean")]
+    (run_dir / "features").mkdir(exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=FEATURES_SCHEMA), run_dir / "features" / "shard=00000.parquet")
 
 
 def _mkdir(path: Path) -> Path:

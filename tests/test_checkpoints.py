@@ -117,7 +117,7 @@ def test_custom_layer_sets_run_reduce_and_report(local_ray, models, tmp_path):
     assert len(rows) == SEQUENCES * 4
     configs = pq.read_table(out / "configs.parquet").to_pylist()
     custom = {c["config_id"]: (c["family"], c["layers"], c["cost"]) for c in configs if c["family"] == "custom"}
-    assert custom == {"ends": ("custom", [0, 3], 2), "head": ("custom", [0, 1], 2)}
+    assert custom == {"ends": ("custom", [0, 3], 2), "head": ("custom", [1, 0], 2)}  # a program: order kept
 
     lm = load_model(str(models["a"]), "float32", "cpu")
     examples = load_examples(_job(out, models["a"]).dataset, lm.tokenizer)

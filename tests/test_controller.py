@@ -7,10 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from handmade_run import make_run
+from handmade_run import make_run, write_features
 from matplotlib.figure import Figure
 from typer.testing import CliRunner
 
@@ -25,7 +24,6 @@ from pipeline.analysis.controller import (
     shuffled,
 )
 from pipeline.analysis.controller_run import CURVES_SCHEMA, evaluate_run
-from pipeline.analysis.features import FEATURES_SCHEMA
 from pipeline.analysis.oracle import allocate, build_frontier
 from pipeline.analysis.reduce import budget_grid, load_matrix
 from pipeline.cli import app
@@ -112,16 +110,6 @@ def test_measures_on_a_hand_computed_case():
     assert bootstrap_match(np.array([1.0, 2.0, 3.0]), choices, scores, 2, 50, 0) == (3.0, 3.0, 0.0)
 
 
-def write_features(run_dir: Path, vectors: dict[str, np.ndarray], layer: int = 1) -> None:
-    """A hand-made features/ file: `last` holds the given vector, `mean` noise."""
-    rng = np.random.default_rng(5)
-    rows = [{"seq_id": s, "shard": 0, "layer": layer, "pooling": p, "prompt_tokens": 20,
-             "hidden": (v if p == "last" else rng.normal(size=v.size)).astype(np.float32).tolist()}
-            for s, v in vectors.items() for p in ("last", "mean")]
-    (run_dir / "features").mkdir(exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=FEATURES_SCHEMA), run_dir / "features" / "shard=00000.parquet")
-
-
 @pytest.fixture(scope="module")
 def handmade(tmp_path_factory) -> Path:
     """A hand-made run whose layer-1 features are each sequence's own rougeL scores (an exact function)."""
@@ -137,7 +125,7 @@ def test_controller_command_on_a_handmade_run(handmade):
     assert result.exit_code == 0, result.output
     assert "features after layer 1" in result.output and "least budget matching the full model" in result.output
 
-    out = handmade / "controller" / "rougeL"
+    out = handmade / "controller" / "rougeL+learners=classifier,ridge"  # not every learner: their own folder
     curves = pq.read_table(out / "curves.parquet")
     assert curves.schema.equals(CURVES_SCHEMA, check_metadata=False)
     matrix, _ = load_matrix(handmade, "rougeL", None, "nominal")
@@ -177,7 +165,7 @@ def test_missing_features_or_bad_learner_is_one_line_and_writes_nothing(tmp_path
 def test_report_draws_the_controllers_beside_the_oracle(handmade):
     evaluate_run(handmade, learners=("ridge", "boosting"), resamples=10)
     assert handmade / "cost_quality.png" in build_report(handmade).figures
-    curves = pq.read_table(handmade / "controller" / "rougeL" / "curves.parquet").to_pandas()
+    curves = pq.read_table(handmade / "controller" / "rougeL+learners=boosting,ridge" / "curves.parquet").to_pandas()
     ax = Figure().add_subplot()
     plot_controllers(ax, curves, 6)
     assert [line.get_label() for line in ax.get_lines()] == [

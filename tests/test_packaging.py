@@ -97,7 +97,7 @@ def test_unknown_named_job_lists_the_known_ones(wheel_venv, tmp_path):
                             env=_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and not list(tmp_path.iterdir())
     assert result.stderr == (f"error: no job named 'alpacca'; named jobs: {', '.join(named_jobs())} "
-                             "(or a dataset kind without one: file, hub)\n")
+                             "(or a dataset kind without one: file, hub, lm_eval)\n")
     with pytest.raises(ValueError, match="no job named 'alpacca'"):
         load_job(dataset="alpacca")
     assert JOBS_DIR == REPO / "jobs"

@@ -130,13 +130,13 @@ def test_reduce_json_families_and_metric(tmp_path: Path, scores: np.ndarray) -> 
     result = invoke(run, "--families", "uls", "--metric", "fidelity", "--json", "--tolerance", "0.01")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
-    assert summary == json.loads((run / "oracle" / "fidelity" / "summary.json").read_text())
+    assert summary == json.loads((run / "oracle" / "fidelity+families=uls" / "summary.json").read_text())
     assert summary["families"] == ["full", "uls"] and summary["num_configs"] == 4
     uls = [0, 1, 2, 3]  # full, uls-1, uls-2, uls-3
     assert summary["min_budget_to_match"] == min_budget_to_match(
         build_frontier(scores[:, uls], COSTS[uls]), scores[:, 0].mean(), 0.01
     )
-    used = set(pq.read_table(run / "oracle" / "fidelity" / "allocations.parquet")["config_id"].to_pylist())
+    used = set(pq.read_table(run / "oracle" / "fidelity+families=uls" / "allocations.parquet")["config_id"].to_pylist())
     assert used <= {"full", "uls-1", "uls-2", "uls-3"}
 
 

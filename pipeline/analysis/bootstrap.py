@@ -36,6 +36,7 @@ class BootstrapDraws:
     values: np.ndarray  # (R, B) the oracle's mean score at each budget
     match: np.ndarray | None  # (R,) least budget matching the full model (column 0); None if not asked
     level: float
+    target_match: np.ndarray | None = None  # (R, T) least budget matching each extra target; None if none given
 
     def interval(self, draws: np.ndarray) -> np.ndarray:
         """(..., 2) lower and upper percentile bounds over the resamples (axis 0) of `draws` (R, ...)."""
@@ -85,8 +86,11 @@ def resampled_frontiers(scores: np.ndarray, costs: np.ndarray, indices: np.ndarr
 
 def bootstrap_oracle(scores: np.ndarray, costs: np.ndarray, budgets: np.ndarray, resamples: int = DEFAULT_RESAMPLES,
                      seed: int = 0, level: float = DEFAULT_LEVEL, match_full: bool = True,
-                     tolerance: float = 0.0) -> BootstrapDraws:
+                     tolerance: float = 0.0, targets: np.ndarray | None = None) -> BootstrapDraws:
     """Paired bootstrap of the reducer's statistics; column 0 of `scores` is the full model.
+
+    targets: (T, N) extra per-sequence bars (e.g. the full model's best of K samples); each resample's least
+    budget matching each of them, on the same resampled rows, goes to `target_match` (NaN: none).
 
     scores: (N, K) per-sequence scores; costs: (K,) layers; budgets: (B,) layers, each at least the cheapest
     cost. Each resample's matching budget is `min_budget_to_match` against that resample's own full-model
@@ -101,10 +105,16 @@ def bootstrap_oracle(scores: np.ndarray, costs: np.ndarray, budgets: np.ndarray,
     means = np.empty((resamples, scores.shape[1]))
     values = np.empty((resamples, budgets.size))
     match = np.empty(resamples) if match_full else None
+    extra = None if targets is None else np.asarray(targets, dtype=np.float64).reshape(-1, scores.shape[0])
+    target_match = None if extra is None else np.empty((resamples, extra.shape[0]))
     for r, frontier in enumerate(resampled_frontiers(scores, costs, indices)):
         means[r] = frontier.scores.mean(axis=0)
         values[r] = values_at(frontier, budgets)
         if match is not None:
             found = min_budget_to_match(frontier, frontier.scores[:, 0], tolerance)
             match[r] = np.nan if found is None else found
-    return BootstrapDraws(means, values, match, level)
+        if extra is not None:
+            for t, target in enumerate(extra):
+                found = min_budget_to_match(frontier, target[indices[r]], tolerance)
+                target_match[r, t] = np.nan if found is None else found
+    return BootstrapDraws(means, values, match, level, target_match)

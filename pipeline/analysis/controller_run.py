@@ -3,8 +3,9 @@
 The I/O edge around `pipeline.analysis.controller`: reads the score matrix (`reduce.load_matrix`, nominal cost), the
 prompt features (`features.load_features`, one feature set per stored layer), solves the true oracle at
 every budget of the reducer's grid (`pipeline.analysis.oracle`), runs every learner on the real features and on
-shuffled ones (the null), and writes `controller/<metric>/{curves,matches,folds}.parquet` and
-`summary.json`. Everything is computed before the first file is written; each file is renamed into place.
+shuffled ones (the null), and writes `controller/<name>/{curves,matches,folds}.parquet` and
+`summary.json` (<name>: the metric plus the families, learners and layers when not all, as
+`pipeline.analysis.result_key` spells them). Everything is computed before the first file is written; each file is renamed into place.
 """
 
 from __future__ import annotations
@@ -31,9 +32,13 @@ from pipeline.analysis.controller import (
 )
 from pipeline.analysis.features import load_features, stored_layers
 from pipeline.analysis.oracle import allocate, build_frontier
-from pipeline.analysis.reduce import budget_grid, load_matrix
+from pipeline.analysis.metrics import check_metric
+from pipeline.analysis.reduce import budget_grid, load_matrix, run_families
+from pipeline.analysis.result_key import CONTROLLER_OPTIONS, chosen_or_all, preferred_result, result_name
+from pipeline.generation.configs import FULL_ID
 from pipeline.run.atomic import write_json, write_parquet
 from pipeline.run.location import locate, read_parquet
+from pipeline.run.rundir import RunDir
 
 CURVES_SCHEMA = pa.schema([
     ("layer", pa.int16()),  # feature layer (hidden state after this many layers; L = final)
@@ -72,7 +77,7 @@ class ControllerResult:
     summary: dict
 
 
-def evaluate_run(run_dir: str | Path, metric: str = "rougeL", families: list[str] | tuple[str, ...] | None = None,
+def evaluate_run(run_dir: str | Path, metric: str | None = None, families: list[str] | tuple[str, ...] | None = None,
                  layers: list[int] | tuple[int, ...] = (), learners: list[str] | tuple[str, ...] = LEARNERS,
                  folds: int = 5, seed: int = 0, resamples: int = 1000) -> ControllerResult:
     """Evaluate every learner on every feature layer (default: all stored), real and shuffled; write the files.
@@ -86,8 +91,13 @@ def evaluate_run(run_dir: str | Path, metric: str = "rougeL", families: list[str
     if resamples < 1:
         raise ValueError(f"resamples must be at least 1, got {resamples}")
     run_dir = Path(run_dir)
+    metric = check_metric(RunDir(run_dir).read_run_json(), metric, run_dir)
     matrix, _ = load_matrix(run_dir, metric, families, "nominal")
     scores, costs = matrix.scores, matrix.costs
+    every_family = set(run_families(run_dir)) - {FULL_ID}
+    name = result_name(metric, {"families": chosen_or_all(families and matrix.families[1:], every_family),
+                                "learners": chosen_or_all(learners, LEARNERS),
+                                "layers": chosen_or_all(layers or None, stored_layers(run_dir))}, CONTROLLER_OPTIONS)
     layers = sorted(set(layers)) or stored_layers(run_dir)
     if not layers:
         raise FileNotFoundError(f"no prompt features in {run_dir / 'features'}; run `dynoracle features {run_dir}` first")
@@ -127,10 +137,10 @@ def evaluate_run(run_dir: str | Path, metric: str = "rougeL", families: list[str
     fold_of = np.empty(scores.shape[0], dtype=np.int16)
     for k, (_, test) in enumerate(splits):
         fold_of[test] = k
-    summary = {"metric": metric, "families": matrix.families, "num_sequences": int(scores.shape[0]),
+    summary = {"metric": metric, "result": name, "families": matrix.families, "num_sequences": int(scores.shape[0]),
                "num_configs": int(scores.shape[1]), "num_layers": float(costs[0]), "full_mean": full_mean,
                "layers": layers, "learners": list(learners), "folds": folds, "seed": seed, "resamples": resamples}
-    out_dir = run_dir / "controller" / metric
+    out_dir = run_dir / "controller" / name  # the metric, plus the options unlike their defaults
     tables = {"curves.parquet": pa.Table.from_pandas(curves_frame, schema=CURVES_SCHEMA, preserve_index=False),
               "matches.parquet": pa.Table.from_pandas(matches_frame, schema=MATCHES_SCHEMA, preserve_index=False),
               "folds.parquet": pa.table({"seq_id": matrix.seq_ids.astype(str), "fold": fold_of}, schema=FOLDS_SCHEMA)}
@@ -141,6 +151,7 @@ def evaluate_run(run_dir: str | Path, metric: str = "rougeL", families: list[str
 
 
 def read_curves(run_dir: str | Path, metric: str) -> pd.DataFrame | None:
-    """The controller curves of a run, or None when `dynoracle controller` has not run for this metric."""
-    path = locate(run_dir) / "controller" / metric / "curves.parquet"
-    return read_parquet(path).to_pandas() if path.is_file() else None
+    """The controller curves of a run for `metric` (`result_key.preferred_result`: the default options' folder,
+    else the newest other); None when `dynoracle controller` has not run for it."""
+    path = preferred_result(locate(run_dir) / "controller", metric, "curves.parquet")
+    return None if path is None else read_parquet(path).to_pandas()

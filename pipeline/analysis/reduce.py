@@ -1,9 +1,10 @@
 """The reducer: from a run's generations to the oracle frontier, allocations and minimal matching budget.
 
 The I/O edge around `pipeline.analysis.oracle`: reads `generations/*.parquet` and `configs.parquet`, pivots one
-metric into the sequences x configurations matrix, and writes `oracle/<metric>/{frontier.parquet,
+metric into the sequences x configurations matrix, and writes `oracle/<name>/{frontier.parquet,
 allocations.parquet, config_means.parquet, summary.json}` (columns as in DESIGN.md, plus the bootstrap
-intervals of pipeline.analysis.bootstrap; the report reads them). It reads only the
+intervals of pipeline.analysis.bootstrap; the report reads them), where <name> is the metric plus the
+options that differ from their defaults (`pipeline.analysis.result_key`). It reads only the
 run's own shard files, verified (`pipeline.run.verify`). Everything is checked and computed before the first
 file is written, and the folder of three files is replaced as a set, whole or not at all.
 The run folder may be a path or an object-store URI (`pipeline.run.location`; there the set is
@@ -21,14 +22,22 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.analysis.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, BootstrapDraws, bootstrap_oracle
+from pipeline.analysis.metrics import REGISTRY, check_metric
+from pipeline.analysis.costs import total_cost
+from pipeline.analysis.degenerate import DEFAULT_MODE, apply_mode, degenerate_flags
+from pipeline.analysis.noise_ceiling import best_of_k, ceiling_summary
 from pipeline.analysis.oracle import Frontier, allocate, build_frontier, min_budget_to_match
-from pipeline.generation.configs import FULL_ID, KNOWN_FAMILIES
+from pipeline.analysis.oracle_null import DEFAULT_DRAWS, NullDraws, oracle_null
+from pipeline.analysis.result_key import oracle_name
+from pipeline.analysis.shares import cola_shares, null_shares
+from pipeline.analysis.small_sample import reduce_warning
+from pipeline.generation.configs import FULL_ID, KNOWN_FAMILIES, SAMPLE
 from pipeline.run.atomic import replace_folder, write_json, write_parquet
 from pipeline.run.location import RunPath, locate, read_parquet
+from pipeline.run.rundir import RunDir
 from pipeline.run.verify import verify_run
 
-METRICS = ("rougeL", "rougeLsum", "rouge1", "rouge2", "fidelity")
-COST_MODES = ("nominal", "measured")
+COST_MODES = ("nominal", "measured", "total")
 GRID_STEP = 0.25  # layers between grid budgets: fine enough to plot the frontier
 
 SHARES_TYPE = pa.list_(pa.struct([("config_id", pa.string()), ("share", pa.float64())]))
@@ -45,6 +54,9 @@ FRONTIER_SCHEMA = pa.schema(
     ]
 )
 ALLOCATIONS_SCHEMA = pa.schema([("budget", pa.float64()), ("seq_id", pa.string()), ("config_id", pa.string())])
+NULL_SCHEMA = pa.schema([("budget", pa.float64()), ("value", pa.float64()), ("value_lo", pa.float64()),
+                         ("value_hi", pa.float64())])  # the oracle on the null: median and percentile interval
+DEGENERATE_SCHEMA = pa.schema([("seq_id", pa.string()), ("config_id", pa.string()), ("degenerate", pa.bool_())])
 CONFIG_MEANS_SCHEMA = pa.schema([("config_id", pa.string()), ("family", pa.string()), ("cost", pa.float64()),
                                  ("mean", pa.float64()), ("mean_lo", pa.float64()), ("mean_hi", pa.float64())])
 
@@ -68,6 +80,7 @@ class ReduceResult:
     out_dir: RunPath
     summary: dict
     rows: list[FrontierRow]
+    null: np.ndarray | None = None  # (len(rows), 3) the null's median, lower and upper bound at each row's budget
 
 
 @dataclass(frozen=True)
@@ -85,7 +98,7 @@ class Matrix:
 
 def reduce_run(
     run_dir: str | RunPath,
-    metric: str = "rougeL",
+    metric: str | None = None,
     families: tuple[str, ...] | list[str] | None = None,
     budgets: tuple[float, ...] | list[float] = (),
     match_full: bool = True,
@@ -95,8 +108,22 @@ def reduce_run(
     resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
     level: float = DEFAULT_LEVEL,
+    degenerate: str = DEFAULT_MODE,
+    null_draws: int = DEFAULT_DRAWS,
 ) -> ReduceResult:
-    """Solve the oracle for one metric of a run and write its four files; returns what was written.
+    """Solve the oracle for one metric of a run (None: its task's first, rougeL or acc) and write its files;
+    returns what was written.
+
+    `degenerate` (keep, zero, exclude; `pipeline.analysis.degenerate`) decides what degenerate rows score.
+    `null_draws` > 0 adds the residual-permutation null (`pipeline.analysis.oracle_null`, seeded by `seed`)
+    at every budget: `null.parquet` and summary["oracle_null"]. A run with a `sample` family gets the full
+    model's noise ceiling (summary["noise_ceiling"], `pipeline.analysis.noise_ceiling`). `cost`: nominal
+    (executed layers per generated token after the first), measured (executed layers per generated token,
+    as run) or total (layer-tokens per sequence, prompt pass included, `pipeline.analysis.costs`).
+
+    For a 0/1 metric (acc, acc_norm, ...) the summary also holds CoLa's two shares (`shares.cola_shares`, at most
+    half the layers for `shorter`) with their intervals, and the same under the permutation null
+    (`shares.null_shares`, 200 permutations), as `cola_shares`.
 
     `resamples` > 0 adds paired-bootstrap percentile intervals at `level` (pipeline.analysis.bootstrap, seeded by
     `seed`) to every configuration's mean, each frontier value, the full mean and the matching budget.
@@ -104,8 +131,8 @@ def reduce_run(
     `partial` allows a run with shard files missing (still running or interrupted): the oracle is then over
     the sequences present, and summary["missing_shards"] says how many shard files were absent.
     """
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
+    run_dir = locate(run_dir)
+    metric = check_metric(RunDir(run_dir).read_run_json(), metric, run_dir)
     if cost not in COST_MODES:
         raise ValueError(f"unknown cost mode '{cost}'; choose from {', '.join(COST_MODES)}")
     if not (math.isfinite(tolerance) and tolerance >= 0):
@@ -114,8 +141,14 @@ def reduce_run(
         raise ValueError(f"bootstrap resamples must be >= 0 (0 turns it off), got {resamples}")
     if resamples and not 0.0 < level < 1.0:
         raise ValueError(f"confidence level must lie strictly between 0 and 1, got {level}")
+    if null_draws < 0:
+        raise ValueError(f"null draws must be >= 0 (0 turns the null off), got {null_draws}")
     run_dir = locate(run_dir)
     matrix, missing = load_matrix(run_dir, metric, families, cost, partial)
+    side = load_side_rows(run_dir, matrix, metric, partial)
+    matrix = replace(matrix, scores=apply_mode(matrix.scores, side.degenerate, degenerate, reference=0),
+                     costs=side.total.mean(axis=0) if cost == "total" else matrix.costs)
+    samples = None if side.samples is None else apply_mode(side.samples, side.sample_degenerate, degenerate)
     frontier = build_frontier(matrix.scores, matrix.costs)
     full_mean = float(matrix.scores[:, 0].mean())
     full_cost = float(matrix.costs[0])
@@ -126,7 +159,8 @@ def reduce_run(
             raise ValueError(f"budget {b} is not a finite number")
     match = min_budget_to_match(frontier, matrix.scores[:, 0], tolerance) if match_full else None  # exact at ties
 
-    planned = [(b, "grid") for b in budget_grid(frontier.min_budget, float(matrix.costs.max()))]
+    planned = [(b, "grid") for b in budget_grid(frontier.min_budget, float(matrix.costs.max()),
+                                                GRID_STEP * float(matrix.costs[0]) / matrix.num_layers)]
     planned += [(b, "requested") for b in requested]
     planned += [(match, "match_full")] if match is not None else []
     planned.sort(key=lambda item: item[0])  # stable: equal budgets keep grid, requested, match_full order
@@ -134,14 +168,17 @@ def reduce_run(
     draws = None
     if resamples:
         draws = bootstrap_oracle(matrix.scores, matrix.costs, np.array([r.budget for r in rows]), resamples, seed,
-                                 level, match is not None, tolerance)
+                                 level, match is not None, tolerance,
+                                 None if samples is None else best_of_k(samples)[None, :])
         bounds = draws.interval(draws.values)
         rows = [replace(r, value_lo=float(lo), value_hi=float(hi)) for r, (lo, hi) in zip(rows, bounds)]
 
     integers = [float(b) for b in range(1, matrix.num_layers + 1) if b >= frontier.min_budget]
     allocation_budgets = sorted({*requested, *integers, *([match] if match is not None else [])})
+    name = oracle_name(metric, families, run_families(run_dir), cost)  # the folder: what this oracle is over
     summary = {
         "metric": metric,
+        "result": name,
         "families": matrix.families,
         "cost_mode": cost,
         "num_sequences": int(matrix.scores.shape[0]),
@@ -163,10 +200,34 @@ def reduce_run(
             if r.kind == "requested"
         ],
     }
+    if REGISTRY.get(metric) is not None and REGISTRY[metric].binary:
+        half = full_cost / 2
+        summary["cola_shares"] = {
+            "max_cost": half,
+            "real": cola_shares(matrix.scores > 0.5, matrix.costs, 0, half, resamples or DEFAULT_RESAMPLES, seed,
+                                level).as_dict(),
+            "null": null_shares(matrix.scores > 0.5, matrix.costs, 0, half, seed=seed, level=level),
+        }
+    null = None
+    if null_draws:
+        null = oracle_null(matrix.scores, matrix.costs, np.array([r.budget for r in rows]), null_draws, seed, level,
+                           match is not None, tolerance)
+    summary |= {
+        "degenerate": degenerate_summary(frontier, side, degenerate, match),
+        "total_cost": total_cost_summary(frontier, side, match),
+        "noise_ceiling": None if samples is None else noise_ceiling_summary(frontier, matrix, rows, samples, draws,
+                                                                            match_full, tolerance, resamples, seed,
+                                                                            level),
+        "oracle_null": None if null is None else null_summary(null, rows, null_draws, seed),
+    }
+    summary["warning"] = reduce_warning(summary["num_sequences"], full_cost, summary["min_budget_interval"],
+                                        side.empty_share)
     tables = {
         "frontier.parquet": frontier_table(rows),
         "allocations.parquet": allocations_table(frontier, matrix, allocation_budgets),
         "config_means.parquet": config_means_table(matrix, draws),
+        "degenerate.parquet": side.table,
+        **({} if null is None else {"null.parquet": null_table(rows, null)}),
     }
 
     def write(folder: Path) -> None:
@@ -174,9 +235,14 @@ def reduce_run(
             write_parquet(table, folder / name)
         write_json(summary, folder / "summary.json")
 
-    out_dir = run_dir / "oracle" / metric
+    out_dir = run_dir / "oracle" / name
     replace_folder(out_dir, write)
-    return ReduceResult(out_dir, summary, rows)
+    return ReduceResult(out_dir, summary, rows, None if null is None else null.value_summary())
+
+
+def run_families(run_dir: RunPath) -> list[str]:
+    """The families a run's configs.parquet lists (`full` included)."""
+    return read_parquet(run_dir / "configs.parquet", columns=["family"]).column("family").unique().to_pylist()
 
 
 def _pair(bounds: np.ndarray) -> list[float]:
@@ -190,6 +256,7 @@ def load_matrix(run_dir: RunPath, metric: str, families: tuple[str, ...] | list[
     Also returns how many shard files are missing (0 unless `partial`).
     """
     run = verify_run(run_dir, partial)
+    metric = check_metric(run.record, metric, run_dir)
     configs_path, shards = run_dir / "configs.parquet", run.shards
 
     configs = read_parquet(configs_path, columns=["config_id", "family", "cost"]).to_pandas()
@@ -207,14 +274,14 @@ def load_matrix(run_dir: RunPath, metric: str, families: tuple[str, ...] | list[
     selected = pd.concat([full, configs[configs["family"].isin(chosen)]])
     config_ids = selected["config_id"].tolist()
 
-    wanted = ["seq_id", "config_id", metric, "gen_tokens", "layers_per_token"]
+    wanted = ["seq_id", "config_id", metric, "layers_per_token", *(["gen_tokens"] if run.table == "generations" else [])]
     gens = pa.concat_tables([read_parquet(p, columns=wanted) for p in shards]).to_pandas()
     gens = gens[gens["config_id"].isin(config_ids)]
     seq_codes, seq_ids = pd.factorize(gens["seq_id"].astype(str), sort=True)
     cfg_codes = pd.Categorical(gens["config_id"], categories=config_ids).codes.astype(np.intp)
     n, k = len(seq_ids), len(config_ids)
     if n == 0:
-        raise ValueError(f"no generations of the selected configurations in {run_dir / 'generations'}")
+        raise ValueError(f"no rows of the selected configurations in {run_dir / run.table}")
     cell = seq_codes * k + cfg_codes
     counts = np.bincount(cell, minlength=n * k)
     if (counts > 1).any():
@@ -225,11 +292,11 @@ def load_matrix(run_dir: RunPath, metric: str, families: tuple[str, ...] | list[
         raise ValueError(f"{int((counts == 0).sum())} of {n} x {k} (sequence, configuration) pairs are missing")
     values = gens[metric].to_numpy(dtype=np.float64, na_value=np.nan)
     if np.isnan(values).any():
-        raise ValueError(f"{int(np.isnan(values).sum())} generations have no {metric} score")
+        raise ValueError(f"{int(np.isnan(values).sum())} rows of {run_dir / run.table} have no {metric} score")
     scores = np.empty(n * k)
     scores[cell] = values
 
-    if cost == "nominal":
+    if cost != "measured":  # total: replaced by reduce_run from the side rows
         costs = selected["cost"].to_numpy(dtype=np.float64)
     else:
         costs = measured_costs(gens, cfg_codes, k)
@@ -245,9 +312,11 @@ def load_matrix(run_dir: RunPath, metric: str, families: tuple[str, ...] | list[
 
 
 def measured_costs(gens: pd.DataFrame, cfg_codes: np.ndarray, k: int) -> np.ndarray:
-    """Mean executed layers per generated token of each configuration, over all its tokens."""
+    """Mean executed layers per generated token of each configuration, over all its tokens (rows without
+    `gen_tokens`, such as multiple-choice rows, weigh equally)."""
     per_token = gens["layers_per_token"].to_numpy(dtype=np.float64, na_value=np.nan)
-    tokens = gens["gen_tokens"].to_numpy(dtype=np.float64, na_value=np.nan)
+    tokens = (gens["gen_tokens"] if "gen_tokens" in gens else pd.Series(1.0, index=gens.index)).to_numpy(
+        dtype=np.float64, na_value=np.nan)
     if np.isnan(per_token).any() or np.isnan(tokens).any():
         raise ValueError("measured cost needs layers_per_token and gen_tokens on every generation")
     weight = np.bincount(cfg_codes, weights=tokens, minlength=k)
@@ -256,10 +325,10 @@ def measured_costs(gens: pd.DataFrame, cfg_codes: np.ndarray, k: int) -> np.ndar
     return np.where(weight > 0, weighted / np.where(weight > 0, weight, 1.0), plain)
 
 
-def budget_grid(cheapest: float, dearest: float) -> list[float]:
-    """Budgets every GRID_STEP layers from the cheapest configuration's cost up to the dearest's."""
-    steps = int(math.floor((dearest - cheapest) / GRID_STEP + 1e-9))
-    grid = [cheapest + GRID_STEP * i for i in range(steps + 1)]
+def budget_grid(cheapest: float, dearest: float, step: float = GRID_STEP) -> list[float]:
+    """Budgets every `step` (GRID_STEP layers, scaled to the cost unit) from the cheapest cost up to the dearest."""
+    steps = int(math.floor((dearest - cheapest) / step + 1e-9))
+    grid = [cheapest + step * i for i in range(steps + 1)]
     return grid + ([dearest] if grid[-1] < dearest else [])
 
 
@@ -315,3 +384,122 @@ def allocations_table(frontier: Frontier, matrix: Matrix, budgets: list[float]) 
         },
         schema=ALLOCATIONS_SCHEMA,
     )
+
+
+@dataclass(frozen=True)
+class SideRows:
+    """What the reducer reads beside the score matrix, aligned with it: degenerate flags, total cost per row
+    and the `sample` family's scores (the noise ceiling)."""
+
+    degenerate: np.ndarray  # (N, K) bool, the rule of pipeline.analysis.degenerate
+    total: np.ndarray  # (N, K) layer-tokens per sequence (pipeline.analysis.costs)
+    samples: np.ndarray | None  # (N, S) the metric of sample-0 .. sample-{S-1}; None without a sample family
+    sample_degenerate: np.ndarray | None  # (N, S)
+    table: pa.Table  # degenerate.parquet: every row of the run (samples included), seq_id, config_id, degenerate
+    empty_share: float  # share of the matrix's rows with an empty (whitespace) output
+
+
+def load_side_rows(run_dir: RunPath, matrix: Matrix, metric: str, partial: bool = False) -> SideRows:
+    """Read outputs, token counts and the `sample` rows of the verified run, aligned with `matrix`.
+
+    A multiple-choice run has no outputs (nothing is degenerate or empty, there are no samples); its rows'
+    decode steps are the choices' tokens after the first of each (teacher-forced), for the total cost."""
+    run = verify_run(run_dir, partial)
+    prefill = (run.record.get("job") or {}).get("prefill", "full")
+    if run.table == "generations":
+        columns = ["seq_id", "config_id", "family", "cost", "output", "prompt_tokens", "gen_tokens", metric]
+        gens = pa.concat_tables([read_parquet(p, columns=columns) for p in run.shards]).to_pandas()
+    else:
+        columns = ["seq_id", "config_id", "family", "cost", "prompt_tokens", "choice_tokens", metric]
+        gens = pa.concat_tables([read_parquet(p, columns=columns) for p in run.shards]).to_pandas()
+        gens["output"] = "(choice)"  # never degenerate, never empty
+        gens["gen_tokens"] = [1 + sum(n - 1 for n in tokens) for tokens in gens.pop("choice_tokens")]
+    gens["seq_id"] = gens["seq_id"].astype(str)
+    gens = gens[gens["seq_id"].isin(set(matrix.seq_ids))]
+    flags = degenerate_flags(gens["output"].tolist())
+    table = pa.table({"seq_id": gens["seq_id"].tolist(), "config_id": gens["config_id"].tolist(),
+                      "degenerate": flags}, schema=DEGENERATE_SCHEMA)
+    row = pd.Index(matrix.seq_ids).get_indexer(gens["seq_id"])
+    totals = total_cost(gens["prompt_tokens"].to_numpy(), gens["gen_tokens"].to_numpy(), gens["cost"].to_numpy(),
+                        matrix.num_layers, prefill)
+    n, k = matrix.scores.shape
+    col = pd.Index(matrix.config_ids).get_indexer(gens["config_id"])
+    mine = col >= 0
+    degenerate, total = np.zeros((n, k), dtype=bool), np.zeros((n, k))
+    degenerate[row[mine], col[mine]], total[row[mine], col[mine]] = flags[mine], totals[mine]
+    empty = np.zeros((n, k), dtype=bool)
+    empty[row[mine], col[mine]] = gens["output"].str.strip().eq("").to_numpy()[mine]
+    samples = sample_degenerate = None
+    sampled = (gens["family"] == SAMPLE).to_numpy()
+    if sampled.any():
+        ids = sorted(set(gens.loc[sampled, "config_id"]), key=lambda c: int(c.rsplit("-", 1)[1]))
+        scol = pd.Index(ids).get_indexer(gens.loc[sampled, "config_id"])
+        samples, sample_degenerate = np.full((n, len(ids)), np.nan), np.zeros((n, len(ids)), dtype=bool)
+        samples[row[sampled], scol] = gens.loc[sampled, metric].to_numpy(dtype=np.float64, na_value=np.nan)
+        sample_degenerate[row[sampled], scol] = flags[sampled]
+        if np.isnan(samples).any():
+            raise ValueError(f"{int(np.isnan(samples).sum())} sample rows are missing or have no {metric} score")
+    return SideRows(degenerate, total, samples, sample_degenerate, table, float(empty.mean()))
+
+
+def degenerate_summary(frontier: Frontier, side: SideRows, mode: str, match: float | None) -> dict:
+    """How many rows the rule flags, and how many of the oracle's picks at the matching budget are degenerate."""
+    picks = None
+    if match is not None:
+        choice = allocate(frontier, match).choice
+        picks = int(side.degenerate[np.arange(len(choice)), choice].sum())
+    return {"mode": mode, "rows": int(side.degenerate.sum()), "of_rows": int(side.degenerate.size),
+            "full_rows": int(side.degenerate[:, 0].sum()), "picks_at_match": picks,
+            "of_sequences": int(side.degenerate.shape[0])}
+
+
+def total_cost_summary(frontier: Frontier, side: SideRows, match: float | None) -> dict:
+    """The layer-tokens per sequence the full model and the oracle's allocation at the matching budget pay."""
+    full = float(side.total[:, 0].mean())
+    at_match = None
+    if match is not None:
+        choice = allocate(frontier, match).choice
+        at_match = float(side.total[np.arange(len(choice)), choice].mean())
+    return {"unit": "layer-tokens per sequence (prompt pass + decode steps)", "full_mean": full,
+            "oracle_at_match": at_match, "fraction": None if at_match is None else at_match / full}
+
+
+def noise_ceiling_summary(frontier: Frontier, matrix: Matrix, rows: list[FrontierRow], samples: np.ndarray,
+                          draws: BootstrapDraws | None, match_full: bool, tolerance: float, resamples: int,
+                          seed: int, level: float) -> dict:
+    """The full model's best of K beside the oracle: both selection gains, and the budget matching best-of-K."""
+    out = ceiling_summary(matrix.scores[:, 0], samples, resamples, seed, level)
+    top = next(i for i, r in enumerate(rows) if r.budget >= float(matrix.costs.max()))
+    out["oracle_gain_at_full_budget"] = rows[top].value - float(matrix.scores[:, 0].mean())
+    out["oracle_gain_at_full_budget_interval"] = None if draws is None else _pair(
+        draws.interval(draws.values[:, top] - draws.config_means[:, 0]))
+    match = min_budget_to_match(frontier, best_of_k(samples), tolerance) if match_full else None
+    out["min_budget_to_match_best_of_k"] = match
+    out["min_budget_to_match_best_of_k_interval"] = None if draws is None or draws.target_match is None else (
+        open_interval(draws.target_match[:, 0], level))
+    return out
+
+
+def open_interval(matches: np.ndarray, level: float) -> list[float | None]:
+    """Percentile interval of least matching budgets where NaN (no match) counts as beyond every budget: a bound
+    that falls there is None. Quantiles without interpolation (`inverted_cdf`), so infinities stay apart."""
+    tail = (1.0 - level) / 2.0
+    bounds = np.quantile(np.where(np.isnan(matches), np.inf, matches), [tail, 1.0 - tail], method="inverted_cdf")
+    return [None if not np.isfinite(v) else float(v) for v in bounds]
+
+
+def null_summary(null: NullDraws, rows: list[FrontierRow], draws: int, seed: int) -> dict:
+    """summary.json's `oracle_null`: the null's least matching budget and its values at the requested budgets."""
+    median, lo, hi = null.match_summary()
+    values = null.value_summary()
+    return {"kind": "residual permutation (additive fit seq + config, residuals permuted within configurations)",
+            "draws": draws, "seed": seed, "min_budget_to_match": median, "min_budget_interval": [lo, hi],
+            "budgets": [{"budget": r.budget, "value": float(v[0]), "value_lo": float(v[1]), "value_hi": float(v[2])}
+                        for r, v in zip(rows, values) if r.kind == "requested"]}
+
+
+def null_table(rows: list[FrontierRow], null: NullDraws) -> pa.Table:
+    """null.parquet: the oracle on the null at every frontier budget (median over draws, percentile interval)."""
+    values = null.value_summary()
+    return pa.table({"budget": [r.budget for r in rows], "value": values[:, 0], "value_lo": values[:, 1],
+                     "value_hi": values[:, 2]}, schema=NULL_SCHEMA)

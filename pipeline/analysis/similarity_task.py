@@ -14,19 +14,20 @@ import torch
 from transformers.cache_utils import Cache
 
 from pipeline.analysis.bootstrap import DEFAULT_RESAMPLES
+from pipeline.analysis.metrics import run_task_name
 from pipeline.analysis.similarity import SHARD_SCHEMA, folder_name, summarise, summary_path
 from pipeline.data.adapters import Example
-from pipeline.generation.configs import FULL_ID, SkipConfig, build_configs
+from pipeline.generation.configs import FULL_ID, LOOP, SkipConfig, build_configs
 from pipeline.generation.engine import (
-    _membership,
     _RoutedLayer,
     _shared_prefill,
     _SlotLayer,
     left_pad,
+    program_membership,
     prompt_positions,
     wrapped_layers,
 )
-from pipeline.generation.models import LoadedModel
+from pipeline.generation.models import LoadedModel, cache_argument
 from pipeline.run.atomic import write_parquet
 from pipeline.run.runner import run_task
 from pipeline.run.shard_task import ShardTask
@@ -104,7 +105,7 @@ def _group_states(lm: LoadedModel, wrappers: list[_RoutedLayer], group: list[tup
     width = response_ids.shape[1]
     prompt_of_row = torch.arange(num_prompts, device=device).repeat(len(group))
     set_of_row = torch.arange(len(group), device=device).repeat_interleave(num_prompts)
-    membership = _membership(group, len(wrappers), device)[set_of_row]
+    membership = program_membership(group, tuple(range(len(wrappers))), device)[set_of_row]
     rows = prompt_of_row.numel()
     everyone = bool(membership.all())
     for j, wrapper in enumerate(wrappers):
@@ -125,8 +126,9 @@ def _group_states(lm: LoadedModel, wrappers: list[_RoutedLayer], group: list[tup
     captured: list[torch.Tensor] = []
     hooks = [w.register_forward_hook(lambda _m, _a, out: captured.append(out[:, -width:])) for w in wrappers]
     try:
-        out = model.get_decoder()(input_ids=ids, attention_mask=row_mask, position_ids=position_ids,
-                                  past_key_values=cache, use_cache=cache is not None)
+        decoder = model.get_decoder()
+        out = decoder(input_ids=ids, attention_mask=row_mask, position_ids=position_ids,
+                      use_cache=cache is not None, **cache_argument(decoder, cache))
     finally:
         for hook in hooks:
             hook.remove()
@@ -204,8 +206,14 @@ def run_similarity(run_dir: str | Path, response: str = "reference", workers: in
         raise ValueError(f"bootstrap resamples must be >= 1, got {resamples}")
 
     def make_task(spec, record):
+        if LOOP in spec.families:
+            raise ValueError(f"{run_dir}: similarity compares per-layer states of layer subsets, and this run has "
+                             "loop programs (a layer runs twice); run it on a run without the loop family")
         configs = spec.select_configs(build_configs(record["num_layers"], spec.families, spec.rls_seeds))
         outputs = None
+        if response == "full" and run_task_name(record) != "generate":
+            raise ValueError(f"{run_dir} is a multiple-choice run: it generated no outputs to teacher-force; "
+                             "use --response reference (the right choice after the question)")
         if response == "full":
             full = pq.read_table(Path(run_dir) / "generations", columns=["seq_id", "config_id", "output"],
                                  filters=[("config_id", "=", FULL_ID)])

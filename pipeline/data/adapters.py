@@ -5,6 +5,9 @@ or the instruction when there is no input) may be cut, so the template header, t
 answer cue ("### Response:", "### Summary:", "Summary:") always survive. A prompt over the budget loses
 tokens from the left of its body (DESIGN.md: "truncated from the left of the article/input").
 
+A file has no splits of its own: `test`, the default, is every row, while `train` and `validation` cut its
+rows by the study's rule below (70% / 15%, seed 42), which `finetune` uses for its training and evaluation.
+
 Seq ids are `<dataset>-<split>-<position>` (`file`: `<file stem>-<position>`), the position of the row in
 the split as served: for Alpaca, its place in the study's split below; otherwise its row index in the
 source. They are the same on every run and machine for the same source data (the hub and a local mirror
@@ -30,18 +33,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.data import gsm8k
 from pipeline.data.sources import DATA_DIR_ENV, DataError, Table, _first_line, data_dir, read_file, read_files, read_hub
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["DATASETS", "DataError", "DatasetSpec", "Example", "Record", "load_examples", "load_records",
+__all__ = ["DATASETS", "DataError", "DatasetSpec", "Example", "Record", "data_source", "load_examples", "load_records",
            "load_split", "shard_examples", "split_indices"]
 
-DATASETS = ("alpaca", "cnn_dailymail", "samsum", "file", "hub")
+CHOICE_DATASETS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq", "winogrande", "mmlu")  # choice_tasks.py
+DATASETS = ("alpaca", "cnn_dailymail", "samsum", "gsm8k", "file", "hub", "lm_eval", *CHOICE_DATASETS)
 PROMPT_FORMATS = ("plain", "chat")
 SPLITS = ("train", "validation", "test")
 EMPTY_REFERENCES = ("refuse", "keep")
+# A file is one split: `test` (the default) serves every row; `train` and `validation` cut it as Alpaca is cut,
+# so that `finetune` never evaluates on rows it trained on.
+FILE_TRAINING_SPLITS = ("train", "validation")
 SPLIT_SEED = 42
 HELD_OUT = 0.3  # first call's test_size; the held-out part is then halved (second call's test_size 0.5)
 
@@ -68,6 +76,9 @@ class DatasetSpec:
     prompt_budget: int | None = 1024
     limit: int | None = None
     empty_references: str = "refuse"
+    num_fewshot: int | None = None  # gsm8k, lm_eval: exemplars before each question (None: the task's own number)
+    task: str | None = None  # lm_eval: the lm-evaluation-harness task name (`--task lm_eval:NAME`)
+    fewshot_path: str | None = None  # lm_eval: a local file of the task's few-shot split
 
 
 @dataclass(frozen=True)
@@ -80,6 +91,7 @@ class Record:
     tail: str
     references: tuple[str, ...]
     summary: bool
+    row: str = ""  # the source row as JSON, for scorers that read other columns (user scorers, lm_eval metrics)
 
     @property
     def plain_prompt(self) -> str:
@@ -100,6 +112,7 @@ class Example:
     references: tuple[str, ...]
     prompt_truncated: bool
     summary: bool
+    row: str = ""  # the source row as JSON (Record.row)
 
     @property
     def prompt_tokens(self) -> int:
@@ -187,6 +200,16 @@ def _check_spec(spec: DatasetSpec) -> _Adapter:
         raise DataError(f"unknown empty_references {spec.empty_references!r}; choose from {', '.join(EMPTY_REFERENCES)}")
     if spec.name == "alpaca" and spec.split not in SPLITS:
         raise DataError(f"unknown split {spec.split!r}; choose from {', '.join(SPLITS)}")
+    if spec.num_fewshot is not None and (spec.name not in ("gsm8k", "lm_eval") or spec.num_fewshot < 0):
+        raise DataError(f"num_fewshot is for gsm8k and lm_eval tasks, a number >= 0; got {spec.num_fewshot} "
+                        f"for {spec.name}")
+    if spec.name == "gsm8k":
+        if spec.path or spec.prompt_column or spec.reference_column:
+            raise DataError("gsm8k has its own source and columns; path and columns are for file and hub")
+        k = gsm8k.DEFAULT_FEWSHOT if spec.num_fewshot is None else spec.num_fewshot
+        context = gsm8k.fewshot_context(gsm8k.exemplars(k, data_dir(spec.data_dir)))
+        return _Adapter(gsm8k.HUB_ID, gsm8k.HUB_CONFIG, "question", "answer", False,
+                        lambda row: gsm8k.prompt_parts(context, row))
     if spec.name in _NAMED:
         if spec.path or spec.prompt_column or spec.reference_column:
             raise DataError(f"{spec.name} has its own source and columns; path and columns are for file and hub")
@@ -230,7 +253,7 @@ def _record(adapter: _Adapter, table: Table, index: int, seq_id: str, keep_empty
         raise DataError(f"{origin}: empty prompt (column {adapter.prompt_column!r})")
     head, body, tail = adapter.parts(row)
     references = _references(row[adapter.reference_column], origin, adapter.reference_column, keep_empty)
-    return Record(seq_id, head, body, tail, references, adapter.summary)
+    return Record(seq_id, head, body, tail, references, adapter.summary, json.dumps(row, default=str))
 
 
 def _references(value: object, origin: str, column: str, keep_empty: bool) -> tuple[str, ...]:
@@ -260,7 +283,8 @@ def _split(spec: DatasetSpec) -> tuple[_Adapter, Table, Sequence[int]]:
     """The source table and the row indices of the spec's split (within `limit`), in the order served."""
     adapter = _check_spec(spec)
     table = _read(spec, adapter)
-    indices: Sequence[int] = split_indices(len(table), spec.split) if adapter.own_split else range(len(table))
+    cut = adapter.own_split or (spec.name == "file" and spec.split in FILE_TRAINING_SPLITS)
+    indices: Sequence[int] = split_indices(len(table), spec.split) if cut else range(len(table))
     where = table.label if spec.name == "file" else f"{table.label} ({spec.split} split)"
     if not indices:
         raise DataError(f"no rows in {where}")
@@ -269,6 +293,17 @@ def _split(spec: DatasetSpec) -> tuple[_Adapter, Table, Sequence[int]]:
             raise DataError(f"limit {spec.limit} is more than the {len(indices)} rows in {where}")
         indices = indices[: spec.limit]
     return adapter, table, indices
+
+
+def data_source(spec: DatasetSpec) -> str:
+    """Where the rows of `spec` are read from, as a path or `hub:<id>` (the local mirror when one is set)."""
+    adapter = _check_spec(spec)
+    if spec.name == "file":
+        return str(Path(spec.path).resolve())
+    if spec.name == "hub":
+        return f"hub:{spec.path}"
+    root = data_dir(spec.data_dir)
+    return str((root / spec.name).resolve()) if root is not None else f"hub:{adapter.hub_id}"
 
 
 def load_split(spec: DatasetSpec) -> list[dict]:
@@ -283,6 +318,10 @@ def load_split(spec: DatasetSpec) -> list[dict]:
 
 def load_records(spec: DatasetSpec) -> list[Record]:
     """The split's rows as prompt parts with seq ids, before tokenization (no tokenizer needed)."""
+    if spec.name == "lm_eval":
+        from pipeline.data.lm_eval_tasks import lm_eval_records
+
+        return lm_eval_records(spec)
     adapter, table, indices = _split(spec)
     prefix = _id_prefix(spec)
     keep = spec.empty_references == "keep"
@@ -290,7 +329,13 @@ def load_records(spec: DatasetSpec) -> list[Record]:
 
 
 def load_examples(spec: DatasetSpec, tokenizer: PreTrainedTokenizerBase) -> list[Example]:
-    """Read, build and tokenize the prompts of a dataset split, each within the spec's prompt budget."""
+    """Read, build and tokenize the prompts of a dataset split, each within the spec's prompt budget.
+
+    A multiple-choice task (CHOICE_DATASETS) gives its questions as `choice_tasks.ChoiceExample`s instead."""
+    if spec.name in CHOICE_DATASETS:
+        from pipeline.data.choice_tasks import load_choice_examples  # it builds on this module
+
+        return load_choice_examples(spec, tokenizer)
     records = load_records(spec)
     chat = spec.prompt_format == "chat"
     if chat and not getattr(tokenizer, "chat_template", None):
@@ -301,7 +346,8 @@ def load_examples(spec: DatasetSpec, tokenizer: PreTrainedTokenizerBase) -> list
         truncated = spec.prompt_budget is not None and len(ids) > spec.prompt_budget
         if truncated:
             prompt, ids = _truncate(tokenizer, record, chat, spec.prompt_budget, len(ids))
-        examples.append(Example(record.seq_id, prompt, tuple(ids), record.references, truncated, record.summary))
+        examples.append(Example(record.seq_id, prompt, tuple(ids), record.references, truncated, record.summary,
+                                record.row))
     return examples
 
 

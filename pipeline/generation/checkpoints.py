@@ -46,7 +46,11 @@ def check_checkpoints(spec: JobSpec, configs: list[SkipConfig], num_layers: int,
         return
     vocab = load_tokenizer(spec.model).get_vocab()
     for source in sorted(set(spec.checkpoints.values())):
-        depth = model_depth(source)
+        try:
+            depth = model_depth(source)
+        except FileNotFoundError as exc:
+            entries = ", ".join(k for k, v in sorted(spec.checkpoints.items()) if v == source)
+            raise ValueError(f"[checkpoints] {entries}: {exc}") from None
         if depth != num_layers:
             raise ValueError(f"checkpoint {source} has {depth} layers, the job's model {spec.model} has {num_layers}")
         if load_tokenizer(source).get_vocab() != vocab:

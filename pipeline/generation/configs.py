@@ -1,6 +1,12 @@
-"""Skip configurations: which layers a configuration executes, exactly as DESIGN.md defines them.
+"""Skip configurations and layer programs: which layers a configuration executes, in which order.
 
-Pure functions over the model depth L; nothing here touches a model. Layer indices are 0-based.
+A configuration's `layers` is its **program**: the ordered list of decoder layers a token runs through. A
+layer may be skipped (absent), repeated (listed again) or taken out of order, e.g. (0, 1, 2, 2, 3, 5, 4, 6).
+The built-in families (ULS, EE, RLS, exactly as DESIGN.md defines them) and increasing custom lists are
+the programs that are increasing (subsets); `loop` programs repeat one block (CoLa, "Skip a Layer or Loop
+It?", 2025). Cost is the program's length: layers executed per token, so a repeat costs what it runs.
+This module is the one home of that rule (`check_program`). Pure functions over the model depth L;
+nothing here touches a model. Layer indices are 0-based.
 """
 
 from __future__ import annotations
@@ -11,16 +17,20 @@ from dataclasses import dataclass
 import numpy as np
 
 FAMILIES = ("uls", "ee", "rls")
+LOOP = "loop"  # programs that repeat one block a..b k times; parameters in the job's [loop] table
+PROGRAM_FAMILIES = (*FAMILIES, LOOP)  # families a job may name (`loop` only with its [loop] table)
 FULL_ID = "full"
-CUSTOM = "custom"  # a layer set a job names itself (DESIGN.md, Definitions)
-KNOWN_FAMILIES = (*FAMILIES, CUSTOM)
+CUSTOM = "custom"  # a layer program a job names itself (DESIGN.md, Definitions)
+SAMPLE = "sample"  # K sampled outputs of the full model per sequence: the noise ceiling, not an oracle choice
+SEARCH_FAMILIES = ("search", "random")  # rows of `dynoracle search`: searched programs and the random null
+KNOWN_FAMILIES = (*FAMILIES, LOOP, CUSTOM, *SEARCH_FAMILIES)
+_BUILT_ID = re.compile(r"^(full|uls-\d+|ee-\d+|rls-\d+-s\d+|sample-\d+|loop-\d+-\d+-x\d+|(search|random)-\d+)$")
 MAX_LAYERS = 1024  # deeper than any released decoder (the deepest have ~130 layers); L^2 layer lists beyond
-_BUILT_ID = re.compile(r"^(full|uls-\d+|ee-\d+|rls-\d+-s\d+)$")
 
 
 @dataclass(frozen=True)
 class SkipConfig:
-    """One configuration: an id, its family, the nominal budget c and the sorted executed layers."""
+    """One configuration: an id, its family, the nominal budget c and its program (executed layers in order)."""
 
     config_id: str
     family: str
@@ -30,6 +40,11 @@ class SkipConfig:
     @property
     def cost(self) -> int:
         return len(self.layers)
+
+    @property
+    def is_subset(self) -> bool:
+        """True when the program is increasing: a plain layer subset, as every built-in family but `loop`."""
+        return is_subset(self.layers)
 
     def to_dict(self) -> dict:
         return {
@@ -129,33 +144,96 @@ def config_for_id(num_layers: int, config_id: str) -> SkipConfig:
     return SkipConfig(config_id, family, budget, layers)
 
 
+def is_subset(program: tuple[int, ...] | list[int]) -> bool:
+    """True when a program is strictly increasing (no repeat, no reordering): a layer subset."""
+    return all(a < b for a, b in zip(program, program[1:]))
+
+
+def check_program(name: object, layers: object, num_layers: int | None = None) -> tuple[int, ...]:
+    """Validate one program (the rule of this module): a non-empty list of integers in 0..L-1 that includes
+    layer 0 (DESIGN.md: layer 0 always runs); repeats and any order allowed. `num_layers` None checks all
+    but the range. Returns the program as a tuple, in order; raises ValueError (one line naming `name`)."""
+    if not isinstance(layers, (list, tuple)) or not layers:
+        raise ValueError(f"configuration {name}: layers must be a non-empty list of layer indices")
+    if any(not isinstance(j, int) or isinstance(j, bool) or j < 0 for j in layers):
+        raise ValueError(f"configuration {name}: layers must be non-negative integers, got {list(layers)}")
+    if 0 not in layers:
+        raise ValueError(f"configuration {name}: layer 0 is always executed and must be listed")
+    if num_layers is not None and max(layers) >= num_layers:
+        raise ValueError(f"configuration {name}: layer {max(layers)} is out of range for a "
+                         f"{num_layers}-layer model (0..{num_layers - 1})")
+    return tuple(layers)
+
+
 def check_custom_layers(name: object, layers: object) -> tuple[int, ...]:
-    """Validate a custom layer set without knowing the model: a free name, a non-empty list of distinct
-    non-negative integers that includes layer 0. Returns the sorted layers; raises ValueError (one line)."""
+    """Validate a custom program without knowing the model: a free name (not a built-in id, no '/') and a
+    program (`check_program`). Returns the program in order; raises ValueError (one line)."""
     if not isinstance(name, str) or not name or "/" in name or _BUILT_ID.match(name):
         raise ValueError(f"custom configuration name {name!r} must be non-empty, without '/', and not a built-in "
-                         "id (full, uls-C, ee-C, rls-C-sS)")
-    if not isinstance(layers, (list, tuple)) or not layers:
-        raise ValueError(f"custom configuration {name}: layers must be a non-empty list of layer indices")
-    if any(not isinstance(j, int) or isinstance(j, bool) or j < 0 for j in layers):
-        raise ValueError(f"custom configuration {name}: layers must be non-negative integers, got {list(layers)}")
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"custom configuration {name}: layer listed twice in {list(layers)}")
-    if 0 not in layers:
-        raise ValueError(f"custom configuration {name}: layer 0 is always executed and must be listed")
-    return tuple(sorted(layers))
+                         "id (full, uls-C, ee-C, rls-C-sS, loop-A-B-xK, search-N, random-N)")
+    return check_program(f"custom {name}", layers)
 
 
 def custom_configs(sets: dict[str, list[int]], num_layers: int) -> list[SkipConfig]:
-    """Family `custom` configurations of an L-layer model from a job's `[configs]` table (name -> layers).
+    """Family `custom` configurations of an L-layer model from a job's `[configs]` table (name -> program).
 
-    Budget and cost are the number of executed layers. Raises ValueError naming the first bad set.
+    Budget and cost are the program's length. Raises ValueError naming the first bad program.
     """
     configs = []
     for name, layers in sets.items():
-        chosen = check_custom_layers(name, layers)
-        if chosen[-1] >= num_layers:
-            raise ValueError(f"custom configuration {name}: layer {chosen[-1]} is out of range for a "
-                             f"{num_layers}-layer model (0..{num_layers - 1})")
-        configs.append(SkipConfig(name, CUSTOM, len(chosen), chosen))
+        check_custom_layers(name, layers)
+        program = check_program(f"custom {name}", layers, num_layers)
+        configs.append(SkipConfig(name, CUSTOM, len(program), program))
     return configs
+
+
+def loop_program(num_layers: int, start: int, end: int, repeats: int) -> tuple[int, ...]:
+    """CoLa's loop: layers 0..end, then the block start..end again until it has run `repeats` times, then
+    end+1..L-1. Needs 1 <= start <= end <= L-1 and repeats >= 2; raises ValueError otherwise."""
+    if not 1 <= start <= end < num_layers or repeats < 2:
+        raise ValueError(f"loop block {start}..{end} x{repeats} needs 1 <= start <= end <= {num_layers - 1} and "
+                         "repeats >= 2")
+    block = list(range(start, end + 1))
+    return (*range(end + 1), *block * (repeats - 1), *range(end + 1, num_layers))
+
+
+def check_loop_grid(grid: dict[str, list[int]]) -> None:
+    """Check a job's `[loop]` table without the model: keys `starts`, `lengths`, `repeats`, each a non-empty
+    list of positive integers (repeats >= 2). Raises ValueError (one line)."""
+    keys = ("starts", "lengths", "repeats")
+    unknown = sorted(set(grid) - set(keys))
+    if unknown:
+        raise ValueError(f"[loop] has unknown key {unknown[0]}; expected {', '.join(keys)}")
+    for key in keys:
+        values = grid.get(key)
+        least = 2 if key == "repeats" else 1
+        if not isinstance(values, list) or not values or any(not isinstance(v, int) or isinstance(v, bool)
+                                                             or v < least for v in values):
+            raise ValueError(f"[loop] {key} must be a non-empty list of integers >= {least}, got {values!r}")
+
+
+def loop_configs(num_layers: int, grid: dict[str, list[int]]) -> list[SkipConfig]:
+    """Family `loop` of a job's `[loop]` table (`starts`, `lengths`, `repeats`: lists of integers): one program
+    per (a, n, k) whose block a..a+n-1 fits the model, id `loop-a-b-xk` (b = a+n-1), cost L + (k-1)n.
+
+    Raises ValueError (one line) for a missing or malformed key or a grid with no block that fits."""
+    check_loop_grid(grid)
+    configs = []
+    for a in sorted(set(grid["starts"])):
+        for n in sorted(set(grid["lengths"])):
+            for k in sorted(set(grid["repeats"])):
+                if a + n - 1 < num_layers:
+                    program = loop_program(num_layers, a, a + n - 1, k)
+                    configs.append(SkipConfig(f"loop-{a}-{a + n - 1}-x{k}", LOOP, len(program), program))
+    if not configs:
+        raise ValueError(f"[loop] gives no block that fits a {num_layers}-layer model (needs 1 <= start, "
+                         f"start + length - 1 <= {num_layers - 1}, repeats >= 2)")
+    return configs
+
+
+def sample_configs(num_layers: int, samples: int) -> list[SkipConfig]:
+    """Family `sample`: `sample-0` .. `sample-{K-1}`, each the full model (all L layers, cost L), decoded by
+    sampling with the job's `[sampling]` settings and a seed per (sequence, configuration)
+    (`pipeline.generation.sampling`). They are rows of the run like any configuration; the oracle leaves
+    them out and `reduce` reads them as the full model's best-of-K noise ceiling."""
+    return [SkipConfig(f"{SAMPLE}-{k}", SAMPLE, num_layers, tuple(range(num_layers))) for k in range(samples)]

@@ -11,6 +11,18 @@ Prefill policy `full` (the study's): the prompt runs once through all layers; it
 every configuration, and its KV stays one copy per prompt that every row of that prompt attends to
 (`_SharedPromptLayer`): only generated tokens' KV is kept per row. Policy `skip`: the prompt runs
 through each configuration's kept layers, in the same routed batch, with per-row KV (`_SlotLayer`).
+
+Layer programs (configs.py: a layer skipped, repeated or out of order). A batch whose programs are all
+increasing runs the model's own stack of L layers as above. Otherwise the batch runs a *schedule*: a
+common supersequence of its programs (`layer_schedule`), installed as a temporary stack of routed slots
+(`program_stack`), slot s wrapping physical layer schedule[s]; each row executes the slots its program
+embeds into, so a repeated layer runs twice and rows with different programs share each layer's weights.
+Every slot has its own KV cache layer (the attention modules see the slot's index while it runs). The
+prefill policies on programs:
+- `skip`: the prompt runs through the program itself, each execution of a layer caching its own prompt KV.
+- `full`: the prompt runs once through the full model (layers 0..L-1 in order), which makes the first
+  token; every execution of layer j in a program attends to layer j's prompt KV from that pass, plus its
+  own generated tokens' KV. A repeated layer's two executions share the prompt part, not the generated one.
 """
 
 from __future__ import annotations
@@ -24,8 +36,9 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
 
-from pipeline.generation.configs import SkipConfig
-from pipeline.generation.models import LoadedModel, decoder_layers
+from pipeline.generation.configs import SkipConfig, check_program, is_subset
+from pipeline.generation.models import LoadedModel, cache_argument, decoder_layers
+from pipeline.generation.sampling import RowSampler, pick_tokens
 
 PREFILL_POLICIES = ("full", "skip")
 DEFAULT_MAX_ROWS = 2048
@@ -153,11 +166,19 @@ class _SharedPromptLayer(DynamicLayer):
         query (R, H, 1, D) -> output (R, 1, H, D), H = Hkv * G query heads (head h*G+g reads KV head h).
         """
         rows, heads, _, dim = query.shape
-        prompts, kv_heads = self.prompt_keys.shape[:2]
-        group, per_prompt = heads // kv_heads, self.per_prompt
-        q = query.float().view(rows, kv_heads, group, dim) * scaling
+        kv_heads = self.prompt_keys.shape[1]
+        q = query.float().view(rows, kv_heads, heads // kv_heads, dim) * scaling
+        out = self._own_attention(q, *self._prompt_attention(q))
+        return out.to(query.dtype).view(rows, 1, heads, dim)
 
-        # Prompt part: all rows of a prompt as one (per_prompt * G, D) query block per KV head.
+    def _prompt_attention(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The prompt part: all rows of a prompt as one (per_prompt * G, D) query block per KV head.
+
+        q (R, Hkv, G, D) scaled float32 -> per row (R, Hkv, G, *): the softmax-weighted values (D), the
+        weights' sum (1) and the scores' maximum (1) over the prompt.
+        """
+        rows, kv_heads, group, dim = q.shape
+        prompts, per_prompt = self.prompt_keys.shape[0], self.per_prompt
         grouped = torch.cat([q, q.new_zeros(1, kv_heads, group, dim)])[self.slots]  # (P, S, Hkv, G, D)
         grouped = grouped.permute(0, 2, 1, 3, 4).reshape(prompts, kv_heads, per_prompt * group, dim)
         scores = grouped @ self.prompt_keys.transpose(-1, -2)  # (P, Hkv, S*G, Lp)
@@ -168,9 +189,14 @@ class _SharedPromptLayer(DynamicLayer):
         partial = torch.cat([weights @ self.prompt_values, weights.sum(-1, keepdim=True), prompt_max], -1)
         partial = (partial.view(prompts, kv_heads, per_prompt, group, dim + 2).permute(0, 2, 1, 3, 4)
                    .reshape(prompts * per_prompt, kv_heads, group, dim + 2)[self.slot_of_row])  # (R, Hkv, G, D+2)
-        prompt_out, prompt_sum, prompt_max = partial[..., :dim], partial[..., dim : dim + 1], partial[..., dim + 1 :]
+        return partial[..., :dim], partial[..., dim : dim + 1], partial[..., dim + 1 :]
 
-        # Generated part: each row's own tokens, merged with the prompt part by their running maxima.
+    def _own_attention(self, q: torch.Tensor, prompt_out: torch.Tensor, prompt_sum: torch.Tensor,
+                       prompt_max: torch.Tensor) -> torch.Tensor:
+        """The generated part: each row's own tokens, merged with the prompt part by their running maxima.
+
+        q (R, Hkv, G, D) and the prompt part of `_prompt_attention` -> the attention output (R, Hkv, G, D) float32.
+        """
         gen_keys, gen_values = (t[:, :, : self.length].float() for t in (self.gen_keys, self.gen_values))
         gen_scores = q @ gen_keys.transpose(-1, -2)  # (R, Hkv, G, T)
         top = torch.maximum(prompt_max, gen_scores.amax(-1, keepdim=True))
@@ -178,7 +204,7 @@ class _SharedPromptLayer(DynamicLayer):
         prompt_scale = torch.exp(prompt_max - top)
         out = prompt_out * prompt_scale + gen_weights @ gen_values
         out /= prompt_sum * prompt_scale + gen_weights.sum(-1, keepdim=True)
-        return out.to(query.dtype).view(rows, 1, heads, dim)
+        return out
 
 
 def shared_prompt_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -208,21 +234,36 @@ class _RoutedLayer(nn.Module):
     """Runs the wrapped decoder layer on the rows that keep it; the others pass through as identity.
 
     `rows` is None when every row keeps the layer. Batch-shaped arguments (mask, positions, rotary
-    tables) are sliced to the same rows, whatever the architecture calls them.
+    tables) are sliced to the same rows, whatever the architecture calls them. `slot`, for a slot of a
+    program schedule, is the cache index the layer's attention uses while this wrapper runs it.
     """
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, slot: int | None = None):
         super().__init__()
         self.layer = layer
         self.rows: torch.Tensor | None = None
         self.executed: torch.Tensor | None = None  # per-row counter of layers run, shared by all wrappers
+        self.slot = slot
+        self._indexed = [m for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+
+    def _call(self, *args, **kwargs):
+        if self.slot is None:
+            return self.layer(*args, **kwargs)
+        physical = [m.layer_idx for m in self._indexed]
+        for module in self._indexed:
+            module.layer_idx = self.slot
+        try:
+            return self.layer(*args, **kwargs)
+        finally:
+            for module, index in zip(self._indexed, physical):
+                module.layer_idx = index
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         rows = self.rows
         if rows is None:
             if self.executed is not None:
                 self.executed += 1
-            return self.layer(hidden_states, *args, **kwargs)
+            return self._call(hidden_states, *args, **kwargs)
         if rows.numel() == 0:
             return hidden_states
         if self.executed is not None:
@@ -231,7 +272,7 @@ class _RoutedLayer(nn.Module):
         picked = _take_rows(hidden_states, rows, batch)
         args = tuple(_take_rows(a, rows, batch) for a in args)
         kwargs = {k: _take_rows(v, rows, batch) for k, v in kwargs.items()}
-        out = self.layer(picked, *args, **kwargs)
+        out = self._call(picked, *args, **kwargs)
         return hidden_states.index_copy(0, rows, out)
 
 
@@ -259,35 +300,127 @@ def wrapped_layers(model: nn.Module, wrap: Callable[[nn.Module], nn.Module]) -> 
             stack[i] = layer
 
 
+def layer_schedule(programs: list[tuple[int, ...]], num_layers: int) -> tuple[int, ...]:
+    """The physical layer run at each slot of a batch: 0..L-1 when every program is increasing (today's
+    routed stack), else a common supersequence of the programs, merged one at a time by the exact
+    two-sequence shortest-common-supersequence recurrence (short, not always the shortest for many)."""
+    if all(is_subset(p) for p in programs):
+        return tuple(range(num_layers))
+    schedule: tuple[int, ...] = ()
+    for program in programs:
+        schedule = _supersequence(schedule, program)
+    return schedule
+
+
+def _supersequence(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """A shortest common supersequence of two sequences (dynamic programming over suffixes)."""
+    n, m = len(a), len(b)
+    length = [[0] * (m + 1) for _ in range(n + 1)]
+    for i in range(n, -1, -1):
+        for j in range(m, -1, -1):
+            if i == n or j == m:
+                length[i][j] = (n - i) + (m - j)
+            elif a[i] == b[j]:
+                length[i][j] = 1 + length[i + 1][j + 1]
+            else:
+                length[i][j] = 1 + min(length[i + 1][j], length[i][j + 1])
+    out, i, j = [], 0, 0
+    while i < n or j < m:
+        take_a = i < n and (j == m or a[i] == b[j] or length[i + 1][j] <= length[i][j + 1])
+        take_b = j < m and (i == n or a[i] == b[j] or not take_a)
+        out.append(a[i] if take_a else b[j])
+        i, j = i + take_a, j + take_b
+    return tuple(out)
+
+
+def program_membership(programs: list[tuple[int, ...]], schedule: tuple[int, ...],
+                       device: torch.device) -> torch.Tensor:
+    """(U, S) bool: program u runs slot s, each program embedded leftmost into the schedule, in order."""
+    member = torch.zeros((len(programs), len(schedule)), dtype=torch.bool, device=device)
+    for u, program in enumerate(programs):
+        s = 0
+        for layer in program:
+            while schedule[s] != layer:
+                s += 1
+            member[u, s] = True
+            s += 1
+    return member
+
+
+@contextmanager
+def program_stack(model: nn.Module, wrappers: list[_RoutedLayer], schedule: tuple[int, ...]) -> Iterator[list[_RoutedLayer]]:
+    """Run `model` through the slots of `schedule` (one routed wrapper per slot over the physical layers of
+    `wrappers`) instead of its L layers, until the block exits; the identity schedule yields `wrappers`.
+
+    The decoder's layer list and its config's depth are swapped for the schedule's (`swapped_stack`) and
+    restored after; no weight is copied.
+    """
+    if schedule == tuple(range(len(wrappers))):
+        yield wrappers
+        return
+    slots = [_RoutedLayer(wrappers[j].layer, slot=s) for s, j in enumerate(schedule)]
+    with swapped_stack(model, slots, schedule):
+        yield slots
+
+
+@contextmanager
+def swapped_stack(model: nn.Module, modules: list[nn.Module], schedule: tuple[int, ...]) -> Iterator[None]:
+    """Temporarily make `modules` (module s runs physical layer schedule[s]) the decoder's layer list, with the
+    config's depth and per-layer `layer_types` to match; restored on exit."""
+    decoder, stack = model.get_decoder(), decoder_layers(model)
+    name = next(n for n, child in decoder.named_children() if child is stack)
+    config = model.config.get_text_config()
+    depth, types = config.num_hidden_layers, getattr(config, "layer_types", None)
+    setattr(decoder, name, nn.ModuleList(modules))
+    config.num_hidden_layers = len(modules)
+    if types is not None:
+        config.layer_types = [types[j] for j in schedule]
+    try:
+        yield
+    finally:
+        setattr(decoder, name, stack)
+        config.num_hidden_layers = depth
+        if types is not None:
+            config.layer_types = types
+
+
 class _Rows:
     """The live rows of one routed batch: which configuration each row runs, its prompt, its masks."""
 
     def __init__(self, membership: torch.Tensor, prompt_of_row: torch.Tensor, attention_mask: torch.Tensor | None,
                  positions: torch.Tensor, cache: Cache):
-        self.membership = membership  # (R, L) bool: row r executes layer j
+        self.membership = membership  # (R, S) bool: row r executes slot j (slot j = layer j without a program)
         self.prompt_of_row = prompt_of_row
         self.ids = torch.arange(membership.shape[0], device=membership.device)  # original row numbers
         self.attention_mask = attention_mask  # (R, width) with padding, for per-row (`skip`) caches; else None
         self.positions = positions  # (R,) position of the last token fed
-        self.cache = cache  # one layer per decoder layer, holding the rows that keep it
+        self.cache = cache  # one layer per slot, holding the rows that run it
+        self.layer_rows = _rows_per_layer(membership)
 
     def route(self, wrappers: list[_RoutedLayer], executed: torch.Tensor) -> None:
-        everyone = bool(self.membership.all())
-        for j, wrapper in enumerate(wrappers):
-            column = self.membership[:, j]
-            wrapper.rows = None if everyone or bool(column.all()) else column.nonzero().squeeze(1)
-            wrapper.executed = executed
+        for wrapper, rows in zip(wrappers, self.layer_rows):
+            wrapper.rows, wrapper.executed = rows, executed
 
     def keep(self, keep: torch.Tensor) -> None:
         """Drop finished rows from every per-row tensor and from each layer's cache."""
         for j, layer in enumerate(self.cache.layers):
             layer.keep_rows(keep[self.membership[:, j]])
         self.membership = self.membership[keep]
+        self.layer_rows = _rows_per_layer(self.membership)
         self.prompt_of_row = self.prompt_of_row[keep]
         self.ids = self.ids[keep]
         self.positions = self.positions[keep]
         if self.attention_mask is not None:
             self.attention_mask = self.attention_mask[keep]
+
+
+def _rows_per_layer(membership: torch.Tensor) -> list[torch.Tensor | None]:
+    """The rows that run each layer, ascending (None: every row), from one `nonzero` over the whole (R, L)
+    membership: computed when the rows change (start, EOS drops), so a decode step routes its layers
+    without a host-device sync per layer."""
+    counts = membership.sum(0).tolist()
+    rows = membership.t().nonzero()[:, 1].contiguous()  # layer-major: each layer's rows in ascending order
+    return [None if n == membership.shape[0] else part for n, part in zip(counts, rows.split(counts))]
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,10 +451,10 @@ def eos_ids(lm: LoadedModel) -> torch.Tensor | None:
 
 def _forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
              position_ids: torch.Tensor, cache: Cache, **attention_kwargs) -> torch.Tensor:
-    """One model forward; returns the greedy next token of each row."""
+    """One model forward; returns the last position's logits of each row (R, V)."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=cache, use_cache=True, logits_to_keep=1, **attention_kwargs)
-    return out.logits[:, -1, :].max(-1).indices  # = argmax (first maximum on ties), 2x faster on CPU in bfloat16
+                use_cache=True, logits_to_keep=1, **cache_argument(model, cache), **attention_kwargs)
+    return out.logits[:, -1, :]
 
 
 @contextmanager
@@ -335,13 +468,6 @@ def attention_implementation(model: nn.Module, name: str) -> Iterator[None]:
         model.set_attn_implementation(previous)
 
 
-def _membership(layer_sets: list[tuple[int, ...]], num_layers: int, device: torch.device) -> torch.Tensor:
-    member = torch.zeros((len(layer_sets), num_layers), dtype=torch.bool, device=device)
-    for u, layers in enumerate(layer_sets):
-        member[u, list(layers)] = True
-    return member
-
-
 @torch.inference_mode()
 def generate(
     lm: LoadedModel,
@@ -352,12 +478,75 @@ def generate(
     ignore_eos: bool = False,
     max_rows: int = DEFAULT_MAX_ROWS,
     on_group_done: Callable[[int], None] | None = None,
+    stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seeds: list[list[int]] | None = None,
 ) -> list[list[Generation]]:
-    """Greedy-decode every prompt under every configuration; result[i][k] is prompt i under configs[k].
+    """Decode every prompt under every configuration; result[i][k] is prompt i under configs[k].
 
-    Configurations with the same executed layers are decoded once. Rows (prompt x distinct layer set)
-    are processed in groups of at most `max_rows`; `on_group_done(tokens)` reports progress.
+    Greedy by default (temperature 0), when configurations with the same program are decoded once. With
+    temperature > 0 every (prompt, configuration) row samples (`pipeline.generation.sampling`: temperature,
+    top-p, `seeds[i][k]` the seed of prompt i under configs[k]) and is its own row. Rows are processed in
+    groups of at most `max_rows`; `on_group_done(tokens)` reports progress. `stop` (e.g.
+    `stops.StopStrings`) ends rows early besides EOS: live rows' tokens (R, T) -> (R,) bool.
     """
+    sampled = temperature > 0
+    if sampled and (seeds is None or len(seeds) != len(prompts) or any(len(s) != len(configs) for s in seeds)):
+        raise ValueError("sampling needs one seed per prompt and configuration (seeds[i][k])")
+    # A unit is decoded once for every prompt: a distinct program, or under sampling each configuration.
+    units = list(range(len(configs))) if sampled else list(dict.fromkeys(cfg.layers for cfg in configs))
+    per_group = max(1, max_rows // max(1, len(prompts)))
+    groups, row_seeds = [], []
+    for start in range(0, len(units), per_group):
+        group = units[start : start + per_group]
+        programs = [configs[k].layers for k in group] if sampled else group
+        groups.append((programs, [u for u in range(len(group)) for _ in prompts], list(range(len(prompts))) * len(group)))
+        row_seeds.append([seeds[i][k] for k in group for i in range(len(prompts))] if sampled else None)
+    samplers = [None if s is None else RowSampler(temperature, top_p, s) for s in row_seeds]
+    outputs = _decode(lm, prompts, configs, groups, max_new_tokens, prefill, ignore_eos, on_group_done, stop,
+                      samplers)
+    results = {unit: out[u * len(prompts) : (u + 1) * len(prompts)]
+               for start, out in zip(range(0, len(units), per_group), outputs)
+               for u, unit in enumerate(units[start : start + per_group])}
+    return [[results[k if sampled else cfg.layers][i] for k, cfg in enumerate(configs)] for i in range(len(prompts))]
+
+
+@torch.inference_mode()
+def generate_pairs(
+    lm: LoadedModel,
+    prompts: list[list[int]],
+    pairs: list[tuple[int, SkipConfig]],
+    max_new_tokens: int,
+    prefill: str = "full",
+    ignore_eos: bool = False,
+    max_rows: int = DEFAULT_MAX_ROWS,
+    on_group_done: Callable[[int], None] | None = None,
+) -> list[Generation]:
+    """Greedy-decode chosen (prompt index, configuration) pairs, not the cross product: result[r] is pair r.
+
+    Per-sequence search needs this: every sequence has its own candidates, decoded together in one routed
+    batch (groups of at most `max_rows` rows, in order). Equal to `generate` on each pair alone.
+    """
+    groups = []
+    for start in range(0, len(pairs), max(1, max_rows)):
+        chunk = pairs[start : start + max(1, max_rows)]
+        group = list(dict.fromkeys(cfg.layers for _, cfg in chunk))
+        index = {program: u for u, program in enumerate(group)}
+        groups.append((group, [index[cfg.layers] for _, cfg in chunk], [i for i, _ in chunk]))
+    outputs = _decode(lm, prompts, [cfg for _, cfg in pairs], groups, max_new_tokens, prefill, ignore_eos,
+                      on_group_done)
+    return [gen for out in outputs for gen in out]
+
+
+def _decode(lm: LoadedModel, prompts: list[list[int]], configs: list[SkipConfig],
+            groups: list[tuple[list[tuple[int, ...]], list[int], list[int]]], max_new_tokens: int, prefill: str,
+            ignore_eos: bool, on_group_done: Callable[[int], None] | None,
+            stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
+            samplers: list[RowSampler | None] | None = None) -> list[list[Generation]]:
+    """Check the arguments, then decode each group (programs, program of each row, prompt of each row) in one
+    routed batch after one shared prefill; returns each group's generations in row order. `samplers[g]`
+    samples group g's rows (None: greedy)."""
     if prefill not in PREFILL_POLICIES:
         raise ValueError(f"unknown prefill policy {prefill!r}; choose from {', '.join(PREFILL_POLICIES)}")
     if max_new_tokens < 1:
@@ -366,36 +555,39 @@ def generate(
         raise ValueError("every prompt needs at least one token")
     num_layers = lm.num_layers
     for cfg in configs:
-        if not cfg.layers or max(cfg.layers) >= num_layers or cfg.layers[0] != 0:
-            raise ValueError(f"{cfg.config_id} does not fit a {num_layers}-layer model")
+        try:
+            check_program(cfg.config_id, list(cfg.layers), num_layers)
+        except ValueError as exc:
+            raise ValueError(f"{cfg.config_id} does not fit a {num_layers}-layer model ({exc})") from None
 
-    layer_sets = list(dict.fromkeys(cfg.layers for cfg in configs))
     device, model = lm.device, lm.model
     input_ids, attention_mask = left_pad(prompts, lm.tokenizer.pad_token_id, device)
     mask = attention_mask if bool((attention_mask == 0).any()) else None  # as generate: no padding, no mask
     capacity = input_ids.shape[1] + max_new_tokens
     stop_ids = None if ignore_eos else eos_ids(lm)
-
-    per_group = max(1, max_rows // len(prompts))
-    results: dict[tuple[int, ...], list[Generation]] = {}
+    samplers = samplers or [None] * len(groups)
+    outputs = []
     with wrapped_layers(model, _RoutedLayer) as wrappers:
         shared = _shared_prefill(model, wrappers, input_ids, mask) if prefill == "full" else None
         with attention_implementation(model, SHARED_PROMPT_ATTENTION) if shared else nullcontext():
-            for start in range(0, len(layer_sets), per_group):
-                group = layer_sets[start : start + per_group]
-                outputs = _decode_group(lm, wrappers, group, input_ids, mask, shared, capacity,
-                                        max_new_tokens, stop_ids)
-                results.update(zip(group, outputs))
+            for (programs, set_of_row, prompt_of_row), sampler in zip(groups, samplers):
+                schedule = layer_schedule(programs, num_layers)
+                with program_stack(model, wrappers, schedule) as slots:
+                    out = _decode_group(lm, slots, schedule, program_membership(programs, schedule, device),
+                                        torch.tensor(set_of_row, dtype=torch.long, device=device),
+                                        torch.tensor(prompt_of_row, dtype=torch.long, device=device),
+                                        input_ids, mask, shared, capacity, max_new_tokens, stop_ids, sampler, stop)
+                outputs.append(out)
                 if on_group_done is not None:
-                    on_group_done(sum(g.gen_tokens for per_set in outputs for g in per_set))
-    return [[results[cfg.layers][i] for cfg in configs] for i in range(len(prompts))]
+                    on_group_done(sum(g.gen_tokens for g in out))
+    return outputs
 
 
 @dataclass
 class _SharedPrefill:
-    """The prompt pass through all layers, done once: first tokens, every layer's prompt KV, the padding."""
+    """The prompt pass through all layers, done once: first-token logits, every layer's prompt KV, the padding."""
 
-    first_tokens: torch.Tensor  # (P,)
+    first_logits: torch.Tensor  # (P, V): each prompt's first token is picked from them, per row
     prompt_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (P, Hkv, width, D) in float32
     padding_bias: torch.Tensor | None  # (P, 1, 1, width) float32: -inf on left padding; None without padding
 
@@ -413,14 +605,16 @@ def _shared_prefill(model: nn.Module, wrappers: list[_RoutedLayer], input_ids: t
     return _SharedPrefill(first, [(layer.keys.float(), layer.values.float()) for layer in cache.layers], bias)
 
 
-def _decode_group(lm: LoadedModel, wrappers: list[_RoutedLayer], layer_sets: list[tuple[int, ...]],
+def _decode_group(lm: LoadedModel, wrappers: list[_RoutedLayer], schedule: tuple[int, ...],
+                  set_member: torch.Tensor, set_of_row: torch.Tensor, prompt_of_row: torch.Tensor,
                   input_ids: torch.Tensor, mask: torch.Tensor | None, shared: _SharedPrefill | None,
-                  capacity: int, max_new_tokens: int, stop_ids: torch.Tensor | None) -> list[list[Generation]]:
-    """Decode one group of layer sets for every prompt; returns outputs[set][prompt]."""
-    device, num_prompts, num_layers = input_ids.device, input_ids.shape[0], len(wrappers)
-    set_member = _membership(layer_sets, num_layers, device)
-    set_of_row = torch.arange(len(layer_sets), device=device).repeat_interleave(num_prompts)
-    prompt_of_row = torch.arange(num_prompts, device=device).repeat(len(layer_sets))
+                  capacity: int, max_new_tokens: int, stop_ids: torch.Tensor | None,
+                  sampler: RowSampler | None = None,
+                  stop: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[Generation]:
+    """Decode one group of rows (row r: program set_of_row[r] on prompt prompt_of_row[r]) through the slots of
+    `schedule` (`wrappers`, one per slot; `set_member` (U, S): the slots each program runs); outputs per row.
+    `sampler` samples the rows' tokens (None: greedy); `stop` ends rows early besides EOS."""
+    device = input_ids.device
     membership = set_member[set_of_row]
     num_rows = set_of_row.numel()
     start_positions = prompt_positions(input_ids, mask)[prompt_of_row]
@@ -431,21 +625,25 @@ def _decode_group(lm: LoadedModel, wrappers: list[_RoutedLayer], layer_sets: lis
         # accelerators keep the model's dtype (memory is their limit, conversion is cheap).
         kv_dtype = torch.float32 if device.type == "cpu" else lm.model.dtype
         cache = Cache(layers=[
-            _SharedPromptLayer(keys, values, shared.padding_bias, prompt_of_row[membership[:, j]], max_new_tokens,
-                               kv_dtype)
-            for j, (keys, values) in enumerate(shared.prompt_kv)
+            _SharedPromptLayer(*shared.prompt_kv[j], shared.padding_bias, prompt_of_row[membership[:, s]],
+                               max_new_tokens, kv_dtype)
+            for s, j in enumerate(schedule)
         ])
         rows = _Rows(membership, prompt_of_row, None, start_positions[:, -1], cache)
         attention_kwargs = {"prompt_cache": cache}
-        next_tokens = shared.first_tokens[prompt_of_row]
-        layers_run = torch.full((num_rows,), num_layers, dtype=torch.long, device=device)
+        if sampler is None:  # greedy: one pick per prompt, not a (rows x vocabulary) copy
+            next_tokens = pick_tokens(shared.first_logits, rows.ids, None)[prompt_of_row]
+        else:
+            next_tokens = pick_tokens(shared.first_logits[prompt_of_row], rows.ids, sampler)
+        layers_run = torch.full((num_rows,), len(shared.prompt_kv), dtype=torch.long, device=device)
     else:
         row_mask = mask[prompt_of_row] if mask is not None else None
-        cache = Cache(layers=[_SlotLayer(capacity) for _ in range(num_layers)])
+        cache = Cache(layers=[_SlotLayer(capacity) for _ in schedule])
         rows = _Rows(membership, prompt_of_row, row_mask, start_positions[:, -1], cache)
         attention_kwargs = {}
         rows.route(wrappers, executed)
-        next_tokens = _forward(lm.model, input_ids[prompt_of_row], row_mask, start_positions, rows.cache)
+        next_tokens = pick_tokens(_forward(lm.model, input_ids[prompt_of_row], row_mask, start_positions, rows.cache),
+                                  rows.ids, sampler)
         layers_run = executed.clone()
 
     tokens = torch.full((num_rows, max_new_tokens), -1, dtype=torch.long, device=device)
@@ -458,13 +656,17 @@ def _decode_group(lm: LoadedModel, wrappers: list[_RoutedLayer], layer_sets: lis
             rows.positions = rows.positions + 1
             if rows.attention_mask is not None:
                 rows.attention_mask = torch.cat([rows.attention_mask, rows.attention_mask.new_ones(len(rows.ids), 1)], 1)
-            next_tokens = _forward(lm.model, next_tokens[:, None], rows.attention_mask, rows.positions[:, None],
-                                   rows.cache, **attention_kwargs)
+            next_tokens = pick_tokens(_forward(lm.model, next_tokens[:, None], rows.attention_mask,
+                                               rows.positions[:, None], rows.cache, **attention_kwargs),
+                                      rows.ids, sampler)
             layers_run[rows.ids] += executed[: len(rows.ids)]
         tokens[rows.ids, step] = next_tokens
         lengths[rows.ids] = step + 1
-        if stop_ids is not None:
-            done = torch.isin(next_tokens, stop_ids)
+        if stop_ids is not None or stop is not None:
+            done = (torch.isin(next_tokens, stop_ids) if stop_ids is not None
+                    else torch.zeros_like(next_tokens, dtype=torch.bool))
+            if stop is not None:
+                done |= stop(tokens[rows.ids, : step + 1])
             if bool(done.any()):
                 finished_eos[rows.ids[done]] = True
                 keep = ~done
@@ -475,17 +677,13 @@ def _decode_group(lm: LoadedModel, wrappers: list[_RoutedLayer], layer_sets: lis
                 executed = executed[: int(keep.sum())]
 
     tokenizer = lm.tokenizer
-    outputs: list[list[Generation]] = []
-    for u in range(len(layer_sets)):
-        per_prompt = []
-        for i in range(num_prompts):
-            r = u * num_prompts + i
-            ids = tokens[r, : lengths[r]].tolist()
-            per_prompt.append(Generation(
-                token_ids=ids,
-                text=tokenizer.decode(ids, skip_special_tokens=True),
-                finish_reason="eos" if bool(finished_eos[r]) else "length",
-                layers_per_token=float(layers_run[r]) / len(ids),
-            ))
-        outputs.append(per_prompt)
+    outputs = []
+    for r in range(num_rows):
+        ids = tokens[r, : lengths[r]].tolist()
+        outputs.append(Generation(
+            token_ids=ids,
+            text=tokenizer.decode(ids, skip_special_tokens=True),
+            finish_reason="eos" if bool(finished_eos[r]) else "length",
+            layers_per_token=float(layers_run[r]) / len(ids),
+        ))
     return outputs

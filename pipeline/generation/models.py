@@ -7,9 +7,12 @@ directory and later loads read that copy.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
+import inspect
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -98,6 +101,17 @@ def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     raise ValueError(f"{type(model).__name__}: no stack of {depth} decoder layers found under {type(decoder).__name__}")
 
 
+def cache_argument(module: nn.Module, cache) -> dict:
+    """`{name: cache}` for `module(...)`: the KV cache under the name its forward takes, `cache` (transformers
+    5.x since the rename), else `past_key_values` (older releases; deprecated, to be removed in 5.40)."""
+    return {_cache_keyword(type(module)): cache}
+
+
+@functools.cache
+def _cache_keyword(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
 def cache_dir() -> Path:
     """Where converted models are kept: $DYNORACLE_CACHE, else ~/.cache/dynoracle."""
     return Path(os.environ.get("DYNORACLE_CACHE", Path.home() / ".cache" / "dynoracle"))
@@ -143,7 +157,39 @@ def _source(name: str) -> tuple[str | Path, dict]:
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} does not exist")
         return path.parent, {"gguf_file": path.name}
+    if not Path(name).exists() and _looks_like_path(name):
+        raise FileNotFoundError(f"model {name}: no folder or file at {Path(name).expanduser().resolve()}; {_MODEL_FIX}")
     return name, {}
+
+
+_MODEL_FIX = (f"give a model folder (e.g. one written by `dynoracle finetune`), a .gguf file, a hub id such as "
+              f"org/name, or {EMBEDDED_MODEL}")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name a hub id cannot be (`./x`, `/x`, `~/x`, `a/b/c`, `a\\b`): only a local path was meant."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+
+
+@contextmanager
+def _model_lookup(name: str) -> Iterator[None]:
+    """A model that is neither a local folder nor on the hub, as one line naming what was asked for and where
+    it was looked for (transformers and the hub client word it as a connection or repo-id error)."""
+    from huggingface_hub.errors import HFValidationError
+
+    hub_log = logging.getLogger("huggingface_hub")  # its retry warnings would bury the one line below
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)
+    try:
+        yield
+    except (OSError, HFValidationError) as exc:
+        if Path(name).exists():
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise FileNotFoundError(f"model {name}: {Path(name).resolve()} is not a model folder ({first})") from None
+        raise FileNotFoundError(f"model {name}: no folder or file at {Path(name).resolve()}, and not found as a "
+                                f"Hugging Face hub id (not there, private, or the hub is offline); {_MODEL_FIX}") from None
+    finally:
+        hub_log.setLevel(level)
 
 
 @contextmanager
@@ -163,7 +209,7 @@ def load_config(name: str = EMBEDDED_MODEL, trust_remote_code: bool = False) -> 
     if is_random(name):
         return random_config(name, load_tokenizer(name))
     source, extra = _source(name)
-    with _remote_code_refused(name):
+    with _model_lookup(name), _remote_code_refused(name):
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
 
 
@@ -214,7 +260,7 @@ def load_tokenizer(name: str = EMBEDDED_MODEL, trust_remote_code: bool = False) 
     source, extra = _source(name)
     if "gguf_file" in extra:
         return _gguf_tokenizer(Path(name))
-    with _remote_code_refused(name):
+    with _model_lookup(name), _remote_code_refused(name):
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
 
 
@@ -239,7 +285,7 @@ def load_model(name: str = EMBEDDED_MODEL, dtype: str = AUTO_DTYPE, device: str 
         model = build_random_model(name, tokenizer, torch_dtype, device)
     else:
         source, extra = _source(name)
-        with _remote_code_refused(name):
+        with _model_lookup(name), _remote_code_refused(name):
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype,
                                                          trust_remote_code=trust_remote_code, **extra)
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)

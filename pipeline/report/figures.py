@@ -13,34 +13,49 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.patches import Patch
 from matplotlib.ticker import PercentFormatter
 
+from pipeline.analysis.gate_curves import read_gates
 from pipeline.analysis.reduce import reduce_run
+from pipeline.analysis.token_oracle import read_token_oracle
+from pipeline.analysis.result_key import oracle_name
 from pipeline.generation.configs import CUSTOM, FULL_ID, KNOWN_FAMILIES
+from pipeline.report.accuracy import cola_section
+from pipeline.report.oracle_checks import checks_section, draw_null_and_ceiling, picks_section, read_null
+from pipeline.report.paper import (
+    band_colors,
+    checkpoint_section,
+    controller_section,
+    figure_formats,
+    plot_named_configs,
+)
 from pipeline.report.query import open_run
+from pipeline.report.token_figures import plot_gates, plot_token_oracle
 from pipeline.report.similarity_figures import load_summary, plot_final_against_cost, plot_layers, similarity_section
 from pipeline.run.atomic import write_atomic
 from pipeline.run.location import RunPath, locate, read_parquet
 
 ORACLE_FILES = ("frontier.parquet", "allocations.parquet", "config_means.parquet", "summary.json")
 HEADLINE_FRACTIONS = (0.25, 0.5, 0.75)
-# family -> legend label, line colour, colormap of its bands in the shares plot
+# family -> legend label, line colour
 STYLE = {
-    "uls": ("ULS (uniform skip)", "tab:blue", "Blues"),
-    "ee": ("EE (early exit)", "tab:orange", "Oranges"),
-    "rls": ("RLS (random skip)", "tab:green", "Greens"),
-    CUSTOM: ("custom layer sets", "tab:purple", "Purples"),
-    FULL_ID: ("full model", "0.3", "Greys"),
+    "uls": ("ULS (uniform skip)", "tab:blue"),
+    "ee": ("EE (early exit)", "tab:orange"),
+    "rls": ("RLS (random skip)", "tab:green"),
+    CUSTOM: ("custom layer sets", "tab:purple"),
+    FULL_ID: ("full model", "0.3"),
 }
 # One row per configuration; each has every sequence (the reducer checks that), so means of means are fair.
 CONFIG_MEANS = """
     select config_id, family, cost, avg("{metric}") as score, avg(gen_tokens) as gen_tokens,
            avg(case when finish_reason = 'eos' then 1.0 else 0.0 end) as eos_rate
     from generations group by config_id, family, cost order by family, cost, config_id
+"""
+CHOICE_CONFIG_MEANS = """
+    select config_id, family, cost, avg("{metric}") as score
+    from choices group by config_id, family, cost order by family, cost, config_id
 """
 
 
@@ -52,71 +67,87 @@ class Report:
     reduced: str | None  # why the reducer ran first; None when its files were reused
 
 
-def build_report(run_dir: str | RunPath, metric: str = "rougeL", families: list[str] | None = None,
-                 partial: bool = False) -> Report:
-    """Reduce if needed, then write cost_quality.png, oracle_shares.png, lengths.png and report.md, plus the
-    hidden-state similarity figures when `dynoracle similarity` has run.
+def build_report(run_dir: str | RunPath, metric: str | None = None, families: list[str] | None = None,
+                 partial: bool = False, formats: tuple[str, ...] = ("png",)) -> Report:
+    """Reduce if needed, then write cost_quality, oracle_shares, lengths and report.md, plus the hidden-state
+    similarity figures when `dynoracle similarity` has run, each figure in every one of `formats` (png, pdf,
+    svg); report.md gains the controller and checkpoint sections when the run has them.
 
     `partial` allows a run with shard files missing (see `pipeline.run.verify`); the report then covers the
-    sequences present.
+    sequences present. A multiple-choice run (metric default acc) has no lengths.png; with a 0/1 metric the
+    report adds CoLa's shares against their null (`pipeline.report.accuracy`).
     """
     run_dir = locate(run_dir)
+    formats = figure_formats(",".join(formats))
     db = open_run(run_dir, metric, partial)
+    metric, generations = db.metric, db.table == "generations"
     try:
         present = db.frame("select distinct family from configs")["family"].tolist()
-        per_config = db.frame(CONFIG_MEANS.format(metric=metric))
+        per_config = db.frame((CONFIG_MEANS if generations else CHOICE_CONFIG_MEANS).format(metric=metric))
     finally:
         db.connection.close()
-    reason = stale_reason(run_dir, metric, families, present)
+    reason = stale_reason(run_dir, metric, families, present, db.table)
     if reason is not None:
         reduce_run(run_dir, metric, families, match_full=True, partial=partial)
-    out = run_dir / "oracle" / metric
+    out = run_dir / "oracle" / oracle_name(metric, families, present)
     summary = json.loads((out / "summary.json").read_text())
     frontier = read_parquet(out / "frontier.parquet").to_pandas()
     intervals = read_parquet(out / "config_means.parquet", columns=["config_id", "mean_lo", "mean_hi"]).to_pandas()
     per_config = per_config[per_config["family"].isin(summary["families"])].merge(intervals, on="config_id")
     job = _job(run_dir)
     title = _describe(job, run_dir)
+    checkpoints = dict(job.get("checkpoints") or {})
 
     from pipeline.analysis.controller_run import read_curves  # scikit-learn is imported only when a report is made
 
+    curves = read_curves(run_dir, metric)
     figures = {
-        "cost_quality.png": plot_cost_quality(per_config, frontier, summary, title, read_curves(run_dir, metric)),
-        "oracle_shares.png": plot_shares(per_config, frontier, summary, title),
-        "lengths.png": plot_lengths(per_config, summary, title, job.get("max_new_tokens")),
+        "cost_quality.png": plot_cost_quality(per_config, frontier, summary, title, curves, checkpoints,
+                                              read_gates(run_dir, metric), read_null(out)),
+        "oracle_shares.png": plot_shares(per_config, frontier, summary, title, checkpoints),
     }
+    if generations:
+        figures["lengths.png"] = plot_lengths(per_config, summary, title, job.get("max_new_tokens"))
+    token_oracle = read_token_oracle(run_dir)
+    if token_oracle is not None:
+        figures["token_oracle.png"] = plot_token_oracle(*token_oracle, summary, title)
     similarity = load_summary(run_dir)
-    extra: list[str] = []
+    extra: list[str] = [*checks_section(summary), *picks_section(run_dir, out, metric, summary, partial),
+                        *cola_section(summary)]
     if similarity is not None:
         response, frame = similarity
         L = int(round(summary["num_layers"]))
         figures["similarity_cost.png"] = plot_final_against_cost(frame, L, response, title)
         figures["similarity_layers.png"] = plot_layers(frame, L, response, title)
-        extra = similarity_section(frame, L, response)
+        extra += similarity_section(frame, L, response)
+    extra = [*checkpoint_section(checkpoints), *controller_section(curves, summary["num_layers"]), *extra]
     paths = []
     for name, fig in figures.items():
-        paths.append(run_dir / name)
-        write_atomic(paths[-1], lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=130))
-    text = markdown(summary, frontier, per_config, title, list(figures), extra)
+        for fmt in formats:
+            paths.append(run_dir / name.replace(".png", f".{fmt}"))
+            write_atomic(paths[-1], lambda tmp, fig=fig, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=130))
+    shown = [name.replace(".png", f".{formats[0]}") for name in figures]
+    text = markdown(summary, frontier, per_config, title, shown, extra)
     write_atomic(run_dir / "report.md", lambda tmp: tmp.write_text(text))
     return Report(run_dir / "report.md", paths, summary, reason)
 
 
-def stale_reason(run_dir: RunPath, metric: str, families: list[str] | None, present: list[str]) -> str | None:
+def stale_reason(run_dir: RunPath, metric: str, families: list[str] | None, present: list[str],
+                 table: str = "generations") -> str | None:
     """Why the oracle files of `metric` cannot serve the report (None when they can).
 
     They must exist, be newer than every input (a rewritten or deleted shard touches the generations
     folder), use nominal cost, include the minimal matching budget, and cover the wanted families
     (default: every family the run has, as the reducer's default).
     """
-    out = run_dir / "oracle" / metric
+    out = run_dir / "oracle" / oracle_name(metric, families, present)
     outputs = [out / name for name in ORACLE_FILES]
     if not all(p.is_file() for p in outputs):
         return "no oracle files yet"
-    generations = run_dir / "generations"
-    inputs = [run_dir / "configs.parquet", generations, *generations.glob("*.parquet")]
+    rows = run_dir / table
+    inputs = [run_dir / "configs.parquet", rows, *rows.glob("*.parquet")]
     if max(p.stat().st_mtime_ns for p in inputs if p.exists()) > min(p.stat().st_mtime_ns for p in outputs):
-        return "the generations are newer than the oracle files"
+        return f"the {table} are newer than the oracle files"
     try:
         summary = json.loads(outputs[-1].read_text())
     except (OSError, json.JSONDecodeError):
@@ -127,6 +158,8 @@ def stale_reason(run_dir: RunPath, metric: str, families: list[str] | None, pres
         return "the oracle files cover a partial run"
     if not summary.get("match_full"):
         return "the oracle files lack the minimal matching budget"
+    if "degenerate" not in summary:
+        return "the oracle files predate the null, the noise ceiling and the degenerate rule"
     wanted = set(present if families is None else [FULL_ID, *families])
     if set(summary.get("families", ())) != wanted | {FULL_ID}:
         return "the oracle files cover other families"
@@ -142,9 +175,9 @@ def family_curves(per_config: pd.DataFrame) -> dict[str, pd.DataFrame]:
         rows = per_config[per_config["family"] == family]
         if rows.empty:
             continue
-        means = rows.groupby("cost", as_index=False).agg(
-            score=("score", "mean"), gen_tokens=("gen_tokens", "mean"), eos_rate=("eos_rate", "mean"),
-            mean_lo=("mean_lo", "mean"), mean_hi=("mean_hi", "mean"), configs=("config_id", "count"))
+        averaged = [c for c in ("score", "gen_tokens", "eos_rate", "mean_lo", "mean_hi") if c in per_config]  # choice
+        means = rows.groupby("cost", as_index=False).agg(  # rows have no lengths
+            **{c: (c, "mean") for c in averaged}, configs=("config_id", "count"))
         curves[family] = pd.concat([means, full.assign(configs=1)[means.columns]], ignore_index=True)
     return curves
 
@@ -155,13 +188,20 @@ def _label(family: str, curve: pd.DataFrame) -> str:
 
 
 def plot_cost_quality(per_config: pd.DataFrame, frontier: pd.DataFrame, summary: dict, title: str,
-                      controllers: pd.DataFrame | None = None) -> Figure:
+                      controllers: pd.DataFrame | None = None, checkpoints: dict[str, str] | None = None,
+                      gates: pd.DataFrame | None = None, null: pd.DataFrame | None = None) -> Figure:
     """The study's figure 2: static families and the oracle frontier against cost, with the matching budget,
-    and the prompt-feature controllers (`dynoracle controller`) when the run has them."""
+    the oracle's null and the full model's best-of-K (`pipeline.report.oracle_checks`), the prompt-feature
+    controllers (`dynoracle controller`) and the per-token gates (`dynoracle gates`, cost = layers run per
+    decode token) when the run has them. Custom layer sets are named points (not a curve); configurations
+    that ran on a checkpoint are ringed."""
     L, metric, full_mean = summary["num_layers"], summary["metric"], summary["full_mean"]
     fig = Figure(figsize=(10, 5.5), layout="constrained")
     ax = fig.add_subplot()
+    plot_named_configs(ax, per_config, checkpoints or {})
     for family, curve in family_curves(per_config).items():
+        if family == CUSTOM:
+            continue
         ax.plot(curve["cost"], curve["score"], marker="o", ms=4, lw=1.3, color=STYLE[family][1],
                 label=_label(family, curve))
         ax.fill_between(curve["cost"], curve["mean_lo"], curve["mean_hi"], color=STYLE[family][1], alpha=0.15, lw=0)
@@ -174,6 +214,9 @@ def plot_cost_quality(per_config: pd.DataFrame, frontier: pd.DataFrame, summary:
                         label=f"{summary['bootstrap']['level']:.0%} bootstrap intervals (bands)")
     if controllers is not None:
         plot_controllers(ax, controllers, L)
+    if gates is not None and len(gates):
+        plot_gates(ax, gates)
+    draw_null_and_ceiling(ax, null, summary)
 
     match = summary["min_budget_to_match"]
     if match is None:
@@ -197,7 +240,7 @@ def plot_cost_quality(per_config: pd.DataFrame, frontier: pd.DataFrame, summary:
     ax.set_ylim(low, high + 0.2 * (high - low))  # headroom for the note
 
     ax.set_xlim(0, L + 0.5)
-    ax.set_xlabel("cost: executed layers per sequence (mean)")
+    ax.set_xlabel("cost (nominal): layers per generated token after the first (mean)")
     ax.set_ylabel(f"mean {metric}")
     top = ax.secondary_xaxis("top", functions=(lambda x: x / L, lambda f: f * L))
     top.xaxis.set_major_formatter(PercentFormatter(1.0))
@@ -227,13 +270,13 @@ def plot_controllers(ax, curves: pd.DataFrame, num_layers: float) -> None:
             label=f"controller: {learners[0]}, shuffled features (null)")
 
 
-def plot_shares(per_config: pd.DataFrame, frontier: pd.DataFrame, summary: dict, title: str) -> Figure:
+def plot_shares(per_config: pd.DataFrame, frontier: pd.DataFrame, summary: dict, title: str,
+                checkpoints: dict[str, str] | None = None) -> Figure:
     """Which configurations the oracle gives its sequences at each grid budget, as stacked shares.
 
-    Bands are coloured by family and shaded by cost (light = few layers), so dozens of configurations
-    stay readable with one legend entry per family.
+    Bands are ordered by family and cost; the configurations that matter (the largest mean shares) get
+    their own colours and names in the legend, the rest are grey (`pipeline.report.paper.band_colors`).
     """
-    L = summary["num_layers"]
     grid = frontier[frontier["kind"] == "grid"].sort_values("budget")
     shares: dict[str, np.ndarray] = {}
     for i, row_shares in enumerate(grid["shares"]):
@@ -242,21 +285,17 @@ def plot_shares(per_config: pd.DataFrame, frontier: pd.DataFrame, summary: dict,
     meta = per_config.set_index("config_id")
     rank = {f: i for i, f in enumerate((*KNOWN_FAMILIES, FULL_ID))}
     order = sorted(shares, key=lambda c: (rank[meta.at[c, "family"]], meta.at[c, "cost"], c))
-    colors = [_shade(meta.at[c, "family"], meta.at[c, "cost"] / L) for c in order]
+    colors, handles = band_colors(order, shares, meta["family"].to_dict(), checkpoints or {})
 
     fig = Figure(figsize=(10, 5.5), layout="constrained")
     ax = fig.add_subplot()
     ax.stackplot(grid["budget"], [shares[c] for c in order], colors=colors, edgecolor="white", linewidth=0.3)
     match = summary["min_budget_to_match"]
-    used = pd.Series([meta.at[c, "family"] for c in order]).value_counts()
-    handles = [Patch(color=_shade(f, 1.0 if f == FULL_ID else 0.6),
-                     label=f"{STYLE[f][0]}: {used[f]} configuration{'s' if used[f] > 1 else ''} used")
-               for f in sorted(used.index, key=rank.get)]
     if match is not None:
         ax.axvline(match, color="tab:red", ls="--", lw=1.5)
         handles.append(Line2D([], [], color="tab:red", ls="--", label=f"least budget matching full ({match:.2f})"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False, fontsize=9,
-              title="shade: lighter = fewer layers", title_fontsize=9)
+              title="largest shares, by family and cost", title_fontsize=9)
     ax.set_xlim(grid["budget"].min(), grid["budget"].max())
     ax.set_ylim(0, 1)
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
@@ -266,21 +305,17 @@ def plot_shares(per_config: pd.DataFrame, frontier: pd.DataFrame, summary: dict,
     return fig
 
 
-def _shade(family: str, depth: float) -> tuple:
-    """A family's colour, lighter for shallower configurations (depth = cost / L).
-
-    The range stops short of both ends of the colormap: near-white and near-black bands lose their hue.
-    """
-    return colormaps[STYLE[family][2]](0.3 + 0.55 * depth)
-
-
 def plot_lengths(per_config: pd.DataFrame, summary: dict, title: str, max_new_tokens: int | None) -> Figure:
     """Output length and EOS rate per configuration: skipped models that never stop show up here."""
     L = summary["num_layers"]
     full = per_config[per_config["family"] == FULL_ID].iloc[0]
     fig = Figure(figsize=(11, 4.8), layout="constrained")
     axes = fig.subplots(1, 2, sharex=True)
+    for ax, column in zip(axes, ("gen_tokens", "eos_rate")):
+        plot_named_configs(ax, per_config, {}, column)
     for family, curve in family_curves(per_config).items():
+        if family == CUSTOM:  # named points above, not a curve
+            continue
         for ax, column in zip(axes, ("gen_tokens", "eos_rate")):
             ax.plot(curve["cost"], curve[column], marker="o", ms=4, lw=1.3, color=STYLE[family][1],
                     label=_label(family, curve))
@@ -333,7 +368,7 @@ def markdown(summary: dict, frontier: pd.DataFrame, per_config: pd.DataFrame, ti
         f"# dynoracle report: {title}",
         "",
         f"Oracle over {metric} with families {', '.join(summary['families'])}; cost = executed layers "
-        f"({summary['cost_mode']}). Numbers from `oracle/{metric}/summary.json` and `frontier.parquet`. {note}",
+        f"({summary['cost_mode']}). Numbers from `oracle/{summary.get('result', metric)}/summary.json` and `frontier.parquet`. {note}",
         "",
         "## Headline",
         "",
@@ -370,10 +405,12 @@ def markdown(summary: dict, frontier: pd.DataFrame, per_config: pd.DataFrame, ti
         "lengths.png": "Mean output length and EOS rate per configuration.",
         "similarity_cost.png": "Final hidden state's similarity to the full model against cost, per family.",
         "similarity_layers.png": "Similarity to the full model after each layer, at a few budgets.",
+        "token_oracle.png": "Per-token oracle (optimistic: full-model states for earlier tokens) against the "
+                            "per-sequence oracle's least matching budget, and over output positions.",
     }
     lines += ["", *extra, "## Figures", ""]
     for name in figures:
-        lines += [captions[name], "", f"![{name}]({name})", ""]
+        lines += [captions[name.rsplit(".", 1)[0] + ".png"], "", f"![{name}]({name})", ""]
     return "\n".join(lines)
 
 

@@ -27,9 +27,14 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 
-from pipeline.analysis.reduce import METRICS
+from pipeline.analysis import gate_curves, token_oracle
+from pipeline.analysis.features import FEATURES_FOLDER
+from pipeline.analysis.metrics import check_metric
+from pipeline.analysis.result_key import oracle_name, preferred_result
+from pipeline.analysis.similarity import RESPONSES, summary_path
 from pipeline.run.location import RunPath, parquet_dataset, read_parquet
-from pipeline.run.verify import RunFolderError, verify_run
+from pipeline.run.rundir import ShardProblem, job_identity, read_shard
+from pipeline.run.verify import RunFolderError, VerifiedRun, verify_run
 
 FORMATS = ("table", "csv", "json")
 CELL_WIDTH = 60  # table cells (outputs, references) are cut to this many characters
@@ -38,6 +43,9 @@ READ_STATEMENTS = (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
 MEMORY_LIMIT = "2GB"
 TIMEOUT_S = 300.0
 MAX_ROWS = 1_000_000
+# Shard tasks' row tables a run may hold: (view name, folder, schema)
+TASK_TABLES = (("gates", gate_curves.FOLDER, gate_curves.SHARD_SCHEMA),
+               ("token_oracle", token_oracle.FOLDER, token_oracle.SHARD_SCHEMA))
 # DuckDB settings of a query connection: bounded memory, no file system, no extensions, nothing changeable afterwards.
 LOCKED_DOWN = (("memory_limit", f"'{MEMORY_LIMIT}'"), ("enable_external_access", "false"), ("lock_configuration", "true"))
 
@@ -55,6 +63,8 @@ class RunDatabase:
 
     connection: duckdb.DuckDBPyConnection
     missing: dict[str, str]
+    table: str = "generations"  # the scored rows' view: generations, or choices for a multiple-choice run
+    metric: str = "rougeL"  # the metric whose oracle files are viewed
 
     def fetch(self, sql: str, timeout_s: float = TIMEOUT_S) -> tuple[list[str], list[tuple]]:
         """Column names and rows of a query (none when the statement returns nothing).
@@ -134,43 +144,90 @@ class RunDatabase:
         return " ".join(line for line in lines if line and not line.startswith("LINE ") and set(line) != {"^"})
 
 
-def open_run(run_dir: str | RunPath, metric: str = "rougeL", partial: bool = False) -> RunDatabase:
-    """Views generations, configs, and frontier/allocations of `metric`'s oracle, for whichever files exist.
+def open_run(run_dir: str | RunPath, metric: str | None = None, partial: bool = False,
+             families: list[str] | tuple[str, ...] | None = None, cost: str = "nominal") -> RunDatabase:
+    """Views the scored rows (`generations`, or `choices` for a multiple-choice run) and configs, and, for
+    whichever files exist: frontier, allocations and config_means of the oracle of `metric` (None: the run's
+    default metric) over `families` and `cost` (`reduce`'s folder for those options), controller_curves and
+    controller_matches (`controller`'s default folder, else its newest), similarity (`similarity`'s summary,
+    reference response before full) and features (`features`).
 
-    The run is verified first (`verify_run`; `partial` allows missing shard files), and the oracle's files
-    are read once with page checksums. Raises FileNotFoundError, RunFolderError or ValueError, one line each.
+    The run is verified first (`verify_run`; `partial` allows missing shard files), and every other file is
+    read once with page checksums. Raises FileNotFoundError, RunFolderError or ValueError, one line each.
     """
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
     run = verify_run(run_dir, partial)
-    oracle = run.root / "oracle" / metric
-    reduce_hint = f"run `dynoracle reduce {run.root} --metric {metric}` first"
-    sources = {"generations": run.shards, "configs": [run.root / "configs.parquet"]}
+    metric = check_metric(run.record, metric, run.root)
+    present = read_parquet(run.root / "configs.parquet", columns=["family"]).column("family").unique().to_pylist()
+    oracle = run.root / "oracle" / oracle_name(metric, families, present, cost)
+    options = "".join([f" --families {','.join(families)}" if families is not None else "",
+                       f" --cost {cost}" if cost != "nominal" else ""])
+    hints = {"oracle": f"run `dynoracle reduce {run.root} --metric {metric}{options}` first",
+             "controller": f"run `dynoracle controller {run.root} --metric {metric}` first",
+             "similarity": f"run `dynoracle similarity {run.root}` first",
+             "features": f"run `dynoracle features {run.root}` first"}
+    shown = preferred_result(run.root / "controller", metric, "curves.parquet")  # as `report` draws it
+    controller = run.root / "controller" / metric if shown is None else shown.parent
+    similarity = next((p for p in (summary_path(run.root, r) for r in RESPONSES) if p.is_file()),
+                      summary_path(run.root, RESPONSES[0]))
+    optional = {"frontier": ("oracle", [oracle / "frontier.parquet"]),
+                "allocations": ("oracle", [oracle / "allocations.parquet"]),
+                "config_means": ("oracle", [oracle / "config_means.parquet"]),
+                "controller_curves": ("controller", [controller / "curves.parquet"]),
+                "controller_matches": ("controller", [controller / "matches.parquet"]),
+                "similarity": ("similarity", [similarity]),
+                "features": ("features", sorted((run.root / FEATURES_FOLDER).glob("shard=*.parquet")) or
+                             [run.root / FEATURES_FOLDER / "shard=00000.parquet"])}
+    sources = {run.table: run.shards, "configs": [run.root / "configs.parquet"]}
     missing = {}
-    for name in ("frontier", "allocations"):
-        path = oracle / f"{name}.parquet"
-        if not path.is_file():
-            missing[name] = f"{path} is missing; {reduce_hint}"
+    for name, (kind, paths) in optional.items():
+        absent = next((path for path in paths if not path.is_file()), None)
+        if absent is not None:
+            missing[name] = f"{absent} is missing; {hints[kind]}"
             continue
-        try:
-            read_parquet(path)
-        except (OSError, pa.ArrowException) as exc:
-            raise RunFolderError(f"{path} is damaged ({str(exc).splitlines()[0][:120]}); "
-                                 f"rerun `dynoracle reduce {run.root} --metric {metric}`") from None
-        sources[name] = [path]
+        for path in paths:
+            try:
+                read_parquet(path)
+            except (OSError, pa.ArrowException) as exc:
+                raise RunFolderError(f"{path} is damaged ({str(exc).splitlines()[0][:120]}); "
+                                     f"{hints[kind].replace('first', 'again')}") from None
+        sources[name] = paths
+    for name, folder, schema in TASK_TABLES:
+        paths, problem = _task_shards(run, folder, schema)
+        if problem:
+            missing[name] = problem
+        elif paths:
+            sources[name] = paths
     connection = duckdb.connect(config={"autoload_known_extensions": False, "autoinstall_known_extensions": False})
     for name, paths in sources.items():
         # Explicit file lists, no partitioning: `shard` is the column stored in each file, not a path's.
         connection.register(name, parquet_dataset(paths))
     for setting, value in LOCKED_DOWN:
         connection.execute(f"set {setting} = {value}")
-    return RunDatabase(connection, missing)
+    return RunDatabase(connection, missing, run.table, metric)
 
 
-def query_run(run_dir: str | RunPath, sql: str, metric: str = "rougeL",
-              partial: bool = False, timeout_s: float = TIMEOUT_S) -> tuple[list[str], list[tuple]]:
+def _task_shards(run: VerifiedRun, folder: str, schema: pa.Schema) -> tuple[list[RunPath], str | None]:
+    """A shard task's files (one per shard of the run, each verified against the run's job), or why not."""
+    root = run.root / folder
+    if not root.is_dir():
+        return [], None
+    paths = [root / f"shard={i:05d}.parquet" for i in range(int(run.record["shards"]))]
+    absent = [p for p in paths if not p.is_file()]
+    if absent:
+        return [], f"{absent[0]} is missing: finish the command that writes {folder}/"
+    for i, path in enumerate(paths):
+        try:
+            read_shard(path, i, job_identity(run.record), schema)
+        except ShardProblem as problem:
+            raise RunFolderError(f"shard file {path}: {problem.reason}; rerun the command that writes {folder}/") from None
+    return paths, None
+
+
+def query_run(run_dir: str | RunPath, sql: str, metric: str | None = None, partial: bool = False,
+              families: list[str] | tuple[str, ...] | None = None,
+              cost: str = "nominal", timeout_s: float = TIMEOUT_S) -> tuple[list[str], list[tuple]]:
     """Column names and rows of one read-only query over a run, on a connection of its own (`RunDatabase.fetch`)."""
-    db = open_run(run_dir, metric, partial)
+    db = open_run(run_dir, metric, partial, families, cost)
     try:
         return db.fetch(sql, timeout_s)
     finally:

@@ -76,7 +76,7 @@ def ray_session(address: str | None, timeout_s: float | None = None) -> Iterator
                 if joined:
                     ray.init(address=address, **quiet)
                 else:
-                    with reaper.marking():
+                    with reaper.marking(), _token_notice_silenced():
                         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
             except SystemExit as exc:  # a SIGTERM handler of Ray's own (sys.exit) ran after all
                 raise KeyboardInterrupt(f"signal {exc.code}") from None
@@ -125,6 +125,22 @@ def wait_for_address(address: str, timeout_s: float) -> None:
                 raise ConnectionError(f"no Ray cluster answers at {address} within {timeout_s:g} s "
                                       f"({exc.strerror or exc}); start it (`ray start --head`) or fix --address") from None
         time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+
+@contextmanager
+def _token_notice_silenced() -> Iterator[None]:
+    """Ray turns token authentication on for a new local cluster (kept: it guards the private Ray) and warns
+    that it did, on every command; that one warning is dropped, everything else Ray logs still shows."""
+    source = logging.getLogger("ray._private.authentication.authentication_token_setup")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")
+
+    source.addFilter(keep)
+    try:
+        yield
+    finally:
+        source.removeFilter(keep)
 
 
 def worker_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:

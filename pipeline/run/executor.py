@@ -47,7 +47,7 @@ from pipeline.run.cluster import RaySession, WorkerPlan, alive_nodes, describe_n
 from pipeline.run.job import JobSpec
 from pipeline.run.progress import RunProgress
 from pipeline.run.rundir import RunDir, ShardProblem, write_shard
-from pipeline.run.shard_task import ExecSummary, ShardTask
+from pipeline.run.shard_task import ExecSummary, ShardError, ShardTask
 from pipeline.run.worker import ShardWorker
 
 MAX_ATTEMPTS = 3  # tries of a shard whose own work raises
@@ -211,6 +211,8 @@ class ShardDispatcher:
                 result = ray.get(finished)
             except RayTaskError as exc:  # the shard's own work raised
                 failures[shard] += 1
+                if isinstance(exc.cause, ShardError):  # the shard's input, not chance: retrying cannot help
+                    raise RunError(f"shard {shard}: {one_line(exc)}") from None
                 if failures[shard] >= MAX_ATTEMPTS:
                     raise RunError(f"shard {shard} failed {failures[shard]} times, last on worker {worker}: "
                                    f"{one_line(exc)}") from None

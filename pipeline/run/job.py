@@ -19,9 +19,21 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.data.adapters import DATASETS, DatasetSpec
-from pipeline.generation.configs import FAMILIES, SkipConfig, build_configs, check_custom_layers, custom_configs
+from pipeline.generation.configs import (
+    FAMILIES,
+    LOOP,
+    PROGRAM_FAMILIES,
+    SkipConfig,
+    build_configs,
+    check_custom_layers,
+    check_loop_grid,
+    custom_configs,
+    loop_configs,
+    sample_configs,
+)
 from pipeline.generation.engine import DEFAULT_MAX_ROWS, PREFILL_POLICIES
 from pipeline.generation.models import AUTO_DTYPE, DTYPES, EMBEDDED_MODEL
+from pipeline.generation.sampling import Sampling
 from pipeline.generation.scoring import ScoringOptions
 from pipeline.run.location import RunPath, locate
 
@@ -35,6 +47,8 @@ _DATASET_FIELDS = {f.name for f in dataclasses.fields(DatasetSpec)}
 _IDENTITY = ("model", "dtype", "prefill", "max_new_tokens", "shard_size", "families", "rls_seeds", "config_ids")
 _DATASET_IDENTITY = tuple(sorted(_DATASET_FIELDS - {"data_dir"}))
 _SCORING_FIELDS = {f.name for f in dataclasses.fields(ScoringOptions)}
+# Dataset fields in the identity only when set, so runs from before them keep their identity.
+_DATASET_OPTIONAL = ("num_fewshot", "task", "fewshot_path")
 
 
 @dataclass(frozen=True)
@@ -56,11 +70,15 @@ class JobSpec:
     shard_size: int = 64  # examples per shard file, the unit of work and of resume
     workers: int | None = None  # None: one per GPU, or one CPU worker
     scoring: ScoringOptions = ScoringOptions()  # [scoring]: stemming, sentence_split, tokenizer
+    sampling: Sampling = Sampling()  # [sampling]: samples (K of family `sample`), temperature, top_p, seed
     start_timeout: float = 600.0  # seconds to wait for workers to be placed and load the model, or to come back
-    configs: Mapping[str, list[int]] = dataclasses.field(default_factory=dict)  # [configs]: custom layer sets
+    configs: Mapping[str, list[int]] = dataclasses.field(default_factory=dict)  # [configs]: custom programs
+    loop: Mapping[str, list[int]] = dataclasses.field(default_factory=dict)  # [loop]: starts, lengths, repeats
     checkpoints: Mapping[str, str] = dataclasses.field(default_factory=dict)  # [checkpoints]: config id -> model
     out: str = ""
     trust_remote_code: bool = False  # run a model folder's own Python code (recorded in run.json); off by default
+    stop: tuple[str, ...] = ()  # stop strings; empty: the task's own (gsm8k's, an lm_eval task's `until`)
+    scorer: str | None = None  # a user's scorer, module:function (pipeline.generation.user_scorer)
 
     def __post_init__(self) -> None:
         _check_types(self, "")
@@ -82,12 +100,17 @@ class JobSpec:
         ident = {key: getattr(self, key) for key in _IDENTITY}
         for key in ("families", "rls_seeds", "config_ids"):  # order does not change the rows
             ident[key] = sorted(ident[key])
-        ident["dataset"] = {key: getattr(self.dataset, key) for key in _DATASET_IDENTITY}
+        ident["dataset"] = {key: getattr(self.dataset, key) for key in _DATASET_IDENTITY
+                            if key not in _DATASET_OPTIONAL or getattr(self.dataset, key) is not None}
         ident["scoring"] = self.scoring.to_dict()
         if self.configs:  # only when used, so runs from before these tables keep their identity
-            ident["configs"] = {name: sorted(layers) for name, layers in sorted(self.configs.items())}
+            ident["configs"] = {name: list(layers) for name, layers in sorted(self.configs.items())}  # programs: order counts
+        if self.loop:
+            ident["loop"] = {key: sorted(values) for key, values in sorted(self.loop.items())}
         if self.checkpoints:
             ident["checkpoints"] = dict(sorted(self.checkpoints.items()))
+        if self.sampling.samples:  # likewise: only a run with a `sample` family has it in its identity
+            ident["sampling"] = self.sampling.to_dict()
         return ident
 
     def select_configs(self, configs: list[SkipConfig]) -> list[SkipConfig]:
@@ -103,10 +126,15 @@ class JobSpec:
         return [cfg for cfg in configs if cfg.family == "full" or cfg.config_id in wanted]
 
     def configurations(self, num_layers: int) -> list[SkipConfig]:
-        """Every configuration this job runs on an L-layer model: the chosen built-in ones, then its custom
-        layer sets (always included). Raises ValueError for a set that does not fit the model."""
-        return [*self.select_configs(build_configs(num_layers, self.families, self.rls_seeds)),
-                *custom_configs(dict(self.configs), num_layers)]
+        """Every configuration this job runs on an L-layer model: the chosen built-in ones (`loop` from the
+        [loop] table), then its custom programs (always included), then the `sample` family. Raises ValueError for a program that does
+        not fit the model."""
+        subsets = [f for f in self.families if f != LOOP]
+        built = build_configs(num_layers, subsets, self.rls_seeds)
+        if LOOP in self.families:
+            built += loop_configs(num_layers, dict(self.loop))
+        return [*self.select_configs(built), *custom_configs(dict(self.configs), num_layers),
+                *sample_configs(num_layers, self.sampling.samples)]
 
 
 def _validate(spec: JobSpec) -> None:
@@ -127,11 +155,15 @@ def _validate(spec: JobSpec) -> None:
         raise ValueError(f"unknown device {spec.device!r}; choose from {', '.join(DEVICES)}")
     if spec.prefill not in PREFILL_POLICIES:
         raise ValueError(f"unknown prefill {spec.prefill!r}; choose from {', '.join(PREFILL_POLICIES)}")
-    if not spec.families:
-        raise ValueError("families is empty; choose from " + ", ".join(FAMILIES))
-    bad = [f for f in spec.families if f not in FAMILIES]
+    if not spec.families and not spec.configs:  # with [configs], families = [] runs only the custom sets and full
+        raise ValueError("families is empty and the job has no [configs]; choose from " + ", ".join(PROGRAM_FAMILIES))
+    bad = [f for f in spec.families if f not in PROGRAM_FAMILIES]
     if bad:
-        raise ValueError(f"unknown family {', '.join(map(str, bad))}; choose from {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown family {', '.join(map(str, bad))}; choose from {', '.join(PROGRAM_FAMILIES)}")
+    if (LOOP in spec.families) != bool(spec.loop):
+        raise ValueError("family loop and the [loop] table (starts, lengths, repeats) go together: give both or neither")
+    if spec.loop:
+        check_loop_grid(dict(spec.loop))  # the blocks' range against the model at preflight
     if any(not isinstance(s, int) or s < 0 for s in spec.rls_seeds):
         raise ValueError(f"rls_seeds must be non-negative integers, got {list(spec.rls_seeds)}")
     for key in ("max_new_tokens", "batch_size", "max_rows", "shard_size"):
@@ -239,8 +271,9 @@ def job_from_dict(raw: Mapping[str, Any]) -> JobSpec:
         raise ValueError(f"unknown scoring field {', '.join(unknown)}; known: {', '.join(sorted(_SCORING_FIELDS))}")
     data["scoring"] = ScoringOptions(**scoring)
     _check_types(data["scoring"], "scoring.")
+    data["sampling"] = _sampling(data.get("sampling", {}))
     data.setdefault("name", data["dataset"].name)
-    for key in ("families", "rls_seeds", "config_ids"):
+    for key in ("families", "rls_seeds", "config_ids", "stop"):
         if key in data:
             value = data[key]
             if not isinstance(value, (list, tuple)):
@@ -249,6 +282,17 @@ def job_from_dict(raw: Mapping[str, Any]) -> JobSpec:
                                     if isinstance(value, str) else ""))
             data[key] = tuple(value)
     return JobSpec(**data)
+
+
+def _sampling(table: Any) -> Sampling:
+    """The [sampling] table as Sampling; unknown fields and bad values are one ValueError line."""
+    known = {f.name for f in dataclasses.fields(Sampling)}
+    if not isinstance(table, Mapping):
+        raise ValueError(f"sampling must be a table ([sampling]) with {', '.join(sorted(known))}")
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ValueError(f"unknown sampling field {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return Sampling(**table)
 
 
 def load_job(path: str | Path | None = None, dataset: str | None = None,

@@ -14,7 +14,6 @@ from transformers import PretrainedConfig
 
 from pipeline.data.adapters import Example
 from pipeline.generation.architectures import architecture_problem
-from pipeline.generation.configs import build_configs
 from pipeline.generation.models import load_config, max_positions
 from pipeline.run.job import JobSpec
 from pipeline.run.rundir import OWN_TEMP, RunDir, refuse_symlink
@@ -29,7 +28,7 @@ def check_job(spec: JobSpec, examples: list[Example]) -> PretrainedConfig:
     problem = architecture_problem(config, spec.prefill)
     if problem:
         raise ValueError(f"{spec.model}: {problem}")
-    spec.select_configs(build_configs(config.get_text_config().num_hidden_layers, spec.families, spec.rls_seeds))
+    spec.configurations(config.get_text_config().num_hidden_layers)  # ids, custom and loop programs in range
     positions = max_positions(config)
     longest = max((ex.prompt_tokens for ex in examples), default=0)
     if positions is not None and longest + spec.max_new_tokens > positions:

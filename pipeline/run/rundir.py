@@ -24,7 +24,7 @@ import uuid
 from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import pyarrow as pa
 
@@ -50,6 +50,39 @@ GENERATIONS_SCHEMA = pa.schema([
     *((name, pa.float64()) for name in SCORE_COLUMNS),
     ("layers_per_token", pa.float64()),
 ])
+
+
+def generations_schema(metric_columns: Sequence[str] = ()) -> pa.Schema:
+    """The generation rows' schema: GENERATIONS_SCHEMA, then a run's task-dependent metric columns (float64,
+    named in run.json's `metric_columns`; none for a plain ROUGE run)."""
+    return pa.schema([*GENERATIONS_SCHEMA, *((name, pa.float64()) for name in metric_columns)])
+
+
+# Multiple-choice rows (pipeline.generation.choice_task): per choice its summed log-likelihood after the
+# context (nats), its continuation's tokens, and the choice string's characters and UTF-8 bytes; per row the
+# predictions and the metrics of pipeline.analysis.metrics. layers_per_token = the configuration's cost.
+CHOICES_SCHEMA = pa.schema([
+    ("seq_id", pa.string()),
+    ("shard", pa.int32()),
+    ("config_id", pa.string()),
+    ("family", pa.string()),
+    ("cost", pa.int16()),
+    ("prompt_tokens", pa.int32()),
+    ("gold", pa.int16()),
+    ("loglik", pa.list_(pa.float64())),
+    ("choice_tokens", pa.list_(pa.int32())),
+    ("choice_chars", pa.list_(pa.int32())),
+    ("choice_bytes", pa.list_(pa.int32())),
+    ("pred", pa.int16()),
+    ("pred_norm", pa.int16()),
+    ("acc", pa.float64()),
+    ("acc_norm", pa.float64()),
+    ("acc_bytes", pa.float64()),
+    ("prob_gold", pa.float64()),
+    ("layers_per_token", pa.float64()),
+])
+# The scored rows of each task (pipeline.analysis.metrics.TASKS): the folder of its shard files and their schema.
+SCORED_TABLES = {"generate": ("generations", GENERATIONS_SCHEMA), "choice": ("choices", CHOICES_SCHEMA)}
 CONFIGS_SCHEMA = pa.schema([
     ("config_id", pa.string()),
     ("family", pa.string()),
@@ -130,8 +163,10 @@ def read_shard(path: RunPath, shard: int, job: Mapping[str, Any], schema: pa.Sch
 
 
 def shard_table(shard: int, examples: list[Example], configs: list[SkipConfig],
-                generations: list[list[Generation]], scores: dict[str, list[float]]) -> pa.Table:
-    """The rows of one shard, example-major then in configuration order; `scores` is flat in that order."""
+                generations: list[list[Generation]], scores: dict[str, list[float]],
+                metric_columns: Sequence[str] = ()) -> pa.Table:
+    """The rows of one shard, example-major then in configuration order; `scores` is flat in that order and
+    holds SCORE_COLUMNS and the run's `metric_columns`."""
     rows = [(ex, cfg, gen) for ex, per_cfg in zip(examples, generations) for cfg, gen in zip(configs, per_cfg)]
     columns = {
         "seq_id": [ex.seq_id for ex, _, _ in rows],
@@ -147,8 +182,9 @@ def shard_table(shard: int, examples: list[Example], configs: list[SkipConfig],
         "reference": [ex.reference for ex, _, _ in rows],
         **{name: scores[name] for name in SCORE_COLUMNS},
         "layers_per_token": [gen.layers_per_token for _, _, gen in rows],
+        **{name: scores[name] for name in metric_columns},
     }
-    return pa.Table.from_pydict(columns, schema=GENERATIONS_SCHEMA)
+    return pa.Table.from_pydict(columns, schema=generations_schema(metric_columns))
 
 
 def write_shard(path: RunPath, shard: int, table: pa.Table, job: Mapping[str, Any]) -> None:

@@ -25,8 +25,12 @@ from typing import Any, Callable
 import ray
 import torch
 
-from pipeline.data.adapters import Example, load_examples, shard_examples
+from pipeline.data.adapters import CHOICE_DATASETS, Example, load_examples, shard_examples
+from pipeline.data.choice_tasks import ChoiceExample
+from pipeline.generation.choice_task import ChoiceTask
+from pipeline.generation.answer_scoring import AnswerScoring, plan_answers
 from pipeline.generation.checkpoints import check_checkpoints, with_resolved_checkpoints
+from pipeline.generation.configs import SkipConfig
 from pipeline.generation.models import load_tokenizer
 from pipeline.generation.scoring import mostly_dropped
 from pipeline.generation.task import GenerateTask
@@ -42,7 +46,7 @@ from pipeline.run.executor import (
 )
 from pipeline.run.job import JobSpec, job_from_dict
 from pipeline.run.shard_task import ExecSummary, ShardTask
-from pipeline.run.location import RunPath
+from pipeline.run.location import RunPath, read_parquet
 from pipeline.run.preflight import check_job
 from pipeline.run.rundir import RunDir, configs_fingerprint, configs_table, job_identity
 
@@ -66,6 +70,8 @@ def dataset_fingerprint(examples: list[Example]) -> str:
     digest = hashlib.sha256()
     for ex in examples:
         digest.update(f"{ex.seq_id}\0{','.join(map(str, ex.prompt_ids))}\0{ex.reference}\0".encode())
+        if isinstance(ex, ChoiceExample):  # every choice's tokens and the right one decide its rows too
+            digest.update(f"{ex.requests}\0{ex.choices}\0{ex.gold}\0".encode())
     return digest.hexdigest()[:16]
 
 
@@ -124,20 +130,30 @@ def run_job(spec: JobSpec, address: str | None = None,
     depth = check_job(spec, examples).get_text_config().num_hidden_layers  # configurations, checkpoints: up front too
     configs = spec.configurations(depth)
     check_checkpoints(spec, configs, depth, named)
+    if spec.dataset.name in CHOICE_DATASETS and spec.checkpoints:
+        raise ValueError(f"{spec.dataset.name} is a multiple-choice task, which runs every configuration on the job's "
+                         "model; [checkpoints] are for generation jobs only: remove them")
     if not (address or os.environ.get("RAY_ADDRESS")):  # a private local Ray gets exactly these resources
         local = [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
         plan = plan_workers(spec, local)
         if not plan.fits(local):
             raise ValueError(f"cannot place {plan.describe()} on this machine ({describe_nodes(local)})")
     data_print = dataset_fingerprint(examples)
+    answers = plan_answers(spec.dataset, spec.scorer, spec.stop, examples)  # imports and tries the scorer
+    # a plain ROUGE run keeps the identity it had before answers existed
+    identity = spec.identity() if answers == AnswerScoring() else {**spec.identity(), "answers": answers.record()}
     if spec.scoring.tokenizer == "default":
         _warn_non_latin(examples)
     with run.lock():
         previous = run.read_run_json()
-        _check_same(previous, "identity", spec.identity(), run.root)
+        _check_same(previous, "identity", identity, run.root)
         _check_same(previous, "dataset_fingerprint", data_print, run.root)
         if run.remove_stale_temp_files():
             log("removed half-written files of an interrupted run")
+        done = _complete_already(spec, previous, configs, run, shards, answers)
+        if done is not None:
+            return RunSummary(run.root, done.shards, done.skipped, 0, len(examples) * len(configs), 0, 0.0,
+                              time.monotonic() - start)
         with ray_session(address, spec.start_timeout) as session:
             log(f"{spec.name}: {len(examples)} sequences in {len(shards)} shards")
             with start_workers(spec, session) as pool:
@@ -148,22 +164,26 @@ def run_job(spec: JobSpec, address: str | None = None,
                 _check_same(previous, "model_fingerprint", model_print, run.root)
                 scoring = _scoring_record(spec, examples, infos)
                 _check_same(previous, "scoring", scoring, run.root)
-                log(f"split {spec.dataset.split}; ROUGE {'with' if scoring['stemming'] else 'without'} stemming, "
+                choice = spec.dataset.name in CHOICE_DATASETS
+                log(f"split {spec.dataset.split}; " + ("multiple choice by log-likelihood, prefill " + spec.prefill
+                    if choice else f"ROUGE {'with' if scoring['stemming'] else 'without'} stemming, "
                     f"{scoring['tokenizer']} tokenizer, rougeLsum sentence splitting "
-                    f"{scoring['sentence_splitter'] if scoring['sentence_split'] else 'off'}")
+                    f"{scoring['sentence_splitter'] if scoring['sentence_split'] else 'off'}"))
                 if num_layers != depth or len({json.dumps(i["checkpoint_fingerprints"]) for i in infos}) > 1:
                     raise RunError("workers loaded models of another depth or different checkpoints")
                 checkpoint_prints = infos[0]["checkpoint_fingerprints"]
                 _check_same(previous, "checkpoint_fingerprints", checkpoint_prints, run.root)
                 configs_rows = configs_table(configs)
-                record = {"job": spec.to_dict(), "identity": spec.identity(), "scoring": scoring, "model_fingerprint": model_print,
+                if answers.columns or answers.stop:
+                    log(f"stop strings {list(answers.stop)}; metric columns beside ROUGE: {', '.join(answers.columns)}")
+                record = {"task": "choice" if choice else "generate", "job": spec.to_dict(), "identity": identity, "scoring": scoring, "model_fingerprint": model_print,
+                          "metric_columns": list(answers.columns),
                           "configs_fingerprint": configs_fingerprint(configs_rows),
                           "checkpoint_fingerprints": checkpoint_prints,
                           "dtype": dtype, "num_layers": num_layers, "dataset_fingerprint": data_print, "sequences": len(examples),
                           "configs": len(configs), "shards": len(shards), "versions": _versions(),
                           "git_sha": _git_sha(), "started": _now(), "finished": None, "workers": infos}
-                task = GenerateTask(tuple(configs), spec.max_new_tokens, spec.prefill, spec.batch_size, spec.max_rows,
-                                    spec.scoring, tuple(sorted(spec.checkpoints.items())))
+                task = _shard_task(spec, configs, answers)
                 todo = shards_to_compute(task, run, shards, job_identity(record))  # before run.json claims the folder
                 write_parquet(configs_rows, run.configs)
                 write_json(record, run.run_json)
@@ -171,6 +191,44 @@ def run_job(spec: JobSpec, address: str | None = None,
         write_json({**record, "finished": _now(), "rows": len(examples) * len(configs)}, run.run_json)
     return RunSummary(run.root, done.shards, done.skipped, done.computed, len(examples) * len(configs), done.tokens,
                       done.seconds, time.monotonic() - start)
+
+
+def _shard_task(spec: JobSpec, configs: list[SkipConfig], answers: AnswerScoring) -> ChoiceTask | GenerateTask:
+    """The run's shard task: choice scoring for a multiple-choice dataset, else generation."""
+    if spec.dataset.name in CHOICE_DATASETS:
+        return ChoiceTask(tuple(configs), spec.prefill, spec.batch_size)
+    return GenerateTask(tuple(configs), spec.max_new_tokens, spec.prefill, spec.batch_size, spec.max_rows,
+                        spec.scoring, tuple(sorted(spec.checkpoints.items())), answers, spec.sampling)
+
+
+def _complete_already(spec: JobSpec, previous: dict[str, Any] | None, configs: list[SkipConfig], run: RunDir,
+                      shards: list[list[Example]], answers: AnswerScoring) -> ExecSummary | None:
+    """A finished run of this job whose shard files are all valid: nothing to do, and Ray is not started.
+
+    Only when no local model or checkpoint file changed since the run finished (their weights' fingerprint is
+    known only once a worker loads them); else None, and the run goes on as usual (which checks it)."""
+    if previous is None or not previous.get("finished") or previous.get("shards") != len(shards):
+        return None
+    finished = datetime.fromisoformat(previous["finished"]).timestamp()
+    for source in (spec.model, *spec.checkpoints.values()):
+        path = Path(source)
+        files = [path] if path.is_file() else path.rglob("*") if path.is_dir() else []
+        if any(f.stat().st_mtime >= finished for f in files):
+            return None
+    if shards_to_compute(_shard_task(spec, configs, answers), run, shards, job_identity(previous)):
+        return None
+    if not _configs_intact(run, configs):  # the full run rewrites an edited or damaged configs.parquet
+        return None
+    log(f"{spec.name}: all {len(shards)} shards are complete; nothing to compute (Ray not started)")
+    return ExecSummary(len(shards), len(shards), 0, 0, 0.0)
+
+
+def _configs_intact(run: RunDir, configs: list[SkipConfig]) -> bool:
+    """Whether configs.parquet holds exactly `configs` (its fingerprint; False when missing or unreadable)."""
+    try:
+        return configs_fingerprint(read_parquet(run.configs)) == configs_fingerprint(configs_table(configs))
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def _warn_non_latin(examples: list[Example]) -> None:

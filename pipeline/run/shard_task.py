@@ -19,6 +19,11 @@ from pipeline.run.location import RunPath
 from pipeline.run.rundir import RunDir, table_problem
 
 
+class ShardError(Exception):
+    """A shard's own input makes its task fail (e.g. a user's scorer raising on a row): the executor stops the
+    run with this one-line message instead of retrying the shard, which would fail the same way."""
+
+
 class ShardTask(ABC):
     """One kind of per-shard work. Instances are pickled to the workers, so keep them small and plain.
 

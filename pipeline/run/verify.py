@@ -1,6 +1,7 @@
 """What the readers (`reduce`, `report`, `query`) may read of a run folder: exactly its own, verified files.
 
-The run's own shard files are `generations/shard=00000.parquet` ... up to the count in run.json; each is
+The run's own shard files are `<scored rows>/shard=00000.parquet` ... up to the count in run.json, where the
+folder is its task's (`generations/`, or `choices/` for a multiple-choice run: `rundir.SCORED_TABLES`); each is
 read back with page checksums verified and must carry the job identity run.json records (`read_shard`).
 Anything else in `generations/` (a copy a file manager made, a file of another run) is refused, not read:
 it would silently double counts. A run with shard files still missing (being written, or interrupted) is
@@ -17,7 +18,8 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.run.location import RunPath, read_parquet
-from pipeline.run.rundir import OWN_SHARD_TEMP, RunDir, ShardProblem, configs_fingerprint, job_identity, read_shard
+from pipeline.analysis.metrics import run_task_name
+from pipeline.run.rundir import OWN_SHARD_TEMP, SCORED_TABLES, RunDir, ShardProblem, configs_fingerprint, generations_schema, job_identity, read_shard
 
 REGENERATE = "rerun the run's `dynoracle run` command to regenerate it"
 RERUN = "rerun the run's `dynoracle run` command"
@@ -34,6 +36,7 @@ class VerifiedRun:
     root: RunPath
     record: dict[str, Any]
     shards: list[RunPath]  # verified shard files, in shard order
+    table: str  # the scored rows' folder, and the name `query` gives them: generations or choices
     missing: list[int]  # shard indices without a file (empty unless partial)
 
 
@@ -70,17 +73,27 @@ def verify_run(run_dir: str | RunPath, partial: bool = False) -> VerifiedRun:
         raise RunFolderError(f"{run.configs} does not hold the configurations run.json records (edited or replaced); "
                              f"{REGENERATE}")
 
-    owned = {run.shard_path(i).name for i in range(count)}
-    present = sorted(p.name for p in run.generations.iterdir()) if run.generations.is_dir() else []
+    folder, schema = SCORED_TABLES.get(run_task_name(record), (None, None))
+    if folder is None:
+        raise RunFolderError(f"{run.run_json} names an unknown task {record.get('task')!r}; run it with a newer dynoracle")
+    if folder == "generations":  # with the run's own metric columns (exact match, a user scorer's, ...)
+        schema = generations_schema(record.get("metric_columns") or ())
+    rows = run.root / folder
+
+    def shard_path(index: int) -> RunPath:
+        return rows / run.shard_path(index).name
+
+    owned = {shard_path(i).name for i in range(count)}
+    present = sorted(p.name for p in rows.iterdir()) if rows.is_dir() else []
     for name in present:
         if name not in owned and not OWN_SHARD_TEMP.fullmatch(name):
-            raise RunFolderError(f"{run.generations / name} is not one of this run's {count} shard files; "
-                                 f"move it out of {run.generations}")
-    missing = [i for i in range(count) if run.shard_path(i).name not in present]
+            raise RunFolderError(f"{rows / name} is not one of this run's {count} shard files; "
+                                 f"move it out of {rows}")
+    missing = [i for i in range(count) if shard_path(i).name not in present]
     if missing and not partial:
         raise RunFolderError(
             f"{run.root} is incomplete: {len(missing)} of {count} shard files missing (first "
-            f"{run.shard_path(missing[0]).name}); finish it with its `dynoracle run` command, or pass --partial")
+            f"{shard_path(missing[0]).name}); finish it with its `dynoracle run` command, or pass --partial")
     if len(missing) == count:
         raise RunFolderError(f"{run.root} has no shard files yet; finish it with its `dynoracle run` command")
     job = job_identity(record)
@@ -88,12 +101,12 @@ def verify_run(run_dir: str | RunPath, partial: bool = False) -> VerifiedRun:
     for index in range(count):
         if index in missing:
             continue
-        path = run.shard_path(index)
+        path = shard_path(index)
         try:
-            read_shard(path, index, job)
+            read_shard(path, index, job, schema)
         except ShardProblem as problem:
             fix = ("remove it, or move it to its own run folder" if problem.foreign else REGENERATE)
             raise RunFolderError(f"shard file {path} {'' if problem.foreign else 'is damaged: '}{problem.reason}; "
                                  f"{fix}") from None
         shards.append(path)
-    return VerifiedRun(run.root, record, shards, missing)
+    return VerifiedRun(run.root, record, shards, missing=missing, table=folder)

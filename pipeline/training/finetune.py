@@ -15,11 +15,12 @@ Skipping in training matches the engine's prefill policies exactly. A batch is l
 Either way no response token ever goes through a skipped layer, and skipped layers' weights never change
 (they have no gradient and are not in the optimizer).
 
-Training is the Hugging Face `Trainer`: evaluation loss on the validation split each epoch, checkpoints in
+Training is the Hugging Face `Trainer`: evaluation loss on the validation split each epoch (a file dataset is
+cut into train and validation rows as Alpaca is, `pipeline.data.adapters`), checkpoints in
 `<out>/trainer-checkpoints/` that a rerun resumes from. With `workers`, the same training runs
 data-parallel on Ray Train's `TorchTrainer` (one worker per GPU; gloo on CPUs). The output folder is an
 ordinary Hugging Face model folder (weights, config, tokenizer) plus `finetune.json`, written last: what
-produced it and its losses.
+produced it (`data_source`: the file, local folder or hub id the rows were read from) and its losses.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from pipeline.data.adapters import DatasetSpec, load_examples
+from pipeline.data.adapters import DatasetSpec, data_source, load_examples
 from pipeline.generation.checkpoints import resolve_source
 from pipeline.generation.configs import SkipConfig, config_for_id
 from pipeline.generation.engine import PREFILL_POLICIES
@@ -341,7 +342,7 @@ def finetune(spec: FinetuneSpec, address: str | None = None) -> dict[str, Any]:
     record = {
         "config": config.to_dict(), "base_model": spec.model, "base_fingerprint": base_fingerprint,
         "settings": {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("dataset", "out")},
-        "dataset": dataclasses.asdict(spec.dataset),
+        "dataset": dataclasses.asdict(spec.dataset), "data_source": data_source(spec.dataset),
         **{k: metrics[k] for k in ("train_rows", "eval_rows", "steps", "train_loss", "eval_loss") if k in metrics},
         "started": started, "seconds": round(time.monotonic() - start, 1),
     }
