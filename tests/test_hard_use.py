@@ -218,7 +218,7 @@ def test_a_dead_address_fails_within_the_start_timeout() -> None:
         ('families = "ee"', 'families must be a list, got \'ee\' (write families = ["ee"])'),
         ('[checkpoints]\nnot-a-config = "embedded:smollm2-135m-instruct"',
          "checkpoints name configuration not-a-config, which this job does not run"),
-        ('[configs]\na = [0, 3]\nb = [3, 0]', "custom configurations a and b execute the same layers [0, 3]; "
+        ('[configs]\na = [0, 3]\nb = [0, 3]', "custom configurations a and b execute the same layers [0, 3]; "
          "keep one of them in [configs]"),
     ],
 )
@@ -263,7 +263,7 @@ def test_references_must_be_text(tmp_path: Path, value: object, shown: str) -> N
 
 def test_duplicate_custom_sets_are_refused() -> None:
     with pytest.raises(ValueError, match="^custom configurations a and b execute the same layers"):
-        job_from_dict({"dataset": {"name": "alpaca"}, "configs": {"a": [0, 1], "b": [1, 0]}})
+        job_from_dict({"dataset": {"name": "alpaca"}, "configs": {"a": [0, 1, 1], "b": [0, 1, 1]}})
 
 
 # --- signals -----------------------------------------------------------------------------------------------
