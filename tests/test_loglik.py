@@ -7,11 +7,11 @@ from typing import Iterator
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.generation.configs import build_configs
 from pipeline.generation.loglik import _representatives, continuation_logliks
-from pipeline.generation.models import LoadedModel, decoder_layers, load_tokenizer
+from pipeline.generation.models import LoadedModel
+from tiny_models import skipped_as_identity, tiny_llama
 
 L = 6
 
@@ -21,12 +21,7 @@ def tiny() -> Iterator[LoadedModel]:
     """A small random Llama in float32 speaking the embedded tokenizer's ids, on one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=L,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=tokenizer.pad_token_id, initializer_range=0.2)
-    yield LoadedModel(name="tiny-llama", model=LlamaForCausalLM(config).eval(), tokenizer=tokenizer, dtype="float32")
+    yield tiny_llama(L, initializer_range=0.2)
     torch.set_num_threads(threads)
 
 
@@ -34,26 +29,8 @@ def reference_loglik(lm: LoadedModel, context: list[int], continuation: list[int
                      prefill: str) -> float:
     """One (context, continuation, layer set), no batching, packing or cache: the model with its skipped layers
     made identity (on the continuation only under the `full` prefill), log-softmax of its logits."""
-    stack = decoder_layers(lm.model)
-    for j, layer in enumerate(stack):
-        if j in kept:
-            continue
-        original = layer.forward
-        if prefill == "full":  # context positions still run the layer: the shared prefill
-            def forward(hidden_states, *args, _original=original, **kwargs):
-                out = _original(hidden_states, *args, **kwargs)
-                in_context = torch.arange(hidden_states.shape[1]) < len(context)
-                return torch.where(in_context[None, :, None], out, hidden_states)
-        else:
-            def forward(hidden_states, *args, **kwargs):
-                return hidden_states
-        layer.forward = forward  # an instance attribute: shadows the class's forward until deleted
-    try:
-        with torch.inference_mode():
-            logits = lm.model(input_ids=torch.tensor([context + continuation[:-1]])).logits[0].float()
-    finally:
-        for layer in stack:
-            layer.__dict__.pop("forward", None)
+    with skipped_as_identity(lm, kept, prefill, len(context)), torch.inference_mode():
+        logits = lm.model(input_ids=torch.tensor([context + continuation[:-1]])).logits[0].float()
     logprobs = torch.log_softmax(logits[len(context) - 1 :], -1)
     return float(logprobs[torch.arange(len(continuation)), torch.tensor(continuation)].double().sum())
 

@@ -7,12 +7,12 @@ from typing import Iterator
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.analysis.similarity_task import SimilarityTask, state_similarity
 from pipeline.data.adapters import Example
 from pipeline.generation.configs import SkipConfig, build_configs
-from pipeline.generation.models import LoadedModel, decoder_layers, load_tokenizer
+from pipeline.generation.models import LoadedModel
+from tiny_models import skipped_as_identity, tiny_llama
 
 L = 6
 
@@ -25,12 +25,7 @@ def tiny() -> Iterator[LoadedModel]:
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=L,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=tokenizer.pad_token_id)
-    yield LoadedModel(name="tiny-llama", model=LlamaForCausalLM(config).eval(), tokenizer=tokenizer, dtype="float32")
+    yield tiny_llama(L)
     torch.set_num_threads(threads)
 
 
@@ -71,26 +66,8 @@ def reference_similarity(lm: LoadedModel, prompt: list[int], response: list[int]
     (on the response only under the `full` prefill), read with output_hidden_states=True."""
 
     def states(kept: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
-        stack = decoder_layers(lm.model)
-        for j, layer in enumerate(stack):
-            if j in kept:
-                continue
-            original = layer.forward
-            if prefill == "full":  # prompt positions still run the layer: the shared prefill
-                def forward(hidden_states, *args, _original=original, **kwargs):
-                    out = _original(hidden_states, *args, **kwargs)
-                    in_prompt = torch.arange(hidden_states.shape[1]) < len(prompt)
-                    return torch.where(in_prompt[None, :, None], out, hidden_states)
-            else:
-                def forward(hidden_states, *args, **kwargs):
-                    return hidden_states
-            layer.forward = forward  # an instance attribute: shadows the class's forward until deleted
-        try:
-            with torch.inference_mode():
-                hidden = lm.model(input_ids=torch.tensor([prompt + response]), output_hidden_states=True).hidden_states
-        finally:
-            for layer in stack:
-                layer.__dict__.pop("forward", None)
+        with skipped_as_identity(lm, kept, prefill, len(prompt)), torch.inference_mode():
+            hidden = lm.model(input_ids=torch.tensor([prompt + response]), output_hidden_states=True).hidden_states
         return tuple(h[0, len(prompt):] for h in hidden)  # (embeddings, after layer 0 .. L-2, final normed)
 
     mine, full = states(layers), states(tuple(range(L))) if layers != tuple(range(L)) else None

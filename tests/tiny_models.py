@@ -3,12 +3,14 @@ model's tokenizer, so that `load_model(folder)`, `dynoracle run --model` and che
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-from pipeline.generation.models import load_tokenizer
+from pipeline.generation.models import LoadedModel, decoder_layers, load_tokenizer
 
 LAYERS = 4
 
@@ -37,3 +39,37 @@ def save_tiny(kind: str, folder: Path, seed: int = 0, layers: int = LAYERS, extr
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def tiny_llama(num_layers: int, initializer_range: float = 0.02) -> LoadedModel:
+    """An in-memory random Llama (the embedded model's architecture) in float32 with the embedded tokenizer."""
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=tokenizer.pad_token_id, initializer_range=initializer_range)
+    return LoadedModel(name="tiny-llama", model=LlamaForCausalLM(config).eval(), tokenizer=tokenizer, dtype="float32")
+
+
+@contextmanager
+def skipped_as_identity(lm: LoadedModel, kept: tuple[int, ...], prefill: str, prompt_length: int) -> Iterator[None]:
+    """The identity-layer reference: every layer not in `kept` passes its input through (under the `full` prefill
+    only at positions from `prompt_length` on: the prompt still runs every layer, as the shared prefill does)."""
+    stack = decoder_layers(lm.model)
+    for j, layer in enumerate(stack):
+        if j in kept:
+            continue
+        if prefill == "full":
+            def forward(hidden_states, *args, _original=layer.forward, **kwargs):
+                out = _original(hidden_states, *args, **kwargs)
+                in_prompt = torch.arange(hidden_states.shape[1]) < prompt_length
+                return torch.where(in_prompt[None, :, None], out, hidden_states)
+        else:
+            def forward(hidden_states, *args, **kwargs):
+                return hidden_states
+        layer.forward = forward  # an instance attribute: shadows the class's forward until deleted
+    try:
+        yield
+    finally:
+        for layer in stack:
+            layer.__dict__.pop("forward", None)
