@@ -35,13 +35,17 @@ from pipeline.generation.scoring import SCORE_COLUMNS
 from pipeline.run.atomic import write_parquet
 from pipeline.run.location import RunPath, StorePath, locate, read_parquet
 
-GENERATIONS_SCHEMA = pa.schema([
+# Every scored row (generation or choice) starts with its key, its configuration's family and cost, and its prompt.
+SCORED_ROW_FIELDS = [
     ("seq_id", pa.string()),
     ("shard", pa.int32()),
     ("config_id", pa.string()),
     ("family", pa.string()),
     ("cost", pa.int16()),
     ("prompt_tokens", pa.int32()),
+]
+GENERATIONS_SCHEMA = pa.schema([
+    *SCORED_ROW_FIELDS,
     ("prompt_truncated", pa.bool_()),
     ("gen_tokens", pa.int32()),
     ("finish_reason", pa.string()),
@@ -62,12 +66,7 @@ def generations_schema(metric_columns: Sequence[str] = ()) -> pa.Schema:
 # context (nats), its continuation's tokens, and the choice string's characters and UTF-8 bytes; per row the
 # predictions and the metrics of pipeline.analysis.metrics. layers_per_token = the configuration's cost.
 CHOICES_SCHEMA = pa.schema([
-    ("seq_id", pa.string()),
-    ("shard", pa.int32()),
-    ("config_id", pa.string()),
-    ("family", pa.string()),
-    ("cost", pa.int16()),
-    ("prompt_tokens", pa.int32()),
+    *SCORED_ROW_FIELDS,
     ("gold", pa.int16()),
     ("loglik", pa.list_(pa.float64())),
     ("choice_tokens", pa.list_(pa.int32())),
