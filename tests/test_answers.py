@@ -22,7 +22,7 @@ from pipeline.generation.stops import StopStrings, cut_at_stops
 from pipeline.run.executor import RunError
 from pipeline.run.job import load_job
 from pipeline.run.runner import run_job
-from tests.tiny_models import save_tiny
+from tiny_models import save_tiny
 
 DATA = Path(os.environ.get("DYNORACLE_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 GSM8K = DATA / "gsm8k"

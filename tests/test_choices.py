@@ -15,7 +15,7 @@ from pipeline.data.choice_tasks import LM_EVAL_YAML, lm_eval_task, load_choice_d
 from pipeline.generation.choice_task import ChoiceTask, choice_metrics
 from pipeline.generation.configs import build_configs, full_config
 from pipeline.generation.models import load_model
-from tests.tiny_models import save_tiny
+from tiny_models import save_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DYNORACLE_DATA_DIR") or REPO.parent / "shared" / "data")

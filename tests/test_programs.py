@@ -19,7 +19,7 @@ from pipeline.generation.configs import (
 from pipeline.generation.engine import _supersequence, generate, generate_pairs, layer_schedule, program_membership
 from pipeline.generation.models import decoder_layers
 from pipeline.generation.reference import program_generate
-from tests.test_engine import prompts, tiny_llama, tiny_opt  # noqa: F401 (fixtures)
+from test_engine import prompts, tiny_llama, tiny_opt  # noqa: F401 (fixtures)
 
 NEW_TOKENS = 4
 PROGRAMS = [
