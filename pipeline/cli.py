@@ -352,7 +352,7 @@ def headline_lines(summary: dict, level: str, unit: str = "layers") -> list[str]
     null = summary.get("oracle_null")
     if null is not None:
         where = "no budget" if null["min_budget_to_match"] is None else f"{null['min_budget_to_match']:.4g} {unit}"
-        lines.append(f"null (residual permutation, {null['draws']} draws): the oracle matches the full model at "
+        lines.append(f"null ({null['kind'].split(' (')[0]}, {null['draws']} draws): the oracle matches the full model at "
                      f"{where}{span(null['min_budget_interval'])}")
     ceiling = summary.get("noise_ceiling")
     if ceiling is not None:

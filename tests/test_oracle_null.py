@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.analysis.bootstrap import bootstrap_oracle
 from pipeline.analysis.oracle import build_frontier, min_budget_to_match
-from pipeline.analysis.oracle_null import additive_fit, null_matrix, oracle_null
+from pipeline.analysis.oracle_null import additive_fit, binary_null_matrix, null_matrix, oracle_null
 
 L = 24
 COSTS = np.array([L, *range(1, L)], dtype=np.float64)  # full first, then ULS 1..23
@@ -87,3 +87,15 @@ def test_with_planted_structure_the_real_oracle_is_clearly_ahead(seed):
     real, (lo, hi), (null, null_lo, null_hi) = _real_and_null(_planted(seed))
     assert hi < null_lo  # the whole bootstrap interval below the null's
     assert null - real > 1.5  # by more than a layer and a half
+
+
+def test_binary_null_draws_stay_zero_one_and_keep_accuracies_in_expectation():
+    rng = np.random.default_rng(3)
+    difficulty = rng.random(400)[:, None]
+    scores = (rng.random((400, 6)) < np.clip(difficulty + np.linspace(-0.3, 0.2, 6)[None, :], 0, 1)).astype(float)
+    fit = additive_fit(scores)
+    draw = binary_null_matrix(fit, np.random.default_rng(0))
+    assert set(np.unique(draw)) <= {0.0, 1.0}
+    np.testing.assert_allclose(draw.mean(axis=0), scores.mean(axis=0), atol=0.06)
+    null = oracle_null(scores, np.arange(6, 0, -1.0), np.array([1.0, 3.0, 6.0]), draws=20, binary=True)
+    assert (null.values <= 1.0).all()

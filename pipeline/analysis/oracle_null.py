@@ -14,6 +14,11 @@ and added back. A draw therefore has
 Permuting raw scores across sequences instead would also destroy sequence difficulty and inflate the
 null's own gain. Scores are not clipped: a draw may leave the metric's [0, 1] range by a residual.
 
+A 0/1 metric (acc, exact match) would leave {0, 1} that way, and a draw scoring above 1 is no null of an
+oracle that cannot. For those (`binary=True`) a draw is the same additive model's independence form: each
+entry right with probability clip(mu + a[n] + b[k], 0, 1), independently (`binary_null_matrix`): each
+question's difficulty and each configuration's accuracy kept in expectation, no interaction, still 0/1.
+
 The oracle (the project's solver) is recomputed on R seeded draws, stacked and solved together like the
 bootstrap's resamples (`pipeline.analysis.bootstrap.resampled_frontiers`). Reported: the null's value at
 each budget and its least matching budget, each as the median over draws with a percentile interval.
@@ -64,6 +69,11 @@ def null_matrix(fit: AdditiveFit, rng: np.random.Generator) -> np.ndarray:
     return fit.fitted + np.take_along_axis(fit.residual, rows, axis=0)
 
 
+def binary_null_matrix(fit: AdditiveFit, rng: np.random.Generator) -> np.ndarray:
+    """One null draw of a 0/1 matrix: entry (n, k) is 1 with probability clip(fitted[n, k], 0, 1), independently."""
+    return (rng.random(fit.residual.shape) < np.clip(fit.fitted, 0.0, 1.0)).astype(np.float64)
+
+
 @dataclass(frozen=True)
 class NullDraws:
     """The oracle on every null draw: values (R, B) at the budgets, least matching budgets (R,) (NaN: none)."""
@@ -94,8 +104,9 @@ def _summary(draws: np.ndarray, level: float) -> np.ndarray:
 
 def oracle_null(scores: np.ndarray, costs: np.ndarray, budgets: np.ndarray, draws: int = DEFAULT_DRAWS,
                 seed: int = 0, level: float = DEFAULT_LEVEL, match_full: bool = True,
-                tolerance: float = 0.0) -> NullDraws:
-    """The oracle over `draws` residual-permutation null matrices of `scores` (N, K; column 0 the full model).
+                tolerance: float = 0.0, binary: bool = False) -> NullDraws:
+    """The oracle over `draws` residual-permutation null matrices of `scores` (N, K; column 0 the full model),
+    or, with `binary` (0/1 scores), over draws of its independence form (`binary_null_matrix`).
 
     costs: (K,); budgets: (B,) at least the cheapest cost. Draw d uses `default_rng([seed, d])`, so a draw
     does not depend on how many are asked. Each draw's least matching budget is against its own full-model
@@ -107,7 +118,8 @@ def oracle_null(scores: np.ndarray, costs: np.ndarray, budgets: np.ndarray, draw
         raise ValueError(f"confidence level must lie strictly between 0 and 1, got {level}")
     fit = additive_fit(scores)
     n = fit.residual.shape[0]
-    stacked = np.concatenate([null_matrix(fit, np.random.default_rng([seed, d])) for d in range(draws)])
+    draw = binary_null_matrix if binary else null_matrix
+    stacked = np.concatenate([draw(fit, np.random.default_rng([seed, d])) for d in range(draws)])
     values = np.empty((draws, np.size(budgets)))
     match = np.empty(draws) if match_full else None
     indices = np.arange(draws * n).reshape(draws, n)

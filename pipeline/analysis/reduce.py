@@ -209,16 +209,17 @@ def reduce_run(
             "null": null_shares(matrix.scores > 0.5, matrix.costs, 0, half, seed=seed, level=level),
         }
     null = None
+    binary = bool(np.isin(matrix.scores, (0.0, 1.0)).all())  # acc, exact match: the null's draws stay 0/1
     if null_draws:
         null = oracle_null(matrix.scores, matrix.costs, np.array([r.budget for r in rows]), null_draws, seed, level,
-                           match is not None, tolerance)
+                           match is not None, tolerance, binary)
     summary |= {
         "degenerate": degenerate_summary(frontier, side, degenerate, match),
         "total_cost": total_cost_summary(frontier, side, match),
         "noise_ceiling": None if samples is None else noise_ceiling_summary(frontier, matrix, rows, samples, draws,
                                                                             match_full, tolerance, resamples, seed,
                                                                             level),
-        "oracle_null": None if null is None else null_summary(null, rows, null_draws, seed),
+        "oracle_null": None if null is None else null_summary(null, rows, null_draws, seed, binary),
     }
     summary["warning"] = reduce_warning(summary["num_sequences"], full_cost, summary["min_budget_interval"],
                                         side.empty_share)
@@ -488,11 +489,13 @@ def open_interval(matches: np.ndarray, level: float) -> list[float | None]:
     return [None if not np.isfinite(v) else float(v) for v in bounds]
 
 
-def null_summary(null: NullDraws, rows: list[FrontierRow], draws: int, seed: int) -> dict:
+def null_summary(null: NullDraws, rows: list[FrontierRow], draws: int, seed: int, binary: bool = False) -> dict:
     """summary.json's `oracle_null`: the null's least matching budget and its values at the requested budgets."""
     median, lo, hi = null.match_summary()
     values = null.value_summary()
-    return {"kind": "residual permutation (additive fit seq + config, residuals permuted within configurations)",
+    kind = ("independence (0/1 scores right with the additive fit's probability, seq + config)" if binary else
+            "residual permutation (additive fit seq + config, residuals permuted within configurations)")
+    return {"kind": kind,
             "draws": draws, "seed": seed, "min_budget_to_match": median, "min_budget_interval": [lo, hi],
             "budgets": [{"budget": r.budget, "value": float(v[0]), "value_lo": float(v[1]), "value_hi": float(v[2])}
                         for r, v in zip(rows, values) if r.kind == "requested"]}
