@@ -100,7 +100,8 @@ def checks_section(summary: dict) -> list[str]:
 
 def picks_section(run_dir: RunPath, out_dir: RunPath, metric: str, summary: dict, partial: bool = False) -> list[str]:
     """report.md lines: up to PICKS_SHOWN of the oracle's cheapest non-full picks at the matching budget (from
-    `out_dir`'s allocations), each beside the full model's output for the same sequence."""
+    `out_dir`'s allocations), each beside the full model's output for the same sequence (generation runs only:
+    a multiple-choice run has no outputs)."""
     match = summary["min_budget_to_match"]
     if match is None:
         return []
@@ -110,6 +111,9 @@ def picks_section(run_dir: RunPath, out_dir: RunPath, metric: str, summary: dict
         return []
     ids = ", ".join(f"'{c}'" for c in sorted({*alloc["config_id"], "full"}) if "'" not in c)
     db = open_run(run_dir, metric, partial)
+    if db.table != "generations":
+        db.connection.close()
+        return []
     try:
         rows = db.frame(OUTPUTS.format(metric=metric, ids=ids))
     finally:
