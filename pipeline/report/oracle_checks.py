@@ -28,9 +28,10 @@ def read_null(out_dir: RunPath) -> pd.DataFrame | None:
 def draw_null_and_ceiling(ax, null: pd.DataFrame | None, summary: dict) -> None:
     """The null's oracle (median and percentile band) and the full model's best-of-K mean on a cost axis."""
     if null is not None:
-        draws = (summary.get("oracle_null") or {}).get("draws")
+        info = summary.get("oracle_null") or {}
+        kind = str(info.get("kind", "residual permutation")).split(" (")[0]
         ax.plot(null["budget"], null["value"], color="tab:red", lw=1.3, ls="-.",
-                label=f"oracle on the null (residuals permuted, {draws} draws; band: 95% of draws)")
+                label=f"oracle on the null ({kind}, {info.get('draws')} draws; band: 95% of draws)")
         ax.fill_between(null["budget"], null["value_lo"], null["value_hi"], color="tab:red", alpha=0.12, lw=0)
     ceiling = summary.get("noise_ceiling")
     if ceiling is not None:
