@@ -19,6 +19,7 @@ from pipeline.data.adapters import DATASETS, EMPTY_REFERENCES, PROMPT_FORMATS, S
 from pipeline.generation.configs import FAMILIES
 from pipeline.generation.engine import PREFILL_POLICIES
 from pipeline.generation.models import AUTO_DTYPE, DTYPES
+from pipeline.generation.sampling import Sampling
 from pipeline.generation.scoring import TOKENIZERS, ScoringOptions
 from pipeline.run.job import DEVICES, JobSpec, _expected
 
@@ -49,6 +50,8 @@ MEANING = {
         "trust_remote_code": "run a model folder's own Python code (recorded in run.json)",
         "stop": "stop strings: an output ends, and is cut, at the first (empty: the task's, e.g. gsm8k's `until`)",
         "scorer": "a user's scorer module:function(output, reference, row) -> float or dict of floats, on the workers",
+        "sampling": "the [sampling] table below (the `sample` family: the full model's noise ceiling)",
+        "loop": "[loop]: the `loop` family's blocks, starts = [...], lengths = [...], repeats = [...]",
     },
     "dataset": {
         "name": "which dataset; `file` reads `path`, `hub` a hub dataset named by `path`, `lm_eval` the task `task`",
@@ -67,6 +70,12 @@ MEANING = {
         "task": "lm_eval: the lm-evaluation-harness task name (`--task lm_eval:NAME`)",
         "fewshot_path": "lm_eval: a local file of the task's few-shot split",
     },
+    "sampling": {
+        "samples": "K sampled outputs of the full model per sequence (family `sample`, cost L); 0: none",
+        "temperature": "logits / T before the softmax; 0 is greedy",
+        "top_p": "keep the fewest most probable tokens whose mass reaches top_p",
+        "seed": "every sampled row's seed derives from it, the sequence and the configuration",
+    },
     "scoring": {
         "stemming": "Porter-stem ROUGE tokens (the study: false)",
         "sentence_split": "one sentence per line for rougeLsum (per dataset: on for cnn_dailymail and samsum only)",
@@ -79,7 +88,7 @@ CHOICES = {
     ("dataset", "prompt_format"): PROMPT_FORMATS, ("dataset", "empty_references"): EMPTY_REFERENCES,
     ("scoring", "tokenizer"): TOKENIZERS,
 }
-TABLES = (("", JobSpec), ("dataset", DatasetSpec), ("scoring", ScoringOptions))
+TABLES = (("", JobSpec), ("dataset", DatasetSpec), ("sampling", Sampling), ("scoring", ScoringOptions))
 
 
 # Defaults the dataclass leaves to the code that builds a job (job_from_dict, JobSpec.__post_init__, the workers).
