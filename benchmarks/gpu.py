@@ -147,12 +147,12 @@ def run(size: dict, device: str, out: Path) -> dict:
     folder = out / "run"
     shutil.rmtree(folder, ignore_errors=True)  # this script's own output of an earlier call
     job = {**size["run"], "model": size["model"], "device": device, "families": "uls", "workers": 1,
-           "out": str(folder)}
+           "samples": 0, "out": str(folder)}  # the ULS sweep alone, without the alpaca job's noise-ceiling samples
     rows_expected = None
     start = time.perf_counter()
     if size["ray"] and not missing("ray"):
         cmd = [sys.executable, "-m", "pipeline.cli", "run", "--dataset", "alpaca", "--limit", str(job["limit"])]
-        for key in ("model", "device", "dtype", "families", "workers", "out", "max_new_tokens", "shard_size"):
+        for key in ("model", "device", "dtype", "families", "workers", "samples", "out", "max_new_tokens", "shard_size"):
             cmd += [f"--{key.replace('_', '-')}", str(job[key])]
         rc = step(cmd, size["timeout"])
         if rc != 0:
@@ -183,7 +183,8 @@ def _run_in_process(job: dict) -> int:
     from pipeline.run.rundir import RunDir, job_identity, write_shard
     from pipeline.run.worker import ShardWorker
 
-    overrides = {k: v for k, v in job.items() if k != "limit"} | {"dataset": {"limit": job["limit"]}}
+    overrides = {k: v for k, v in job.items() if k not in ("limit", "samples")} | {
+        "dataset": {"limit": job["limit"]}, "sampling": {"samples": job["samples"]}}
     spec = load_job(dataset="alpaca", overrides=overrides)
     worker = ShardWorker(spec, spec.device)
     examples = load_examples(spec.dataset, worker.lm.tokenizer)
