@@ -23,6 +23,7 @@ from pipeline.generation.configs import (
     FAMILIES,
     LOOP,
     PROGRAM_FAMILIES,
+    SAMPLE,
     SkipConfig,
     build_configs,
     check_custom_layers,
@@ -127,14 +128,15 @@ class JobSpec:
 
     def configurations(self, num_layers: int) -> list[SkipConfig]:
         """Every configuration this job runs on an L-layer model: the chosen built-in ones (`loop` from the
-        [loop] table), then its custom programs (always included), then the `sample` family. Raises ValueError for a program that does
-        not fit the model."""
+        [loop] table), then its custom programs (always included), then the `sample` family; `config_ids`
+        restricts the built-in and sample ones. Raises ValueError for a program that does not fit the model."""
         subsets = [f for f in self.families if f != LOOP]
         built = build_configs(num_layers, subsets, self.rls_seeds)
         if LOOP in self.families:
             built += loop_configs(num_layers, dict(self.loop))
-        return [*self.select_configs(built), *custom_configs(dict(self.configs), num_layers),
-                *sample_configs(num_layers, self.sampling.samples)]
+        chosen = self.select_configs([*built, *sample_configs(num_layers, self.sampling.samples)])
+        return [*(c for c in chosen if c.family != SAMPLE), *custom_configs(dict(self.configs), num_layers),
+                *(c for c in chosen if c.family == SAMPLE)]
 
 
 def _validate(spec: JobSpec) -> None:
