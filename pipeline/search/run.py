@@ -22,7 +22,7 @@ from pipeline.run.cluster import ray_session
 from pipeline.run.executor import RunError, execute, log, shards_to_compute, start_workers
 from pipeline.run.job import JobSpec, job_from_dict
 from pipeline.run.location import RunPath, read_parquet
-from pipeline.run.rundir import CONFIGS_SCHEMA, RunDir, job_identity
+from pipeline.run.rundir import CONFIGS_SCHEMA, RunDir, configs_fingerprint, job_identity
 from pipeline.run.runner import dataset_fingerprint
 from pipeline.run.shard_task import ExecSummary
 from pipeline.search.evaluate import GenerationEvaluator
@@ -76,9 +76,10 @@ def prepare_search(source_dir: str | RunPath, spec: SearchSpec, out: str | RunPa
     task = SearchTask(str(source.root), tuple((k, json.dumps(v)) for k, v in job_identity(record).items()),
                       tuple((c["config_id"], tuple(c["layers"])) for c in configs), int(record["num_layers"]), spec,
                       evaluator)
-    return PreparedSearch(source, out, search_record(record, spec, source.root), task,
-                          shard_examples(examples, job.shard_size),
-                          pa.Table.from_pylist(configs + slots, schema=CONFIGS_SCHEMA), record["model_fingerprint"], job)
+    table = pa.Table.from_pylist(configs + slots, schema=CONFIGS_SCHEMA)
+    new = {**search_record(record, spec, source.root), "configs_fingerprint": configs_fingerprint(table)}  # its own
+    return PreparedSearch(source, out, new, task, shard_examples(examples, job.shard_size), table,
+                          record["model_fingerprint"], job)
 
 
 def run_search(source_dir: str | RunPath, spec: SearchSpec, out: str | RunPath | None = None,
