@@ -90,7 +90,7 @@ def test_a_finished_run_reruns_without_starting_ray_and_ray_starts_quietly(tiny,
     first = run_job(_job(out, tiny))  # a private Ray, started and shut down by the run
     assert first.computed == 2 and "Token authentication" not in capfd.readouterr().err
 
-    def no_ray(address):
+    def no_ray(*args, **kwargs):
         raise AssertionError("Ray started")
 
     monkeypatch.setattr(runner, "ray_session", no_ray)
