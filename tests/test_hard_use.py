@@ -38,6 +38,14 @@ from pipeline.training.out_folder import claim_out_folder
 FIX = "rerun the run's `dynoracle run` command to regenerate it"
 
 
+@pytest.fixture(autouse=True)
+def no_ray_left_by_other_tests() -> None:
+    """These tests check that a refused command starts no Ray (and that start-up honours its timeout and
+    signals): a Ray that an earlier test module left initialised in this process would hide both."""
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 # --- locks -------------------------------------------------------------------------------------------------
 
 def test_a_losing_driver_never_removes_the_winners_lock_or_folder(tmp_path: Path, monkeypatch) -> None:
