@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -122,8 +123,10 @@ class _Identity(torch.nn.Module):
 
 def test_finetune_on_two_ray_train_cpu_workers(tmp_path):
     base, out = save_tiny("opt", tmp_path / "base"), tmp_path / "tuned"
+    sigint_before = signal.getsignal(signal.SIGINT)
     record = finetune(_spec(base, out, workers=2, epochs=1))
     assert record["train_rows"] == 8 and record["steps"] == 2  # global batch 4 = 2 workers x 2
+    assert signal.getsignal(signal.SIGINT) is sigint_before  # Ray Train's own Ctrl-C handler does not outlive the fit
     tuned = load_model(str(out), "float32")
     assert tuned.num_layers == 4 and (out / FINETUNE_JSON).is_file()
     assert not (out / ".ray-train").exists()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -308,7 +309,13 @@ def _ray_fit(spec: FinetuneSpec, address: str | None) -> dict[str, Any]:
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(storage_path=str(storage), name="finetune"),
     )
-    result = trainer.fit()
+    # Ray Train installs its own SIGINT handler for the fit and leaves it behind; put the caller's back, or a
+    # later Ctrl-C in this process would abort a finished trainer instead of interrupting what runs then.
+    previous_sigint = signal.getsignal(signal.SIGINT)
+    try:
+        result = trainer.fit()
+    finally:
+        signal.signal(signal.SIGINT, previous_sigint)
     if result.error is not None or result.checkpoint is None:
         raise RuntimeError(f"Ray Train failed: {result.error}")
     with result.checkpoint.as_directory() as folder:
