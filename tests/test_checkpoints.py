@@ -9,7 +9,6 @@ report; bad sets and bad checkpoints are one-line errors before any run folder e
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import subprocess
@@ -18,7 +17,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 from tiny_models import save_tiny
 
 from pipeline.analysis.reduce import reduce_run
@@ -34,13 +32,6 @@ from pipeline.training.finetune import FinetuneSpec, finetune
 DATA = os.environ.get("DYNORACLE_DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
 SEQUENCES = 3
 COMPARED = ("output", "gen_tokens", "finish_reason", "rougeL", "layers_per_token")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

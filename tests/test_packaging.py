@@ -16,7 +16,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from pipeline.cli import app
 from pipeline.run.job import JOBS_DIR, load_job, named_jobs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,15 +71,14 @@ def test_wheel_carries_every_named_job(wheel_venv):
         assert Path(jobs_dir, f"{name}.toml").read_bytes() == (REPO / "jobs" / f"{name}.toml").read_bytes()
 
 
-def test_dataset_alpaca_same_job_from_wheel_and_checkout(wheel_venv, tmp_path):
+def test_dataset_alpaca_same_job_from_wheel_and_checkout(wheel_venv, local_ray, tmp_path):
+    """The wheel's command in its own process (with its own Ray); the checkout's in this one, on the module's Ray."""
     installed = subprocess.run([str(wheel_venv / "bin" / "dynoracle"), "run", "--dataset", "alpaca", *TINY,
                                 "--out", str(tmp_path / "from_wheel")], cwd=tmp_path, env=_env(),
                                capture_output=True, text=True, timeout=600)
     assert installed.returncode == 0, installed.stderr
-    checkout = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--dataset", "alpaca", *TINY,
-                               "--out", str(tmp_path / "from_checkout")], cwd=REPO,
-                              capture_output=True, text=True, timeout=600)
-    assert checkout.returncode == 0, checkout.stderr
+    checkout = CliRunner().invoke(app, ["run", "--dataset", "alpaca", *TINY, "--out", str(tmp_path / "from_checkout")])
+    assert checkout.exit_code == 0, checkout.output
 
     wheel_run = json.loads((tmp_path / "from_wheel" / "run.json").read_text())
     checkout_run = json.loads((tmp_path / "from_checkout" / "run.json").read_text())

@@ -7,7 +7,6 @@ CPU workers, float32), so every run folder must end up with exactly the referenc
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import signal
@@ -18,8 +17,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import ray
+from typer.testing import CliRunner
 
+from pipeline.cli import app
 from pipeline.data.adapters import load_examples, shard_examples
 from pipeline.generation.configs import full_config
 from pipeline.generation.engine import generate
@@ -56,16 +56,6 @@ def job_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("jobs") / "tiny.toml"
     path.write_text(JOB)
     return path
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray for the in-process runs of this module (the CLI runs start their own)."""
-    if ray.is_initialized():  # another module's in-process run may have left its Ray up
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
 
 
 def read_rows(run_dir: Path) -> list[dict]:
@@ -135,14 +125,16 @@ def _wait_for(condition, timeout: float, what: str) -> None:
 
 
 def test_driver_killed_then_resumed_and_second_run_refused(reference, job_file, tmp_path):
+    """The driver killed is a CLI process; the refused second run and the resume are the same command in-process
+    (on this module's Ray)."""
     out = tmp_path / "run"
     command = [*CLI, "--job", str(job_file), "--out", str(out)]
     first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lock = out / ".lock"
         _wait_for(lambda: lock.is_file() and lock.read_text().strip() == str(first.pid), 120, "the run to lock")
-        second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert second.returncode != 0
+        second = CliRunner().invoke(app, command[len(CLI) - 1:])
+        assert second.exit_code == 2
         assert second.stderr.strip() == f"error: run folder {out} is in use by another dynoracle run (pid {first.pid})"
         _wait_for(lambda: _shard_files(out) or first.poll() is not None, 180, "the first shard file")
         first.send_signal(signal.SIGKILL)
@@ -153,8 +145,8 @@ def test_driver_killed_then_resumed_and_second_run_refused(reference, job_file, 
     present = len(_shard_files(out))  # only the driver writes shard files, so none can appear from now on
     assert 1 <= present < SHARDS
 
-    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240)
-    assert rerun.returncode == 0, rerun.stderr
+    rerun = CliRunner().invoke(app, command[len(CLI) - 1:])
+    assert rerun.exit_code == 0, rerun.output
     assert f"generations: {present} of {SHARDS} shards already complete (skipped), computing {SHARDS - present}" in rerun.stderr
     assert f"next: dynoracle reduce {out} --match-full" in rerun.stdout
     assert read_rows(out) == reference[1]

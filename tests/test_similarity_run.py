@@ -40,7 +40,8 @@ data_dir = "{DATA}"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> tuple[Path, Path]:
+def run(local_ray, tmp_path_factory) -> tuple[Path, Path]:
+    """The finished run; it and the `similarity` commands share the module's Ray (one start-up, not three)."""
     job = tmp_path_factory.mktemp("jobs") / "tiny.toml"
     job.write_text(JOB)
     out = tmp_path_factory.mktemp("runs") / "tiny"

@@ -2,7 +2,8 @@
 
 The same tiny job runs once into a local folder (the reference) and once into the bucket, whose driver
 is killed after its first shard and rerun; the bucket must end up with exactly the reference's rows,
-and reduce, query and report must work on the URI as on the folder.
+and reduce, query and report must work on the URI as on the folder. The killed driver is a CLI process;
+every other command runs in-process (typer's CliRunner, on one module Ray).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import boto3
 import pyarrow as pa
 import pytest
 from moto.server import ThreadedMotoServer
+from typer.testing import CliRunner, Result
 
+from pipeline.cli import app
 from pipeline.run.location import StorePath, locate, read_parquet
 from pipeline.run.rundir import RunDir, RunLocked
 
@@ -46,9 +49,9 @@ data_dir = "{DATA}"
 """
 
 
-def dynoracle(*args: object, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+def dynoracle(*args: object) -> Result:
+    """The CLI in this process: exit_code, stdout and stderr as a `dynoracle ...` command gives them."""
+    return CliRunner().invoke(app, [str(arg) for arg in args])
 
 
 @pytest.fixture(scope="module")
@@ -96,11 +99,11 @@ def _wait_for(condition, timeout: float, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(s3, job_file, tmp_path_factory) -> tuple[Path, list[dict]]:
+def reference(s3, local_ray, job_file, tmp_path_factory) -> tuple[Path, list[dict]]:
     out = tmp_path_factory.mktemp("local") / "run"
     result = dynoracle("run", "--job", job_file, "--out", out)
-    assert result.returncode == 0, result.stderr
-    assert dynoracle("reduce", out, "--match-full").returncode == 0
+    assert result.exit_code == 0, result.output
+    assert dynoracle("reduce", out, "--match-full").exit_code == 0
     return out, rows(out)
 
 
@@ -123,7 +126,7 @@ def bucket_run(s3, job_file, reference) -> str:
     assert "tiny/.lock" in keys(s3, "tiny/")  # a killed driver cannot clean up its lock ...
 
     rerun = dynoracle("run", "--job", job_file, "--out", uri)  # ... which this host takes over (its pid is gone)
-    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.exit_code == 0, rerun.output
     assert (f"generations: {len(shards)} of {SHARDS} shards already complete (skipped), "
             f"computing {SHARDS - len(shards)}") in rerun.stderr
     assert f"next: dynoracle reduce {uri} --match-full" in rerun.stdout
@@ -143,29 +146,29 @@ def test_killed_and_resumed_bucket_run_has_exactly_the_reference_rows(s3, bucket
 
 def test_reduce_query_report_on_the_uri(s3, bucket_run, reference):
     reduced = dynoracle("reduce", bucket_run, "--match-full", "--json")
-    assert reduced.returncode == 0, reduced.stderr
+    assert reduced.exit_code == 0, reduced.output
     local = json.loads((reference[0] / "oracle" / "rougeL" / "summary.json").read_text())
     assert json.loads(reduced.stdout) == local
     assert json.loads(locate(bucket_run + "/oracle/rougeL/summary.json").read_text()) == local
 
     counted = dynoracle("query", bucket_run, "select config_id, count(*) as n, sum(gen_tokens) as tokens "
                         "from generations group by 1 order by 1", "--format", "json")
-    assert counted.returncode == 0, counted.stderr
+    assert counted.exit_code == 0, counted.output
     expected = [{"config_id": c, "n": SEQUENCES, "tokens": sum(r["gen_tokens"] for r in reference[1]
                                                                 if r["config_id"] == c)} for c in sorted(CONFIG_IDS)]
     assert json.loads(counted.stdout) == expected
     joined = dynoracle("query", bucket_run, "select count(*) as n from allocations a join generations g "
                        "using (seq_id, config_id)", "--format", "csv")
-    assert joined.returncode == 0 and joined.stdout.splitlines()[1] == str(
+    assert joined.exit_code == 0 and joined.stdout.splitlines()[1] == str(
         len(read_parquet(reference[0] / "oracle" / "rougeL" / "allocations.parquet")))
 
     before = keys(s3, "tiny/")
     written = dynoracle("query", bucket_run, f"copy (select 1) to 's3://{BUCKET}/tiny/x.csv'")
-    assert written.returncode == 2 and "query only reads the run: COPY statements are not allowed" in written.stderr
+    assert written.exit_code == 2 and "query only reads the run: COPY statements are not allowed" in written.stderr
     assert keys(s3, "tiny/") == before
 
     report = dynoracle("report", bucket_run)
-    assert report.returncode == 0, report.stderr
+    assert report.exit_code == 0, report.output
     assert f"wrote {bucket_run}/report.md" in report.stdout
     made = keys(s3, "tiny/")
     assert "tiny/report.md" in made and sum(k.endswith(".png") for k in made) >= 2
@@ -183,10 +186,10 @@ def test_damaged_object_refused_then_recomputed(s3, job_file, bucket_run, refere
     with pytest.raises((OSError, pa.ArrowException)):
         read_parquet(locate(f"s3://{BUCKET}/{key}"))
     refused = dynoracle("reduce", bucket_run)
-    assert refused.returncode == 2 and refused.stderr.startswith("error: ")
+    assert refused.exit_code == 2 and refused.stderr.startswith("error: ")
 
     rerun = dynoracle("run", "--job", job_file, "--out", bucket_run)
-    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.exit_code == 0, rerun.output
     assert "generations shard 00001: unreadable" in rerun.stderr
     assert f"generations: {SHARDS - 1} of {SHARDS} shards already complete" in rerun.stderr
     assert rows(bucket_run) == reference[1]
