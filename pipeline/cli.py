@@ -562,6 +562,8 @@ def query_command(
     families: Optional[str] = typer.Option(None, "--families", help="The oracle reduced over these families "
                                            "(as `reduce --families`); default all."),
     cost: str = typer.Option("nominal", "--cost", help="The oracle reduced with this cost (as `reduce --cost`)."),
+    degenerate: str = typer.Option("zero", "--degenerate", help="The oracle reduced with this rule for degenerate "
+                                   "outputs (as `reduce --degenerate`)."),
     output_format: str = typer.Option("table", "--format", help="table, csv or json."),
     partial: bool = typer.Option(False, "--partial", help=PARTIAL_HELP),
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds a query may run before it is stopped."),
@@ -575,7 +577,7 @@ def query_command(
     from pipeline.report.query import query_run, render
 
     try:
-        columns, rows = query_run(run_dir, sql, metric, partial, family_names(families), cost, timeout)
+        columns, rows = query_run(run_dir, sql, metric, partial, family_names(families), cost, timeout, degenerate)
         text = render(columns, rows, output_format)
     except (ValueError, OSError) as exc:
         fail(str(exc).strip().splitlines()[0])

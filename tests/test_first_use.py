@@ -117,6 +117,7 @@ def test_reductions_and_controllers_live_in_folders_named_by_what_they_were_comp
     assert reduce_run(run, cost="measured", families=["ee", "uls"], resamples=0).out_dir == \
         run / "oracle" / "rougeL+cost=measured+families=ee,uls"
     assert reduce_run(run, families=["rls", "ee", "uls"], resamples=0).out_dir == run / "oracle" / "rougeL"
+    assert reduce_run(run, degenerate="keep", resamples=0).out_dir == run / "oracle" / "rougeL+degenerate=keep"
     assert _bytes(run / "oracle" / "rougeL").keys() == everything.keys()
     assert json.loads((run / "oracle" / "rougeL+families=uls" / "summary.json").read_text())["families"] == \
         ["full", "uls"]

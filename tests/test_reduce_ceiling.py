@@ -64,6 +64,8 @@ def test_noise_ceiling_null_degenerate_and_total_cost(tmp_path: Path):
     run, truth = _run(tmp_path / "run")
     result = reduce_run(run, budgets=[2.0], resamples=200, null_draws=50, degenerate="keep")
     s = result.summary
+    oracle = run / "oracle" / "rougeL+degenerate=keep"  # not the default rule's folder
+    assert result.out_dir == oracle and not (run / "oracle" / "rougeL").exists()
     score = truth["rougeL"]
     full = np.array([score[(n, "full")] for n in range(N)])
     samples = np.array([[score[(n, f"sample-{k}")] for k in range(K)] for n in range(N)])
@@ -74,19 +76,19 @@ def test_noise_ceiling_null_degenerate_and_total_cost(tmp_path: Path):
     assert ceiling["best_of_k_gain"] == pytest.approx((samples.max(axis=1) - full).mean(), abs=1e-12)
     lo, hi = ceiling["best_of_k_mean_interval"]
     assert lo <= ceiling["best_of_k_mean"] <= hi
-    frontier = pq.read_table(run / "oracle/rougeL/frontier.parquet").to_pandas()
+    frontier = pq.read_table(oracle / "frontier.parquet").to_pandas()
     at_full = frontier[frontier["budget"] == L]["value"].iloc[0]
     assert ceiling["oracle_gain_at_full_budget"] == pytest.approx(at_full - full.mean(), abs=1e-12)
     bar = ceiling["min_budget_to_match_best_of_k"]  # a higher bar than the full model's mean
     assert bar is None or bar >= s["min_budget_to_match"]
     assert s["num_configs"] == L  # the samples are not oracle choices
     # the null: a key, a table beside the frontier, and the same budgets
-    null = pq.read_table(run / "oracle/rougeL/null.parquet").to_pandas()
+    null = pq.read_table(oracle / "null.parquet").to_pandas()
     np.testing.assert_array_equal(null["budget"], frontier["budget"])
     assert (null["value_lo"] <= null["value"]).all() and (null["value"] <= null["value_hi"]).all()
     assert s["oracle_null"]["draws"] == 50 and [b["budget"] for b in s["oracle_null"]["budgets"]] == [2.0]
     # degenerate: one row flagged (q000's uls-1), stored per row
-    flags = pq.read_table(run / "oracle/rougeL/degenerate.parquet").to_pandas()
+    flags = pq.read_table(oracle / "degenerate.parquet").to_pandas()
     assert len(flags) == N * len(CONFIGS)
     assert flags[flags["degenerate"]][["seq_id", "config_id"]].values.tolist() == [["q000", "uls-1"]]
     assert s["degenerate"]["rows"] == 1 and s["degenerate"]["mode"] == "keep"
@@ -94,7 +96,7 @@ def test_noise_ceiling_null_degenerate_and_total_cost(tmp_path: Path):
     gen = truth["gen"]
     assert s["total_cost"]["full_mean"] == pytest.approx(np.mean([PROMPT * L + (gen[(n, "full")] - 1) * L
                                                                    for n in range(N)]))
-    alloc = pq.read_table(run / "oracle/rougeL/allocations.parquet").to_pandas()
+    alloc = pq.read_table(oracle / "allocations.parquet").to_pandas()
     picked = alloc[alloc["budget"] == s["min_budget_to_match"]]
     cost = {c.config_id: c.cost for c in CONFIGS}
     hand = np.mean([PROMPT * L + (gen[(int(q[1:]), c)] - 1) * cost[c] for q, c in zip(picked["seq_id"],
@@ -107,9 +109,10 @@ def test_each_degenerate_mode_changes_the_allocation_as_documented(tmp_path: Pat
     run, truth = _run(tmp_path / "run")
 
     def at(mode: str) -> tuple[dict, dict]:
-        s = reduce_run(run, budgets=[1.0, 2.0], resamples=0, null_draws=0, degenerate=mode).summary
-        alloc = pq.read_table(run / "oracle/rougeL/allocations.parquet").to_pandas()
-        means = pq.read_table(run / "oracle/rougeL/config_means.parquet").to_pandas().set_index("config_id")["mean"]
+        result = reduce_run(run, budgets=[1.0, 2.0], resamples=0, null_draws=0, degenerate=mode)
+        s, oracle = result.summary, result.out_dir
+        alloc = pq.read_table(oracle / "allocations.parquet").to_pandas()
+        means = pq.read_table(oracle / "config_means.parquet").to_pandas().set_index("config_id")["mean"]
         first = {b: alloc[(alloc["budget"] == b) & (alloc["seq_id"] == "q000")]["config_id"].iloc[0] for b in (1.0, 2.0)}
         return first, {"uls-1": means["uls-1"], "budget_1": s["budgets"][0]["value"], "summary": s}
 
@@ -124,7 +127,7 @@ def test_each_degenerate_mode_changes_the_allocation_as_documented(tmp_path: Pat
     assert exclude_stats["budget_1"] == pytest.approx(keep_stats["budget_1"] + (EXCLUDED_SCORE - 0.9) / N)
     assert zero_stats["summary"]["degenerate"]["picks_at_match"] == 0
     assert zero_stats["summary"]["oracle_null"] is None  # turned off by null_draws=0, and no null.parquet
-    assert not (run / "oracle/rougeL/null.parquet").exists()
+    assert not (run / "oracle" / "rougeL" / "null.parquet").exists()  # zero, the default rule: the plain folder
 
 
 def test_cli_prints_the_null_the_ceiling_and_the_degenerate_picks(tmp_path: Path):

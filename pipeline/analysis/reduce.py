@@ -175,7 +175,7 @@ def reduce_run(
 
     integers = [float(b) for b in range(1, matrix.num_layers + 1) if b >= frontier.min_budget]
     allocation_budgets = sorted({*requested, *integers, *([match] if match is not None else [])})
-    name = oracle_name(metric, families, run_families(run_dir), cost)  # the folder: what this oracle is over
+    name = oracle_name(metric, families, run_families(run_dir), cost, degenerate)  # the folder: what this oracle is over
     summary = {
         "metric": metric,
         "result": name,

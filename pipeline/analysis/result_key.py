@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
+from pipeline.analysis.degenerate import DEFAULT_MODE
 from pipeline.run.location import RunPath
 
 # option -> default; None stands for "every one the run has" (families, learners, feature layers)
-ORACLE_OPTIONS: dict[str, Any] = {"families": None, "cost": "nominal"}
+ORACLE_OPTIONS: dict[str, Any] = {"families": None, "cost": "nominal", "degenerate": DEFAULT_MODE}
 CONTROLLER_OPTIONS: dict[str, Any] = {"families": None, "learners": None, "layers": None}
 _RESERVED = set("/\\+=\0")
 
@@ -49,12 +50,13 @@ def chosen_or_all(chosen: Iterable[Any] | None, every: Iterable[Any]) -> list[An
     return None if chosen == every else chosen
 
 
-def oracle_name(metric: str, families: Iterable[str] | None, present: Iterable[str], cost: str = "nominal") -> str:
+def oracle_name(metric: str, families: Iterable[str] | None, present: Iterable[str], cost: str = "nominal",
+                degenerate: str = DEFAULT_MODE) -> str:
     """The folder under oracle/ of a reduction over `families` (None: all of the run's `present` ones; `full`
-    is always in and not named)."""
+    is always in and not named), with `cost` and `degenerate` as `reduce` took them."""
     wanted = None if families is None else [f for f in families if f != "full"]
     return result_name(metric, {"families": chosen_or_all(wanted, [f for f in present if f != "full"]),
-                                "cost": cost}, ORACLE_OPTIONS)
+                                "cost": cost, "degenerate": degenerate}, ORACLE_OPTIONS)
 
 
 def preferred_result(folder: RunPath, metric: str, file: str) -> RunPath | None:

@@ -28,6 +28,7 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.analysis import gate_curves, token_oracle
+from pipeline.analysis.degenerate import DEFAULT_MODE
 from pipeline.analysis.features import FEATURES_FOLDER
 from pipeline.analysis.metrics import check_metric
 from pipeline.analysis.result_key import oracle_name, preferred_result
@@ -145,7 +146,8 @@ class RunDatabase:
 
 
 def open_run(run_dir: str | RunPath, metric: str | None = None, partial: bool = False,
-             families: list[str] | tuple[str, ...] | None = None, cost: str = "nominal") -> RunDatabase:
+             families: list[str] | tuple[str, ...] | None = None, cost: str = "nominal",
+             degenerate: str = DEFAULT_MODE) -> RunDatabase:
     """Views the scored rows (`generations`, or `choices` for a multiple-choice run) and configs, and, for
     whichever files exist: frontier, allocations and config_means of the oracle of `metric` (None: the run's
     default metric) over `families` and `cost` (`reduce`'s folder for those options), controller_curves and
@@ -158,9 +160,10 @@ def open_run(run_dir: str | RunPath, metric: str | None = None, partial: bool = 
     run = verify_run(run_dir, partial)
     metric = check_metric(run.record, metric, run.root)
     present = read_parquet(run.root / "configs.parquet", columns=["family"]).column("family").unique().to_pylist()
-    oracle = run.root / "oracle" / oracle_name(metric, families, present, cost)
+    oracle = run.root / "oracle" / oracle_name(metric, families, present, cost, degenerate)
     options = "".join([f" --families {','.join(families)}" if families is not None else "",
-                       f" --cost {cost}" if cost != "nominal" else ""])
+                       f" --cost {cost}" if cost != "nominal" else "",
+                       f" --degenerate {degenerate}" if degenerate != DEFAULT_MODE else ""])
     hints = {"oracle": f"run `dynoracle reduce {run.root} --metric {metric}{options}` first",
              "controller": f"run `dynoracle controller {run.root} --metric {metric}` first",
              "similarity": f"run `dynoracle similarity {run.root}` first",
@@ -225,9 +228,10 @@ def _task_shards(run: VerifiedRun, folder: str, schema: pa.Schema) -> tuple[list
 
 def query_run(run_dir: str | RunPath, sql: str, metric: str | None = None, partial: bool = False,
               families: list[str] | tuple[str, ...] | None = None,
-              cost: str = "nominal", timeout_s: float = TIMEOUT_S) -> tuple[list[str], list[tuple]]:
+              cost: str = "nominal", timeout_s: float = TIMEOUT_S,
+              degenerate: str = DEFAULT_MODE) -> tuple[list[str], list[tuple]]:
     """Column names and rows of one read-only query over a run, on a connection of its own (`RunDatabase.fetch`)."""
-    db = open_run(run_dir, metric, partial, families, cost)
+    db = open_run(run_dir, metric, partial, families, cost, degenerate)
     try:
         return db.fetch(sql, timeout_s)
     finally:
