@@ -214,7 +214,10 @@ def test_search_on_a_choice_run_scores_programs_literally_within_budget_and_cap(
     assert reduce_run(folder, resamples=0).summary["metric"] == "acc"
     report = search_report(folder, budgets=(2.0,), resamples=20)
     assert set(report["curve"]["evaluated"]) == {0, 2, 4}
-    assert {s["right"] for s in report["shares"].values()} == {"acc"}
+    shares = report["shares"]
+    assert {(s["right_metric"], s["threshold"]) for s in shares.values()} == {("acc", 1.0)}
+    full_acc = [r["acc"] for r in rows if r["config_id"] == "full"]
+    assert all(s["right"] == sum(full_acc) and s["wrong"] == len(full_acc) - sum(full_acc) for s in shares.values())
     assert "prob_gold" in (folder / "run.json").read_text()
     with pytest.raises(ValueError, match=r"unknown metric 'rougeL' for .* \(a choice run\)"):
         run_search(choice_run, SearchSpec(budget=4, width=2, cost_cap=3, metric="rougeL"), tmp_path / "c")

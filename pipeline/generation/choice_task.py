@@ -55,7 +55,8 @@ def choice_row(ex: ChoiceExample, shard: int, cfg: SkipConfig, logliks: np.ndarr
     chars = np.array([len(c) for c in ex.choices])
     num_bytes = np.array([len(c.encode("utf-8")) for c in ex.choices])
     return {"seq_id": ex.seq_id, "shard": shard, "config_id": cfg.config_id, "family": cfg.family,
-            "cost": cfg.cost, "prompt_tokens": ex.prompt_tokens, "gold": ex.gold, "loglik": np.asarray(logliks).tolist(),
+            "cost": cfg.cost, "prompt_tokens": ex.prompt_tokens, "gold": ex.gold,
+            "loglik": np.asarray(logliks).tolist(),
             "choice_tokens": [len(cont) for _, cont in ex.requests], "choice_chars": chars.tolist(),
             "choice_bytes": num_bytes.tolist(), **choice_metrics(logliks, chars, num_bytes, ex.gold),
             "layers_per_token": float(cfg.cost)}

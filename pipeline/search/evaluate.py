@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from pipeline.analysis.metrics import check_metric, run_task_name
 from pipeline.data.adapters import Example
+from pipeline.data.choice_tasks import ChoiceExample
 from pipeline.generation.choice_task import choice_row, pair_choice_logliks, scored_tokens
 from pipeline.generation.configs import FULL_ID, SkipConfig
 from pipeline.generation.engine import generate_pairs
@@ -95,8 +96,9 @@ class ChoiceEvaluator(Evaluator):
     def evaluate(self, lm: LoadedModel, shard: int, examples: list[Example], source: pa.Table,
                  pairs: list[tuple[int, SkipConfig]], metric: str,
                  on_tokens: Callable[[int], None] | None = None) -> tuple[list[float], pa.Table]:
-        logliks = pair_choice_logliks(lm, examples, pairs, self.prefill, self.batch_size)  # type: ignore[arg-type]
-        rows = [choice_row(examples[i], shard, cfg, values) for (i, cfg), values in zip(pairs, logliks)]  # type: ignore[arg-type]
+        questions: list[ChoiceExample] = examples  # type: ignore[assignment]  # a choice run's examples
+        logliks = pair_choice_logliks(lm, questions, pairs, self.prefill, self.batch_size)
+        rows = [choice_row(questions[i], shard, cfg, values) for (i, cfg), values in zip(pairs, logliks)]
         table = pa.Table.from_pylist(rows, schema=self.schema)
         if on_tokens is not None:
             on_tokens(self.tokens(table))

@@ -156,8 +156,8 @@ def search_report(run_dir: str | RunPath, metric: str | None = None, budgets: tu
     folder = root / "search"
     folder.mkdir(parents=True, exist_ok=True)
     write_parquet(pa.Table.from_pandas(frame, preserve_index=False), folder / "curve.parquet")
-    shares_record = {name: {**vars(s), "right": right, "threshold": threshold, "max_cost": matrix.num_layers / 2}
-                     for name, s in shares.items()}
+    shares_record = {name: {**vars(s), "right_metric": right, "threshold": threshold,
+                            "max_cost": matrix.num_layers / 2} for name, s in shares.items()}
     write_json(shares_record, folder / "shares.json")
     figure = plot_search_curve(frame, matrix.num_layers, f"{root.name}: {metric}, {matrix.scores.shape[0]} sequences")
     figure.savefig(folder / "search_curve.png", dpi=110)
