@@ -23,6 +23,7 @@ from pipeline.generation.configs import CUSTOM, SkipConfig
 from pipeline.generation.engine import generate
 from pipeline.generation.models import load_model
 from pipeline.generation.reference import program_loglik
+from pipeline.report.figures import build_report
 from pipeline.run.job import job_from_dict
 from pipeline.run.runner import run_job
 from pipeline.search.evaluate import ChoiceEvaluator
@@ -210,8 +211,10 @@ def test_search_on_a_choice_run_scores_programs_literally_within_budget_and_cap(
         for arm in ARMS:
             assert sum(r["seq_id"] == seq and r["family"] == arm for r in searched) == spec.budget
 
-    # The union reduces as a choice run; the curve reads prob_gold, the shares right = acc.
+    # The union reduces and reports as a choice run (searched and random rows as families); the curve reads
+    # prob_gold, the shares right = acc.
     assert reduce_run(folder, resamples=0).summary["metric"] == "acc"
+    assert sorted(p.name for p in build_report(folder, "acc").figures) == ["cost_quality.png", "oracle_shares.png"]
     report = search_report(folder, budgets=(2.0,), resamples=20)
     assert set(report["curve"]["evaluated"]) == {0, 2, 4}
     shares = report["shares"]

@@ -21,7 +21,7 @@ from pipeline.analysis.gate_curves import read_gates
 from pipeline.analysis.reduce import reduce_run
 from pipeline.analysis.token_oracle import read_token_oracle
 from pipeline.analysis.result_key import oracle_name
-from pipeline.generation.configs import CUSTOM, FULL_ID, KNOWN_FAMILIES
+from pipeline.generation.configs import CUSTOM, FULL_ID, KNOWN_FAMILIES, LOOP
 from pipeline.report.accuracy import cola_section
 from pipeline.report.oracle_checks import checks_section, draw_null_and_ceiling, picks_section, read_null
 from pipeline.report.paper import (
@@ -45,6 +45,9 @@ STYLE = {
     "ee": ("EE (early exit)", "tab:orange"),
     "rls": ("RLS (random skip)", "tab:green"),
     CUSTOM: ("custom layer sets", "tab:purple"),
+    LOOP: ("loop (a block repeated)", "tab:brown"),
+    "search": ("searched programs (per-sequence slots)", "tab:red"),
+    "random": ("random programs (the search's null)", "tab:gray"),
     FULL_ID: ("full model", "0.3"),
 }
 # One row per configuration; each has every sequence (the reducer checks that), so means of means are fair.
