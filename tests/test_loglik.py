@@ -11,7 +11,7 @@ import torch
 
 from pipeline.generation.configs import build_configs
 from pipeline.generation.loglik import _representatives, continuation_logliks, pair_logliks
-from pipeline.generation.models import LoadedModel
+from pipeline.generation.models import LoadedModel, load_model
 from pipeline.generation.reference import program_loglik
 from tiny_models import skipped_as_identity, tiny_llama
 
@@ -71,8 +71,19 @@ def _groups(seed: int) -> list[tuple[list[int], list[list[int]]]]:
             for n, sizes in ((7, (3, 1, 4)), (3, (2, 2)), (10, (1, 5)))]
 
 
+@pytest.fixture(scope="module")
+def tiny_opt() -> Iterator[LoadedModel]:
+    """A small random OPT (learned positions, another decoder layer), 6 layers like `tiny`, on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_model("random:tiny-opt", "float32", "cpu")
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny_opt"])
 @pytest.mark.parametrize("prefill", ["full", "skip"])
-def test_programs_equal_a_literal_no_cache_run_and_pairs_equal_the_cross_product(tiny, prefill):
+def test_programs_equal_a_literal_no_cache_run_and_pairs_equal_the_cross_product(model, prefill, request):
+    tiny = request.getfixturevalue(model)
     groups = _groups(5)
     groups[1][1][1][0] = groups[1][1][0][0]
     got = continuation_logliks(tiny, groups, PROGRAMS, prefill, row_tokens=48)  # several chunks, mixed kinds
