@@ -194,7 +194,10 @@ def run(
     typer.echo(f"{summary.rows} rows in {summary.shards} shards ({summary.computed} computed, {summary.skipped} "
                f"skipped) in {summary.elapsed_s:.1f} s; generation {summary.generate_s:.1f} s, "
                f"{tokens_per_s:.0f} tokens/s")
-    typer.echo(f"results: {summary.run_dir / 'generations'}")
+    from pipeline.run.rundir import SCORED_TABLES, RunDir
+
+    task = (RunDir(summary.run_dir).read_run_json() or {}).get("task", "generate")
+    typer.echo(f"results: {summary.run_dir / SCORED_TABLES[task][0]}")
     typer.echo(f"next: dynoracle reduce {summary.run_dir} --match-full")
 
 
