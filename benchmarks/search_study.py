@@ -4,7 +4,10 @@ under a load average near 50 timed out every `ray.init`). Ray is never started; 
 the executor's `ShardWorker` here and written and checked as the executor does.
 
     python benchmarks/search_study.py --out outputs/search_study [--limit 8] [--budget 16] [--width 4]
-                                      [--model M] [--max-new-tokens N]
+                                      [--model M] [--max-new-tokens N] [--dataset alpaca|arc_easy|...]
+
+A multiple-choice dataset (`--dataset arc_easy`) runs the choice task and the search scores by log-likelihood,
+maximising prob_gold (`pipeline.search.evaluate.ChoiceEvaluator`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import argparse
 import time
 from pathlib import Path
 
-from pipeline.data.adapters import load_examples, shard_examples
+from pipeline.data.adapters import CHOICE_DATASETS, load_examples, shard_examples
+from pipeline.generation.choice_task import ChoiceTask
 from pipeline.generation.scoring import sentence_splitter
 from pipeline.generation.task import GenerateTask
 from pipeline.run.atomic import write_json, write_parquet
@@ -46,20 +50,22 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=None, help="default: the job's (the embedded model)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the job's (32)")
+    parser.add_argument("--dataset", default="alpaca", help="alpaca (ROUGE-L) or a multiple-choice task (prob_gold)")
     args = parser.parse_args()
 
     started = time.monotonic()
     overrides = {"out": args.out, "workers": 1, "shard_size": 4, "dataset": {"limit": args.limit}}
     overrides |= {"model": args.model} if args.model else {}
     overrides |= {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
-    spec = load_job(dataset="alpaca", overrides=overrides)
+    spec = load_job(dataset=args.dataset, overrides=overrides)
+    choice = spec.dataset.name in CHOICE_DATASETS
     worker = ShardWorker(spec, "cpu")
     lm = worker.lm
     examples = load_examples(spec.dataset, lm.tokenizer)
     shards = shard_examples(examples, spec.shard_size)
     configs = spec.configurations(lm.num_layers)
     split = spec.scoring.sentence_split if spec.scoring.sentence_split is not None else examples[0].summary
-    record = {"job": spec.to_dict(), "identity": spec.identity(),
+    record = {"task": "choice" if choice else "generate", "job": spec.to_dict(), "identity": spec.identity(),
               "scoring": {**spec.scoring.to_dict(), "sentence_split": split,
                           "sentence_splitter": sentence_splitter() if split else None},
               "model_fingerprint": lm.fingerprint(), "checkpoint_fingerprints": {}, "dtype": lm.dtype,
@@ -69,14 +75,14 @@ def main() -> None:
     run.root.mkdir(parents=True, exist_ok=True)
     write_parquet(configs_table(configs), run.configs)
     write_json(record, run.run_json)
-    task = GenerateTask(tuple(configs), spec.max_new_tokens, spec.prefill, spec.batch_size, spec.max_rows,
-                        spec.scoring)
+    task = ChoiceTask(tuple(configs), spec.prefill, spec.batch_size) if choice else GenerateTask(
+        tuple(configs), spec.max_new_tokens, spec.prefill, spec.batch_size, spec.max_rows, spec.scoring)
     _write_shards(task, run, shards, worker, job_identity(record))
     write_json({**record, "finished": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
                 "rows": len(examples) * len(configs)}, run.run_json)
     print(f"source run: {time.monotonic() - started:.0f} s", flush=True)
 
-    search_spec = SearchSpec(args.budget, args.width, lm.num_layers, args.seed, "rougeL")
+    search_spec = SearchSpec(args.budget, args.width, lm.num_layers, args.seed)  # the task's default metric
     prepared = prepare_search(run.root, search_spec)
     prepared.out.root.mkdir(parents=True, exist_ok=True)
     write_parquet(prepared.configs, prepared.out.configs)
@@ -85,7 +91,7 @@ def main() -> None:
     _write_shards(prepared.task, prepared.out, prepared.shards, worker, job_identity(prepared.record))
     write_json(finished_record(prepared.record, prepared), prepared.out.run_json)
     print(f"search: {time.monotonic() - searched:.0f} s", flush=True)
-    result = search_report(prepared.out.root, "rougeL", (4.0, 8.0), 0.3, seed=args.seed)
+    result = search_report(prepared.out.root, None, (4.0, 8.0), 0.3, seed=args.seed)
     print(result["curve"].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(result["shares"])
     print("files:", *map(str, result["files"]))

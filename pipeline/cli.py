@@ -194,7 +194,10 @@ def run(
     typer.echo(f"{summary.rows} rows in {summary.shards} shards ({summary.computed} computed, {summary.skipped} "
                f"skipped) in {summary.elapsed_s:.1f} s; generation {summary.generate_s:.1f} s, "
                f"{tokens_per_s:.0f} tokens/s")
-    typer.echo(f"results: {summary.run_dir / 'generations'}")
+    from pipeline.run.rundir import SCORED_TABLES, RunDir
+
+    task = (RunDir(summary.run_dir).read_run_json() or {}).get("task", "generate")
+    typer.echo(f"results: {summary.run_dir / SCORED_TABLES[task][0]}")
     typer.echo(f"next: dynoracle reduce {summary.run_dir} --match-full")
 
 
@@ -464,13 +467,14 @@ def search(
     width: int = typer.Option(4, "--width", help="Programs per sequence per round (one engine batch per round)."),
     cost_cap: Optional[int] = typer.Option(None, "--cost-cap", help="Longest program (layers per token); default L."),
     seed: int = typer.Option(0, "--seed", help="Seed of every proposal and of the bootstrap."),
-    metric: str = typer.Option("rougeL", "--metric", help="Score column the search maximises and the curve reads."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="Score column the search maximises and the curve reads; default rougeL, prob_gold for a multiple-choice run."),
     budgets: Optional[list[float]] = typer.Option(None, "--at", help="Layer budget of the curve's value (repeatable; default 4 and 8)."),
-    threshold: float = typer.Option(0.3, "--right-at", help="A row is 'right' for CoLa's shares when metric >= this."),
+    threshold: float = typer.Option(0.3, "--right-at", help="A generation row is 'right' for CoLa's shares when metric >= this; a multiple-choice row when acc = 1."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Worker actors; default the run's."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (auto, or host:port); default local."),
 ) -> None:
-    """Per-sequence local search over layer programs against random programs of the same costs, then the curve."""
+    """Per-sequence local search over layer programs against random programs of the same costs, then the curve.
+    Generation runs decode each candidate; multiple-choice runs score its choices by log-likelihood."""
     import json as json_module
 
     from pipeline.run.rundir import RunDir, RunLocked

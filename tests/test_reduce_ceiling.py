@@ -160,3 +160,16 @@ def test_report_shows_the_null_and_the_oracles_picks_beside_the_full_models_outp
     n = int(first["seq_id"][1:])
     assert f"| {first['seq_id']} | {first['config_id']} ({first['cost']} layers) | `answer {n} by {first['config_id']}`" in text
     assert f"`answer {n} by full`" in text  # beside the full model's output for the same sequence
+
+
+def test_report_keeps_a_fresh_reduction_of_a_run_with_samples(tmp_path: Path):
+    """The `sample` family is never an oracle choice: a run that has it is still covered by its reduction, so
+    `report` neither re-reduces (dropping the requested budgets) nor names another folder."""
+    from pipeline.report.figures import stale_reason
+
+    run, _ = _run(tmp_path / "run")
+    result = reduce_run(run, budgets=[2.0], resamples=0, null_draws=0)
+    present = pq.read_table(run / "configs.parquet").column("family").unique().to_pylist()
+    assert "sample" in present and result.out_dir == run / "oracle" / "rougeL"
+    assert stale_reason(run, "rougeL", None, present) is None
+    assert reduce_run(run, families=["uls"], resamples=0, null_draws=0).out_dir == run / "oracle" / "rougeL"

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping
 
 from pipeline.analysis.degenerate import DEFAULT_MODE
+from pipeline.generation.configs import FULL_ID, SAMPLE
 from pipeline.run.location import RunPath
 
 # option -> default; None stands for "every one the run has" (families, learners, feature layers)
@@ -54,8 +55,9 @@ def oracle_name(metric: str, families: Iterable[str] | None, present: Iterable[s
                 degenerate: str = DEFAULT_MODE) -> str:
     """The folder under oracle/ of a reduction over `families` (None: all of the run's `present` ones; `full`
     is always in and not named), with `cost` and `degenerate` as `reduce` took them."""
-    wanted = None if families is None else [f for f in families if f != "full"]
-    return result_name(metric, {"families": chosen_or_all(wanted, [f for f in present if f != "full"]),
+    wanted = None if families is None else [f for f in families if f != FULL_ID]
+    choices = [f for f in present if f not in (FULL_ID, SAMPLE)]  # the full model's samples are never a choice
+    return result_name(metric, {"families": chosen_or_all(wanted, choices),
                                 "cost": cost, "degenerate": degenerate}, ORACLE_OPTIONS)
 
 

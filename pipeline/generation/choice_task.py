@@ -1,7 +1,9 @@
 """The multiple-choice task: one shard of questions -> per (question, configuration) its choices' log-likelihoods
 and lm-evaluation-harness's metrics. `dynoracle run` executes it for the multiple-choice datasets
 (`pipeline.data.choice_tasks`); its files are `choices/shard=NNNNN.parquet` (`rundir.CHOICES_SCHEMA`).
-No generation: every log-likelihood is teacher-forced on the engine's routed layers (`loglik`).
+No generation: every log-likelihood is teacher-forced on the engine's routed layers (`loglik`), for every layer
+program (repeats and reorderings too). `pair_choice_logliks` and `choice_row` serve the per-sequence search
+(`pipeline.search.evaluate.ChoiceEvaluator`), whose rows are built as this task builds its own.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import pyarrow as pa
 
 from pipeline.data.choice_tasks import ChoiceExample
 from pipeline.generation.configs import SkipConfig
-from pipeline.generation.loglik import continuation_logliks
+from pipeline.generation.loglik import continuation_logliks, pair_logliks
 from pipeline.generation.models import LoadedModel
 from pipeline.run.rundir import CHOICES_SCHEMA
 from pipeline.run.shard_task import ShardTask
@@ -37,6 +39,34 @@ def choice_metrics(logliks: np.ndarray, chars: np.ndarray, num_bytes: np.ndarray
             "acc_bytes": float(pred_bytes == gold), "prob_gold": float(weights[gold] / weights.sum())}
 
 
+def context_groups(ex: ChoiceExample) -> list[tuple[list[int], list[list[int]], list[int]]]:
+    """One group per distinct context of a question (all its choices but WinoGrande's share one): (context ids,
+    the continuation ids of its choices, those choices' indices)."""
+    groups = []
+    for ctx in dict.fromkeys(ctx for ctx, _ in ex.requests):
+        picks = [t for t, (c, _) in enumerate(ex.requests) if c == ctx]
+        groups.append((list(ctx), [list(ex.requests[t][1]) for t in picks], picks))
+    return groups
+
+
+def choice_row(ex: ChoiceExample, shard: int, cfg: SkipConfig, logliks: np.ndarray) -> dict:
+    """The CHOICES_SCHEMA row of one (question, configuration): `logliks` (C,) its choices' summed
+    log-likelihoods in nats, then lm-eval's metrics of them (`choice_metrics`)."""
+    chars = np.array([len(c) for c in ex.choices])
+    num_bytes = np.array([len(c.encode("utf-8")) for c in ex.choices])
+    return {"seq_id": ex.seq_id, "shard": shard, "config_id": cfg.config_id, "family": cfg.family,
+            "cost": cfg.cost, "prompt_tokens": ex.prompt_tokens, "gold": ex.gold,
+            "loglik": np.asarray(logliks).tolist(),
+            "choice_tokens": [len(cont) for _, cont in ex.requests], "choice_chars": chars.tolist(),
+            "choice_bytes": num_bytes.tolist(), **choice_metrics(logliks, chars, num_bytes, ex.gold),
+            "layers_per_token": float(cfg.cost)}
+
+
+def scored_tokens(table: pa.Table) -> int:
+    """The choice tokens a table of choice rows scored (every configuration's), for the progress line."""
+    return sum(sum(tokens) for tokens in table.column("choice_tokens").to_pylist())
+
+
 @dataclass(frozen=True)
 class ChoiceTask(ShardTask):
     """Score every choice of every question under every configuration, `batch_size` questions per routed pass.
@@ -56,7 +86,7 @@ class ChoiceTask(ShardTask):
 
     def tokens(self, table: pa.Table) -> int:
         """Scored choice tokens (every configuration's), for the progress line's tokens/s."""
-        return sum(sum(tokens) for tokens in table.column("choice_tokens").to_pylist())
+        return scored_tokens(table)
 
     def run(self, lm: LoadedModel, shard: int, examples: list[ChoiceExample],  # type: ignore[override]
             on_tokens: Callable[[int], None] | None = None) -> pa.Table:
@@ -66,24 +96,37 @@ class ChoiceTask(ShardTask):
             batch = examples[start : start + self.batch_size]
             groups, where = [], []  # one group per distinct context of a question: (question, its choices)
             for i, ex in enumerate(batch):
-                contexts = list(dict.fromkeys(ctx for ctx, _ in ex.requests))
-                for ctx in contexts:
-                    picks = [t for t, (c, _) in enumerate(ex.requests) if c == ctx]
-                    groups.append((list(ctx), [list(ex.requests[t][1]) for t in picks]))
+                for ctx, conts, picks in context_groups(ex):
+                    groups.append((ctx, conts))
                     where.append((start + i, picks))
             for (i, picks), values in zip(where, continuation_logliks(lm, groups, sets, self.prefill)):
                 logliks[i][:, picks] = values
         column = {s: u for u, s in enumerate(sets)}
-        rows = []
-        for ex, values in zip(examples, logliks):
-            chars = np.array([len(c) for c in ex.choices])
-            num_bytes = np.array([len(c.encode("utf-8")) for c in ex.choices])
-            tokens = [len(cont) for _, cont in ex.requests]
-            for cfg in self.configs:
-                lls = values[column[cfg.layers]]
-                rows.append({"seq_id": ex.seq_id, "shard": shard, "config_id": cfg.config_id, "family": cfg.family,
-                             "cost": cfg.cost, "prompt_tokens": ex.prompt_tokens, "gold": ex.gold,
-                             "loglik": lls.tolist(), "choice_tokens": tokens, "choice_chars": chars.tolist(),
-                             "choice_bytes": num_bytes.tolist(), **choice_metrics(lls, chars, num_bytes, ex.gold),
-                             "layers_per_token": float(cfg.cost)})
+        rows = [choice_row(ex, shard, cfg, values[column[cfg.layers]]) for ex, values in zip(examples, logliks)
+                for cfg in self.configs]
         return pa.Table.from_pylist(rows, schema=CHOICES_SCHEMA)
+
+
+def pair_choice_logliks(lm: LoadedModel, examples: list[ChoiceExample], pairs: list[tuple[int, SkipConfig]],
+                        prefill: str, batch_size: int) -> list[np.ndarray]:
+    """Every choice's summed log-likelihood (C,) of chosen (question index, configuration) pairs, not the cross
+    product: result[r] is pair r's, the questions of `batch_size` of them per routed pass (`loglik.pair_logliks`)."""
+    out: list[np.ndarray] = [np.empty(0)] * len(pairs)
+    for start in range(0, len(examples), batch_size):
+        chosen = [r for r, (i, _) in enumerate(pairs) if start <= i < start + batch_size]
+        groups, span = [], {}  # question -> its groups' range
+        for i in sorted({pairs[r][0] for r in chosen}):
+            start_of = len(groups)
+            groups += context_groups(examples[i])
+            span[i] = range(start_of, len(groups))
+        rows, where = [], []
+        for r in chosen:
+            i, cfg = pairs[r]
+            out[r] = np.empty(len(examples[i].requests))
+            for g in span[i]:
+                rows.append((g, cfg.layers))
+                where.append((r, groups[g][2]))
+        values = pair_logliks(lm, [(ctx, conts) for ctx, conts, _ in groups], rows, prefill) if rows else []
+        for (r, picks), value in zip(where, values):
+            out[r][picks] = value
+    return out

@@ -348,9 +348,10 @@ def program_membership(programs: list[tuple[int, ...]], schedule: tuple[int, ...
 
 
 @contextmanager
-def program_stack(model: nn.Module, wrappers: list[_RoutedLayer], schedule: tuple[int, ...]) -> Iterator[list[_RoutedLayer]]:
-    """Run `model` through the slots of `schedule` (one routed wrapper per slot over the physical layers of
-    `wrappers`) instead of its L layers, until the block exits; the identity schedule yields `wrappers`.
+def program_stack(model: nn.Module, wrappers: list[_RoutedLayer], schedule: tuple[int, ...],
+                  slot_type: type[_RoutedLayer] = _RoutedLayer) -> Iterator[list[_RoutedLayer]]:
+    """Run `model` through the slots of `schedule` (one routed wrapper of `slot_type` per slot over the physical
+    layers of `wrappers`) instead of its L layers, until the block exits; the identity schedule yields `wrappers`.
 
     The decoder's layer list and its config's depth are swapped for the schedule's (`swapped_stack`) and
     restored after; no weight is copied.
@@ -358,7 +359,7 @@ def program_stack(model: nn.Module, wrappers: list[_RoutedLayer], schedule: tupl
     if schedule == tuple(range(len(wrappers))):
         yield wrappers
         return
-    slots = [_RoutedLayer(wrappers[j].layer, slot=s) for s, j in enumerate(schedule)]
+    slots = [slot_type(wrappers[j].layer, slot=s) for s, j in enumerate(schedule)]
     with swapped_stack(model, slots, schedule):
         yield slots
 

@@ -1,23 +1,31 @@
-"""Teacher-forced log-likelihoods of continuations after a context, for every layer set in one routed pass.
+"""Teacher-forced log-likelihoods of continuations after a context, for every layer program in one routed pass.
 
 The multiple-choice task (`pipeline.generation.choice_task`) asks, per (question, configuration, choice), for
 the summed log-probability of the choice's tokens after its context, as lm-evaluation-harness's
 `loglikelihood` requests do. Here that runs on the engine's routed layers (`pipeline.generation.engine`):
-every (layer set, context) is a row of one batch, and each decoder layer runs only on the rows that keep it.
+every (program, context) is a row of one batch, and each decoder layer runs only on the rows that keep it.
+`continuation_logliks` scores every program on every context (a run's configurations), `pair_logliks` chosen
+(context, program) pairs (a search's candidates).
+
+Programs (`configs.check_program`: a layer skipped, repeated or out of order) run as the engine's decode runs
+them: a chunk of rows that are all subsets uses the model's own L-layer stack; a chunk holding another program
+runs a schedule of routed slots (`engine.layer_schedule`, `program_stack`), each row executing the slots its
+program embeds into, each slot with its own KV cache layer. Subsets and other programs never share a chunk.
 
 Sharing, all exact:
-- One row per (layer set, context), not per choice: the context is followed by every continuation of that
+- One row per (program, context), not per choice: the context is followed by every continuation of that
   context packed one after another (without their last token, which predicts nothing), and a 4-D mask lets
   each continuation token see the context and the earlier tokens of its own continuation only. Each packed
   token carries the position it would have right after the context, so every log-probability is the one
   of a separate (context + continuation) sequence.
 - Under the `full` prefill the contexts run once through all layers (the first continuation token's
-  log-probability is the full model's for every layer set, as a generation's first token is); the packed
-  continuations then attend to that KV at each kept layer. Under `skip` the context runs through the kept
-  layers in the same pass.
-- Layer sets that execute the same layers before layer j feed layer j the same states: it runs once per
-  distinct (context, layers executed so far) and the result is copied (early exit at c is a prefix of
-  every longer early exit and of `full`, so that whole family costs one full pass plus its heads).
+  log-probability is the full model's for every program, as a generation's first token is); the packed
+  continuations then attend, at each execution of layer j, to layer j's context KV from that pass (a
+  repeated layer's executions share the context part only). Under `skip` the context runs through the
+  program itself in the same pass.
+- Rows on the same context that execute the same layers, in the same order, before a slot feed it the same
+  states: it runs once per distinct (context, executions so far) and the result is copied (early exit at c is
+  a prefix of every longer early exit and of `full`, so that whole family costs one full pass plus its heads).
 - Only the positions that predict a continuation token go through the LM head.
 """
 
@@ -27,11 +35,15 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache
 
+from pipeline.generation.configs import check_program, is_subset
 from pipeline.generation.engine import (
     PREFILL_POLICIES,
     _RoutedLayer,
     _SlotLayer,
+    layer_schedule,
     left_pad,
+    program_membership,
+    program_stack,
     prompt_positions,
     wrapped_layers,
 )
@@ -45,8 +57,8 @@ class _SharedPrefixLayer(_RoutedLayer):
     """A routed layer that runs once per distinct input among its rows: `rows` are the representatives, and
     after the layer each row of `copy_to` takes the output of its representative `copy_from`."""
 
-    def __init__(self, layer: torch.nn.Module):
-        super().__init__(layer)
+    def __init__(self, layer: torch.nn.Module, slot: int | None = None):
+        super().__init__(layer, slot)
         self.copy_to: torch.Tensor | None = None
         self.copy_from: torch.Tensor | None = None
 
@@ -57,16 +69,22 @@ class _SharedPrefixLayer(_RoutedLayer):
         return out.index_copy(0, self.copy_to, out.index_select(0, self.copy_from))
 
 
-def _representatives(layer_sets: list[tuple[int, ...]], num_layers: int) -> np.ndarray:
-    """rep[u, j]: the first set executing layer j after the same earlier layers as set u (-1: u skips j).
+def _representatives(programs: list[tuple[int, ...]], contexts: list[int], schedule: tuple[int, ...]) -> np.ndarray:
+    """rep[r, s]: the first row executing slot s of `schedule` on the same context after the same earlier layers
+    as row r (-1: r skips s). Row r runs `programs[r]` on context `contexts[r]`, each program embedded leftmost
+    into the schedule (`engine.program_membership`), so equal prefixes sit at equal slots.
 
-    Sets with the same layers before j hold the same states at j's input, so j's output is computed once.
+    Rows with the same context and the same executions before slot s hold the same states at its input (under
+    either prefill), so s runs once for them and the result is copied.
     """
-    rep = np.full((len(layer_sets), num_layers), -1, dtype=np.int64)
-    first: dict[tuple[int, ...], int] = {}
-    for u, layers in enumerate(layer_sets):
-        for i, j in enumerate(layers):
-            rep[u, j] = first.setdefault(layers[: i + 1], u)
+    distinct = list(dict.fromkeys(programs))
+    member = program_membership(distinct, schedule, torch.device("cpu"))
+    slots = {p: member[u].nonzero()[:, 0].tolist() for u, p in enumerate(distinct)}
+    rep = np.full((len(programs), len(schedule)), -1, dtype=np.int64)
+    first: dict[tuple[int, tuple[int, ...]], int] = {}
+    for r, (program, context) in enumerate(zip(programs, contexts)):
+        for i, s in enumerate(slots[program]):
+            rep[r, s] = first.setdefault((context, program[: i + 1]), r)
     return rep
 
 
@@ -134,23 +152,57 @@ def _token_logprobs(lm: LoadedModel, hidden: torch.Tensor, tokens: torch.Tensor)
 
 @torch.inference_mode()
 def continuation_logliks(lm: LoadedModel, groups: list[tuple[list[int], list[list[int]]]],
-                         layer_sets: list[tuple[int, ...]], prefill: str = "skip",
+                         programs: list[tuple[int, ...]], prefill: str = "skip",
                          row_tokens: int = ROW_TOKENS) -> list[np.ndarray]:
-    """Summed log-probability of each continuation after its context, under every layer set.
+    """Summed log-probability of each continuation after its context, under every program (cross product).
 
-    groups: G (context token ids, continuations' token ids), every list non-empty; layer_sets: U sorted
-    layer tuples starting at 0. Returns per group a (U, n_continuations) float64 array, in nats.
-    Raises ValueError for an unknown prefill policy, an empty context or continuation, or a set that does
-    not fit the model.
+    groups: G (context token ids, continuations' token ids), every list non-empty; programs: U layer programs
+    (`configs.check_program`: subsets, repeats, reorderings). Returns per group a (U, n_continuations) float64
+    array, in nats. Raises ValueError for an unknown prefill policy, an empty context or continuation, or a
+    program that does not fit the model.
     """
+    distinct = sorted(set(programs), key=lambda p: (not is_subset(p), p))  # subsets first, shared prefixes together
+    rows = [(g, p) for p in distinct for g in range(len(groups))]
+    values = _row_logliks(lm, groups, rows, prefill, row_tokens, len(groups))
+    where = {p: u for u, p in enumerate(distinct)}
+    out = [np.empty((len(distinct), len(conts))) for _, conts in groups]
+    for (g, p), value in zip(rows, values):
+        out[g][where[p]] = value
+    return [o[[where[p] for p in programs]] for o in out]
+
+
+@torch.inference_mode()
+def pair_logliks(lm: LoadedModel, groups: list[tuple[list[int], list[list[int]]]],
+                 pairs: list[tuple[int, tuple[int, ...]]], prefill: str = "skip",
+                 row_tokens: int = ROW_TOKENS) -> list[np.ndarray]:
+    """Summed log-probability of each continuation of chosen (group index, program) pairs, not the cross
+    product: result[r] is the (n_continuations of its group,) float64 array of pair r, in nats. Per-sequence
+    search needs this (every question its own programs, all scored in one routed batch); equal to
+    `continuation_logliks` of each pair alone. Raises ValueError as `continuation_logliks`."""
+    order = sorted(range(len(pairs)), key=lambda r: (not is_subset(pairs[r][1]), pairs[r][1], pairs[r][0]))
+    values = _row_logliks(lm, groups, [pairs[r] for r in order], prefill, row_tokens, 1)
+    out: list[np.ndarray] = [np.empty(0)] * len(pairs)
+    for r, value in zip(order, values):
+        out[r] = value
+    return out
+
+
+def _row_logliks(lm: LoadedModel, groups: list[tuple[list[int], list[list[int]]]],
+                 rows: list[tuple[int, tuple[int, ...]]], prefill: str, row_tokens: int, unit: int) -> list[np.ndarray]:
+    """Per (group, program) row, its group's continuations' summed log-probabilities (float64, nats). Rows go
+    through the model in chunks of a multiple of `unit` rows bounded by `row_tokens`; a chunk of subsets runs
+    the model's own L-layer stack, a chunk holding another program a schedule of slots (`engine.program_stack`);
+    subsets and other programs never share a chunk when `rows` lists the subsets first."""
     if prefill not in PREFILL_POLICIES:
         raise ValueError(f"unknown prefill policy {prefill!r}; choose from {', '.join(PREFILL_POLICIES)}")
     if not groups or any(not ctx or not conts or any(not c for c in conts) for ctx, conts in groups):
         raise ValueError("every context and every continuation needs at least one token")
     model, device, num_layers = lm.model, lm.device, lm.num_layers
-    if any(not s or s[0] != 0 or max(s) >= num_layers for s in layer_sets):
-        raise ValueError(f"every layer set must start at layer 0 and fit the {num_layers}-layer model")
-    sets = sorted(set(layer_sets))  # lexicographic: sets sharing a prefix sit together, in one row group
+    for program in dict.fromkeys(p for _, p in rows):
+        try:
+            check_program("of a log-likelihood row", list(program), num_layers)
+        except ValueError as exc:
+            raise ValueError(f"program {list(program)} does not fit the {num_layers}-layer model ({exc})") from None
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     context_ids, context_mask = left_pad([ctx for ctx, _ in groups], pad, device)
     positions = prompt_positions(context_ids, context_mask)
@@ -158,83 +210,89 @@ def continuation_logliks(lm: LoadedModel, groups: list[tuple[list[int], list[lis
     width, packed = context_ids.shape[1], ids.shape[1]
     packed_positions = context_mask.sum(1, keepdim=True) + offset
     mask = _mask(context_mask, owner, offset, model.dtype)
+    # Targets are group-major: group g's are target_start[g] .. + target_count[g], its continuations likewise.
+    target_count = torch.bincount(t_group, minlength=len(groups)).cpu()
+    target_start = target_count.cumsum(0) - target_count
+    sizes = [len(c) for _, conts in groups for c in conts]
+    cont_of_target = np.repeat(np.arange(len(sizes)), sizes)
+    cont_start = np.cumsum([0] + [len(conts) for _, conts in groups])
 
-    num_groups = len(groups)
-    scores = torch.empty((len(sets), t_token.numel()), dtype=torch.float32, device=device)
     length = packed + (width if prefill == "skip" else 0)
-    per_chunk = max(1, row_tokens // (num_groups * length))
+    per_chunk = max(1, row_tokens // (unit * length)) * unit
+    subsets = sum(is_subset(p) for _, p in rows)
+    chunks = [rows[a : min(a + per_chunk, end)] for begin, end in ((0, subsets), (subsets, len(rows)))
+              for a in range(begin, end, per_chunk)]
+    out: list[np.ndarray] = []
     with wrapped_layers(model, _SharedPrefixLayer) as wrappers:
-        shared = None
+        shared, first_scores = None, None
         if prefill == "full":  # contexts once through every layer: their KV and the first token's log-probability
             for wrapper in wrappers:
                 wrapper.rows = wrapper.executed = wrapper.copy_to = wrapper.copy_from = None
             cache = Cache(layers=[_SlotLayer(width) for _ in wrappers])
-            out = model.get_decoder()(input_ids=context_ids, attention_mask=mask[:, :, :width, :width],
-                                      position_ids=positions, past_key_values=cache, use_cache=True)
+            decoded = model.get_decoder()(input_ids=context_ids, attention_mask=mask[:, :, :width, :width],
+                                          position_ids=positions, past_key_values=cache, use_cache=True)
             first = t_column < 0
-            first_scores = _token_logprobs(lm, out.last_hidden_state[t_group[first], -1], t_token[first])
+            first_scores = torch.zeros(t_token.shape, dtype=torch.float32, device=device)
+            first_scores[first] = _token_logprobs(lm, decoded.last_hidden_state[t_group[first], -1], t_token[first])
             shared = [(layer.keys, layer.values) for layer in cache.layers]
-        scored = t_column >= 0 if shared is not None else torch.ones_like(t_column, dtype=torch.bool)
-        columns = t_column[scored] if shared is not None else torch.where(t_column < 0, width - 1, width + t_column)
-        for start in range(0, len(sets), per_chunk):
-            chunk = sets[start : start + per_chunk]
-            if shared is not None:
-                scores[start : start + len(chunk), ~scored] = first_scores
-                if not bool(scored.any()):  # single-token continuations: the full model's prefill decides them all
-                    continue
-            hidden = _chunk_states(model, wrappers, chunk, num_layers, context_ids, positions, ids, packed_positions,
-                                   mask, shared)
-            rows = torch.arange(len(chunk), device=device)[:, None] * num_groups + t_group[scored][None, :]  # (S, M)
-            picked = hidden[rows, columns[None, :].expand_as(rows)]  # (S, M, D)
-            chunk_scores = _token_logprobs(lm, picked.reshape(-1, picked.shape[-1]),
-                                           t_token[scored].repeat(len(chunk))).view(len(chunk), -1)
-            scores[start : start + len(chunk), scored] = chunk_scores
-
-    sizes = [len(c) for _, conts in groups for c in conts]
-    choice_of_target = torch.repeat_interleave(torch.arange(len(sizes), device=device),
-                                               torch.tensor(sizes, device=device))
-    totals = torch.zeros((len(sets), len(sizes)), dtype=torch.float64, device=device)
-    totals = totals.index_add_(1, choice_of_target, scores.double())[[sets.index(s) for s in layer_sets]].cpu().numpy()
-    out, start = [], 0
-    for _, conts in groups:
-        out.append(totals[:, start : start + len(conts)])
-        start += len(conts)
+        columns = t_column if shared is not None else torch.where(t_column < 0, width - 1, width + t_column)
+        for chunk in chunks:
+            contexts = torch.tensor([g for g, _ in chunk], dtype=torch.long)
+            row_of_target = torch.repeat_interleave(torch.arange(len(chunk)), target_count[contexts])
+            target = torch.cat([torch.arange(target_start[g], target_start[g] + target_count[g]) for g, _ in chunk])
+            row_of_target, target = row_of_target.to(device), target.to(device)
+            scores = first_scores[target] if shared is not None else torch.zeros(target.shape, device=device)
+            scored = columns[target] >= 0
+            if bool(scored.any()):  # else single-token continuations: the full model's prefill decides them all
+                schedule = layer_schedule(list(dict.fromkeys(p for _, p in chunk)), num_layers)
+                with program_stack(model, wrappers, schedule, _SharedPrefixLayer) as slots:
+                    hidden = _chunk_states(model, slots, schedule, chunk, context_ids, positions, ids,
+                                           packed_positions, mask, shared)
+                picked = hidden[row_of_target[scored], columns[target[scored]]]
+                scores[scored] = _token_logprobs(lm, picked, t_token[target[scored]])
+            target_np, row_np = target.cpu().numpy(), row_of_target.cpu().numpy()
+            group_np = contexts.numpy()[row_np]
+            widest = int(max(cont_start[g + 1] - cont_start[g] for g, _ in chunk))
+            cell = row_np * widest + cont_of_target[target_np] - cont_start[group_np]
+            totals = np.bincount(cell, weights=scores.double().cpu().numpy(), minlength=len(chunk) * widest)
+            totals = totals.reshape(len(chunk), widest)
+            out += [totals[i, : cont_start[g + 1] - cont_start[g]] for i, (g, _) in enumerate(chunk)]
     return out
 
 
-def _chunk_states(model: torch.nn.Module, wrappers: list[_SharedPrefixLayer], chunk: list[tuple[int, ...]],
-                  num_layers: int, context_ids: torch.Tensor, positions: torch.Tensor, ids: torch.Tensor,
-                  packed_positions: torch.Tensor, mask: torch.Tensor, shared) -> torch.Tensor:
-    """One forward of every (layer set, context) row of a chunk, set-major: the final normed states
-    (rows, C + K, D) under `skip`, (rows, K, D) under `full` (the packed part only)."""
+def _chunk_states(model: torch.nn.Module, slots: list[_SharedPrefixLayer], schedule: tuple[int, ...],
+                  chunk: list[tuple[int, tuple[int, ...]]], context_ids: torch.Tensor, positions: torch.Tensor,
+                  ids: torch.Tensor, packed_positions: torch.Tensor, mask: torch.Tensor, shared) -> torch.Tensor:
+    """One forward of every (context, program) row of a chunk through the slots of `schedule` (slot s runs
+    physical layer schedule[s]): the final normed states (rows, C + K, D) under `skip`, (rows, K, D) under
+    `full` (the packed part only)."""
     device = context_ids.device
-    num_groups, width = context_ids.shape
-    group_of_row = torch.arange(num_groups, device=device).repeat(len(chunk))
-    rep = _representatives(chunk, num_layers)
-    spread = np.arange(num_groups)
+    width = context_ids.shape[1]
+    group_of_row = torch.tensor([g for g, _ in chunk], dtype=torch.long, device=device)
+    rep = _representatives([p for _, p in chunk], [g for g, _ in chunk], schedule)
     computed = []
-    for j, wrapper in enumerate(wrappers):
-        runs = np.flatnonzero(rep[:, j] >= 0)
-        reps = runs[rep[runs, j] == runs]
-        copies = runs[rep[runs, j] != runs]
-        rep_rows = (reps[:, None] * num_groups + spread).ravel()
-        computed.append(rep_rows)
-        wrapper.executed = None
-        wrapper.rows = None if len(reps) == len(chunk) else torch.as_tensor(rep_rows, device=device)
+    for s, slot in enumerate(slots):
+        runs = np.flatnonzero(rep[:, s] >= 0)
+        reps = runs[rep[runs, s] == runs]
+        copies = runs[rep[runs, s] != runs]
+        computed.append(reps)
+        slot.executed = None
+        slot.rows = None if len(reps) == len(chunk) else torch.as_tensor(reps, device=device)
         if len(copies):
-            wrapper.copy_to = torch.as_tensor((copies[:, None] * num_groups + spread).ravel(), device=device)
-            wrapper.copy_from = torch.as_tensor((rep[copies, j][:, None] * num_groups + spread).ravel(), device=device)
+            slot.copy_to = torch.as_tensor(copies, device=device)
+            slot.copy_from = torch.as_tensor(rep[copies, s], device=device)
         else:
-            wrapper.copy_to = wrapper.copy_from = None
-    if shared is not None:  # each row's continuations attend to its context's full-model KV at every kept layer
-        cache = Cache(layers=[_SlotLayer(width + ids.shape[1]) for _ in wrappers])
-        for j, (keys, values) in enumerate(shared):
-            kept = group_of_row[torch.as_tensor(computed[j], device=device)]
+            slot.copy_to = slot.copy_from = None
+    if shared is not None:  # each execution of layer j attends to its context's full-model KV at layer j
+        cache = Cache(layers=[_SlotLayer(width + ids.shape[1]) for _ in slots])
+        for s, j in enumerate(schedule):
+            kept = group_of_row[torch.as_tensor(computed[s], device=device)]
             if kept.numel():
-                cache.layers[j].load(keys[kept], values[kept])
+                keys, values = shared[j]
+                cache.layers[s].load(keys[kept], values[kept])
         out = model.get_decoder()(input_ids=ids[group_of_row], attention_mask=mask[group_of_row, :, width:],
                                   position_ids=packed_positions[group_of_row], past_key_values=cache, use_cache=True)
-    else:  # the context runs through the kept layers too, in the same pass
+    else:  # the context runs through the program too, in the same pass
         out = model.get_decoder()(input_ids=torch.cat([context_ids, ids], 1)[group_of_row],
                                   attention_mask=mask[group_of_row],
                                   position_ids=torch.cat([positions, packed_positions], 1)[group_of_row],

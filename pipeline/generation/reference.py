@@ -10,6 +10,8 @@
   step recomputes the whole sequence through a stack holding the program's layers in order (a repeated
   layer appears twice). Under prefill `full` the prompt positions' input to every execution of layer j
   is the full model's input to layer j, and the first token is the full model's: the engine's definition.
+- `program_loglik`: a continuation's summed log-probability after a context under a layer program, run
+  literally as `program_generate` runs it (the check of `loglik`'s programs).
 - `subset_generate`: the plain way. A deep copy of the model holding only the kept layers, decoded
   with Hugging Face `generate` (prefill `skip` semantics).
 """
@@ -102,6 +104,22 @@ def _cut_at_eos(lm: LoadedModel, generated: torch.Tensor, ignore_eos: bool) -> l
     return tokens
 
 
+def _full_model_inputs(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor | None,
+                       positions: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The full model's logits (P, T, V) over the prompt, and its input to every layer (P, T, hidden)."""
+    stack = decoder_layers(model)
+    inputs: list[torch.Tensor] = [input_ids.new_empty(0)] * len(stack)
+    hooks = [layer.register_forward_pre_hook(
+        lambda _m, args, kwargs, j=j: inputs.__setitem__(j, (args[0] if args else kwargs["hidden_states"])),
+        with_kwargs=True) for j, layer in enumerate(stack)]
+    try:
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return logits, inputs
+
+
 @torch.inference_mode()
 def program_generate(lm: LoadedModel, prompts: list[list[int]], program: tuple[int, ...], max_new_tokens: int,
                      prefill: str = "full", ignore_eos: bool = False) -> list[list[int]]:
@@ -112,16 +130,9 @@ def program_generate(lm: LoadedModel, prompts: list[list[int]], program: tuple[i
     positions = prompt_positions(input_ids, mask)
     stack = decoder_layers(model)
     prompt_inputs: list[torch.Tensor | None] = [None] * len(stack)
-    if prefill == "full":  # the full model's input to every layer at the prompt positions
-        hooks = [layer.register_forward_pre_hook(
-            lambda _m, args, kwargs, j=j: prompt_inputs.__setitem__(j, (args[0] if args else kwargs["hidden_states"])),
-            with_kwargs=True) for j, layer in enumerate(stack)]
-        try:
-            first = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                          logits_to_keep=1).logits
-        finally:
-            for hook in hooks:
-                hook.remove()
+    if prefill == "full":
+        first, prompt_inputs = _full_model_inputs(model, input_ids, mask, positions)
+        first = first[:, -1:]
     modules = [_ProgramLayer(stack[j], prompt_inputs[j]) for j in program]
     generated = input_ids.new_empty(len(prompts), 0)
     for step in range(max_new_tokens):
@@ -136,6 +147,30 @@ def program_generate(lm: LoadedModel, prompts: list[list[int]], program: tuple[i
                                logits_to_keep=1).logits
         generated = torch.cat([generated, logits[:, -1, :].argmax(-1, keepdim=True)], 1)
     return _cut_at_eos(lm, generated, ignore_eos)
+
+
+@torch.inference_mode()
+def program_loglik(lm: LoadedModel, context: list[int], continuation: list[int], program: tuple[int, ...],
+                   prefill: str = "full") -> float:
+    """Summed log-probability (nats, float64) of `continuation` after `context` under a layer program run
+    literally: one forward, no cache and no batching, of context + continuation through a stack holding the
+    program's layers in order. Under prefill `full` the context positions' input to every execution of layer j
+    is the full model's input to layer j, and the first continuation token's log-probability is the full
+    model's (the engine's definition, as `program_generate`)."""
+    model, stack = lm.model, decoder_layers(lm.model)
+    ids = torch.tensor([context + continuation[:-1]], dtype=torch.long, device=lm.device)
+    positions = prompt_positions(ids, None)
+    context_inputs: list[torch.Tensor | None] = [None] * len(stack)
+    if prefill == "full":
+        full_logits, inputs = _full_model_inputs(model, ids[:, : len(context)], None, positions[:, : len(context)])
+        context_inputs = inputs
+    modules = [_ProgramLayer(stack[j], context_inputs[j]) for j in program]
+    with swapped_stack(model, modules, program):
+        logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0].float()
+    if prefill == "full":
+        logits[len(context) - 1] = full_logits[0, -1].float()
+    logprobs = torch.log_softmax(logits[len(context) - 1 :], -1)
+    return float(logprobs[torch.arange(len(continuation)), torch.tensor(continuation)].double().sum())
 
 
 @torch.inference_mode()

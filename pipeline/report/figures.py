@@ -21,7 +21,7 @@ from pipeline.analysis.gate_curves import read_gates
 from pipeline.analysis.reduce import reduce_run
 from pipeline.analysis.token_oracle import read_token_oracle
 from pipeline.analysis.result_key import oracle_name
-from pipeline.generation.configs import CUSTOM, FULL_ID, KNOWN_FAMILIES
+from pipeline.generation.configs import CUSTOM, FULL_ID, KNOWN_FAMILIES, LOOP, SAMPLE
 from pipeline.report.accuracy import cola_section
 from pipeline.report.oracle_checks import checks_section, draw_null_and_ceiling, picks_section, read_null
 from pipeline.report.paper import (
@@ -45,6 +45,9 @@ STYLE = {
     "ee": ("EE (early exit)", "tab:orange"),
     "rls": ("RLS (random skip)", "tab:green"),
     CUSTOM: ("custom layer sets", "tab:purple"),
+    LOOP: ("loop (a block repeated)", "tab:brown"),
+    "search": ("searched programs (per-sequence slots)", "tab:red"),
+    "random": ("random programs (the search's null)", "tab:gray"),
     FULL_ID: ("full model", "0.3"),
 }
 # One row per configuration; each has every sequence (the reducer checks that), so means of means are fair.
@@ -160,7 +163,7 @@ def stale_reason(run_dir: RunPath, metric: str, families: list[str] | None, pres
         return "the oracle files lack the minimal matching budget"
     if "degenerate" not in summary:
         return "the oracle files predate the null, the noise ceiling and the degenerate rule"
-    wanted = set(present if families is None else [FULL_ID, *families])
+    wanted = set([f for f in present if f != SAMPLE] if families is None else [FULL_ID, *families])
     if set(summary.get("families", ())) != wanted | {FULL_ID}:
         return "the oracle files cover other families"
     return None

@@ -32,13 +32,14 @@ NEAR = 2  # a parent's cost may differ from its child's by this many layers (the
 @dataclass(frozen=True)
 class SearchSpec:
     """budget: programs evaluated per sequence and arm; width: per round; cost_cap: the longest program
-    (layers per token); seed: of every draw; metric: the score column the search maximises."""
+    (layers per token); seed: of every draw; metric: the score column the search maximises (None: the run's
+    task's default, resolved by `pipeline.search.run.prepare_search`: rougeL, or prob_gold for multiple choice)."""
 
     budget: int = 16
     width: int = 4
     cost_cap: int = 30
     seed: int = 0
-    metric: str = "rougeL"
+    metric: str | None = None
 
     def __post_init__(self) -> None:
         for key in ("budget", "width", "cost_cap"):

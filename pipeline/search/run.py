@@ -9,12 +9,13 @@ other search settings is refused (they are part of the new run's identity).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
 
+from pipeline.analysis.metrics import run_task_name
 from pipeline.data.adapters import Example, load_examples, shard_examples
 from pipeline.generation.models import load_tokenizer
 from pipeline.run.atomic import write_json, write_parquet
@@ -25,7 +26,7 @@ from pipeline.run.location import RunPath, read_parquet
 from pipeline.run.rundir import CONFIGS_SCHEMA, RunDir, configs_fingerprint, job_identity
 from pipeline.run.runner import dataset_fingerprint
 from pipeline.run.shard_task import ExecSummary
-from pipeline.search.evaluate import GenerationEvaluator
+from pipeline.search.evaluate import ChoiceEvaluator, Evaluator, GenerationEvaluator, search_metric
 from pipeline.search.policy import ARMS, SearchSpec, slot_costs, slot_id
 from pipeline.search.task import SearchTask
 
@@ -52,10 +53,19 @@ class PreparedSearch:
     job: JobSpec
 
 
+def evaluator_for(record: dict[str, Any], job: JobSpec) -> Evaluator:
+    """The evaluator of a finished run's task (run.json `task`: multiple choice or generation), under its job's
+    settings (prefill, batch size; for generation the token limit, rows per batch and scoring)."""
+    if run_task_name(record) == "choice":
+        return ChoiceEvaluator(job.prefill, job.batch_size)
+    return GenerationEvaluator(job.max_new_tokens, job.prefill, job.max_rows, job.scoring)
+
+
 def prepare_search(source_dir: str | RunPath, spec: SearchSpec, out: str | RunPath | None = None,
                    workers: int | None = None) -> PreparedSearch:
-    """Check the source run and build the search over it (no model, no Ray). Raises ValueError (one line) for
-    an unfinished source, an `out` equal to it, or a metric the run has no column for."""
+    """Check the source run and build the search over it (no model, no Ray); the returned task's spec has its
+    metric resolved (None: the task's default, `evaluate.search_metric`). Raises ValueError (one line) for an
+    unfinished source, an `out` equal to it, or a metric the run has no column for."""
     source, out = RunDir(source_dir), RunDir(out or f"{str(source_dir).rstrip('/')}-search")
     record = source.read_run_json()
     if record is None or not record.get("finished"):
@@ -64,15 +74,16 @@ def prepare_search(source_dir: str | RunPath, spec: SearchSpec, out: str | RunPa
     if str(out.root) == str(source.root):
         raise ValueError("the search writes a new run folder; give --out another folder than the source run")
     configs = read_parquet(source.configs).to_pylist()
-    if spec.metric not in read_parquet(source.generations / "shard=00000.parquet").column_names:
-        raise ValueError(f"{source.root} has no score column {spec.metric!r}")
+    spec = replace(spec, metric=search_metric(record, spec.metric, str(source.root)))
     job = job_from_dict({**record["job"], "workers": workers or record["job"].get("workers")})
+    evaluator = evaluator_for(record, job)
+    if spec.metric not in read_parquet(source.root / evaluator.folder / "shard=00000.parquet").column_names:
+        raise ValueError(f"{source.root} has no score column {spec.metric!r} in {evaluator.folder}/")
     examples = load_examples(job.dataset, load_tokenizer(job.model, job.trust_remote_code))
     if dataset_fingerprint(examples) != record["dataset_fingerprint"]:
         raise ValueError(f"the dataset of {source.root} changed since it ran; its rows would not line up")
     slots = [{"config_id": slot_id(arm, j), "family": arm, "budget": c, "layers": [], "cost": c}
              for arm in ARMS for j, c in enumerate(slot_costs(spec))]
-    evaluator = GenerationEvaluator(job.max_new_tokens, job.prefill, job.max_rows, job.scoring)
     task = SearchTask(str(source.root), tuple((k, json.dumps(v)) for k, v in job_identity(record).items()),
                       tuple((c["config_id"], tuple(c["layers"])) for c in configs), int(record["num_layers"]), spec,
                       evaluator)
@@ -113,11 +124,13 @@ def finished_record(new: dict[str, Any], prepared: PreparedSearch) -> dict[str, 
     return {**new, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rows": rows}
 
 
-def search_report(run_dir: str | RunPath, metric: str = "rougeL", budgets: tuple[float, ...] = (4.0, 8.0),
+def search_report(run_dir: str | RunPath, metric: str | None = None, budgets: tuple[float, ...] = (4.0, 8.0),
                   threshold: float = 0.3, resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """The search curve (`curve.curve`, at m = 0, every round's end) and CoLa's shares (right = `metric` >=
-    `threshold`, shorter = at most half the layers) of a search run; writes `search/curve.parquet`,
-    `search/shares.json` and `search/search_curve.png` into it and returns {"curve", "shares", "files"}."""
+    """The search curve of `metric` (default: the one the search maximised; `curve.curve`, at m = 0 and every
+    round's end) and CoLa's shares (shorter = at most half the layers; right = `metric` >= `threshold` for a
+    generation run, right = acc = 1, the highest-log-likelihood choice is the gold one, for a multiple-choice
+    run, whatever the metric) of a search run; writes `search/curve.parquet`, `search/shares.json` and
+    `search/search_curve.png` into it and returns {"curve", "shares", "files"}."""
     from pipeline.analysis.reduce import load_matrix
     from pipeline.report.search_figures import plot_search_curve
     from pipeline.search.curve import arm_shares, curve, split_columns
@@ -127,16 +140,24 @@ def search_report(run_dir: str | RunPath, metric: str = "rougeL", budgets: tuple
     if "search" not in record.get("identity", {}):
         raise ValueError(f"{root} is not a search run (its run.json has no search settings); run `dynoracle search`")
     spec = SearchSpec(**record["identity"]["search"])
-    matrix, _ = load_matrix(run_dir, metric, None, "nominal")
+    metric = metric or spec.metric
+    matrix, _ = load_matrix(root, metric, None, "nominal")
     columns = split_columns(matrix.scores, matrix.costs, matrix.config_ids, matrix.config_families)
     steps = sorted({0, *range(spec.width, spec.budget, spec.width), spec.budget})
     frame = curve(columns, steps, list(budgets), resamples, seed)
-    shares = arm_shares(columns, threshold, matrix.num_layers / 2, resamples, seed)
+    right, threshold = ("acc", 1.0) if run_task_name(record) == "choice" else (metric, threshold)
+    if right != metric:
+        right_matrix, _ = load_matrix(root, right, None, "nominal")
+        right_columns = split_columns(right_matrix.scores, right_matrix.costs, right_matrix.config_ids,
+                                      right_matrix.config_families)
+    else:
+        right_columns = columns
+    shares = arm_shares(right_columns, threshold, matrix.num_layers / 2, resamples, seed)
     folder = root / "search"
     folder.mkdir(parents=True, exist_ok=True)
     write_parquet(pa.Table.from_pandas(frame, preserve_index=False), folder / "curve.parquet")
-    shares_record = {name: {**vars(s), "threshold": threshold, "max_cost": matrix.num_layers / 2}
-                     for name, s in shares.items()}
+    shares_record = {name: {**vars(s), "right_metric": right, "threshold": threshold,
+                            "max_cost": matrix.num_layers / 2} for name, s in shares.items()}
     write_json(shares_record, folder / "shares.json")
     figure = plot_search_curve(frame, matrix.num_layers, f"{root.name}: {metric}, {matrix.scores.shape[0]} sequences")
     figure.savefig(folder / "search_curve.png", dpi=110)

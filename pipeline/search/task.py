@@ -1,7 +1,8 @@
 """The search task: one shard of a finished run -> its rows plus every program searched for its sequences.
 
 A shard task (`pipeline.run.shard_task`) run by the same executor as `dynoracle run`, into a new run folder
-that extends the source run: its `generations/shard=NNNNN.parquet` holds the source shard's rows unchanged
+that extends the source run: its shard files (the source task's folder and schema, `generations/` or `choices/`,
+given by the evaluator) hold the source shard's rows unchanged
 and one ordinary row per evaluated (sequence, program) (config ids `search-NNN` and `random-NNN`, see
 `policy`), so `reduce`, `query`, `report` and `controller` read the union as any run. Each row's program is
 stored in the shard file's Parquet metadata under `dynoracle.programs` ({seq_id: {config_id: program}};
@@ -22,7 +23,7 @@ from pipeline.data.adapters import Example
 from pipeline.generation.configs import SkipConfig
 from pipeline.generation.models import LoadedModel
 from pipeline.run.location import RunPath, locate, read_parquet
-from pipeline.run.rundir import GENERATIONS_SCHEMA, read_shard
+from pipeline.run.rundir import read_shard
 from pipeline.run.shard_task import ShardTask
 from pipeline.search.evaluate import Evaluator
 from pipeline.search.policy import ARMS, SearchSpec, propose, slot_costs, slot_id
@@ -42,9 +43,15 @@ class SearchTask(ShardTask):
     spec: SearchSpec
     evaluator: Evaluator
 
-    folder: ClassVar[str] = "generations"
-    schema: ClassVar[pa.Schema] = GENERATIONS_SCHEMA
     key_columns: ClassVar[tuple[str, ...]] = ("seq_id", "config_id")
+
+    @property
+    def folder(self) -> str:  # type: ignore[override]
+        return self.evaluator.folder
+
+    @property
+    def schema(self) -> pa.Schema:  # type: ignore[override]
+        return self.evaluator.schema
 
     def slot_ids(self) -> list[str]:
         return [slot_id(arm, j) for arm in ARMS for j in range(self.spec.budget)]
@@ -54,12 +61,12 @@ class SearchTask(ShardTask):
         return {(ex.seq_id, cid) for ex in examples for cid in ids}
 
     def tokens(self, table: pa.Table) -> int:
-        return int(table.column("gen_tokens").to_numpy().sum())
+        return self.evaluator.tokens(table)
 
     def run(self, lm: LoadedModel, shard: int, examples: list[Example],
             on_tokens: Callable[[int], None] | None = None) -> pa.Table:
         job = {key: json.loads(value) for key, value in self.source_job}
-        source = read_shard(locate(self.source) / "generations" / f"shard={shard:05d}.parquet", shard, job)
+        source = read_shard(locate(self.source) / self.folder / f"shard={shard:05d}.parquet", shard, job, self.schema)
         spec, metric, costs = self.spec, self.spec.metric, slot_costs(self.spec)
         program_of = dict(self.programs)
         enumerated: dict[str, list[tuple[tuple[int, ...], float]]] = {ex.seq_id: [] for ex in examples}
