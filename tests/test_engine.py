@@ -116,10 +116,8 @@ def test_skipping_on_tiny_models_equals_reference(model_fixture, prompts, prefil
 
 @pytest.mark.parametrize("prefill", ["full", "skip"])
 def test_cached_decoding_equals_uncached_recomputation(smol, prompts, prefill):
-    """Two prompts of different lengths (so still left padding): the uncached reference re-runs the whole
-    sequence at every step, the cost of this test."""
     configs = [configs_by_id(build_configs(smol.num_layers))[i] for i in ("uls-9", "ee-14", "rls-25-s0")]
-    _assert_engine_equals_masked(smol, prompts[:2], configs, prefill, use_cache=False)
+    _assert_engine_equals_masked(smol, prompts[:4], configs, prefill, use_cache=False)
 
 
 def test_finished_rows_stop_costing_compute(smol, prompts):
