@@ -106,7 +106,8 @@ def build_report(run_dir: str | RunPath, metric: str | None = None, families: li
     curves = read_curves(run_dir, metric)
     figures = {
         "cost_quality.png": plot_cost_quality(per_config, frontier, summary, title, curves, checkpoints,
-                                              read_gates(run_dir, metric), read_null(out)),
+                                              read_gates(run_dir, metric), read_null(out),
+                                              "generated token after the first" if generations else "scored token"),
         "oracle_shares.png": plot_shares(per_config, frontier, summary, title, checkpoints),
     }
     if generations:
@@ -192,7 +193,8 @@ def _label(family: str, curve: pd.DataFrame) -> str:
 
 def plot_cost_quality(per_config: pd.DataFrame, frontier: pd.DataFrame, summary: dict, title: str,
                       controllers: pd.DataFrame | None = None, checkpoints: dict[str, str] | None = None,
-                      gates: pd.DataFrame | None = None, null: pd.DataFrame | None = None) -> Figure:
+                      gates: pd.DataFrame | None = None, null: pd.DataFrame | None = None,
+                      per: str = "generated token after the first") -> Figure:
     """The study's figure 2: static families and the oracle frontier against cost, with the matching budget,
     the oracle's null and the full model's best-of-K (`pipeline.report.oracle_checks`), the prompt-feature
     controllers (`dynoracle controller`) and the per-token gates (`dynoracle gates`, cost = layers run per
@@ -243,7 +245,7 @@ def plot_cost_quality(per_config: pd.DataFrame, frontier: pd.DataFrame, summary:
     ax.set_ylim(low, high + 0.2 * (high - low))  # headroom for the note
 
     ax.set_xlim(0, L + 0.5)
-    ax.set_xlabel("cost (nominal): layers per generated token after the first (mean)")
+    ax.set_xlabel(f"cost (nominal): layers per {per} (mean)")  # per: the run's token (generated or scored)
     ax.set_ylabel(f"mean {metric}")
     top = ax.secondary_xaxis("top", functions=(lambda x: x / L, lambda f: f * L))
     top.xaxis.set_major_formatter(PercentFormatter(1.0))
