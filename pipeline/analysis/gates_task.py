@@ -155,7 +155,8 @@ def run_gates(run_dir: str | Path, lambdas: list[float], inputs: tuple[str, ...]
                                  dict(zip(full["seq_id"].to_pylist(), full["output"].to_pylist())))
 
     done = run_task(root, make_task, address, workers)
-    table = pq.read_table(root / FOLDER, schema=SHARD_SCHEMA).to_pandas()
+    shard_files = sorted(str(p) for p in (root / FOLDER).glob("shard=*.parquet"))  # not train/'s checkpoints
+    table = pq.read_table(shard_files, schema=SHARD_SCHEMA).to_pandas()
     table = table[table["gates"].isin([g.name for g in gate_sets])]
     write_parquet(pa.Table.from_pandas(summarise(table, resamples, seed), schema=SUMMARY_SCHEMA,
                                        preserve_index=False), root / SUMMARY)
