@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -88,14 +89,14 @@ def test_an_interrupted_training_resumes_to_the_same_gates(tiny, rows, tmp_path,
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_the_gated_task_scores_like_the_run_and_the_curves_summarise_it(tiny, rows):
+def test_the_gated_task_scores_like_the_run_and_the_curves_summarise_it(tiny, rows, tmp_path):
     import io
 
     import numpy as np
     import pandas as pd
 
     from pipeline.analysis.gate_curves import summarise
-    from pipeline.analysis.gates_task import GatedGenerateTask, GateSet
+    from pipeline.analysis.gates_task import GatedGenerateTask, GateSet, evaluation_rows
     from pipeline.data.adapters import Example
     from pipeline.generation.scoring import ScoringOptions, score
 
@@ -106,7 +107,12 @@ def test_the_gated_task_scores_like_the_run_and_the_curves_summarise_it(tiny, ro
     torch.save(always.state_dict(), buffer)
     task = GatedGenerateTask((GateSet("fixed-lambda0", "fixed", 0.0, 0, buffer.getvalue()),), 6, "none", 2,
                              ScoringOptions(), {e.seq_id: g.text for e, g in zip(examples, full)})
-    table = task.run(tiny, 0, examples).to_pandas()
+    shard = task.run(tiny, 0, examples)
+    (tmp_path / "gates" / "train" / "fixed-lambda0").mkdir(parents=True)  # a trained set's files beside the rows
+    (tmp_path / "gates" / "train" / "fixed-lambda0" / "gates.json").write_text("{}")
+    pq.write_table(shard, tmp_path / "gates" / "shard=00000.parquet")
+    table = evaluation_rows(tmp_path)
+    assert table.equals(shard.to_pandas())
     assert {(s, g) for s, g in zip(table["seq_id"], table["gates"])} == task.expected_keys(examples)
     assert table["output"].tolist() == [g.text for g in full]  # gates that always run are the full model
     assert table["fidelity"].tolist() == [1.0] * 3

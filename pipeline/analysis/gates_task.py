@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -155,10 +156,16 @@ def run_gates(run_dir: str | Path, lambdas: list[float], inputs: tuple[str, ...]
                                  dict(zip(full["seq_id"].to_pylist(), full["output"].to_pylist())))
 
     done = run_task(root, make_task, address, workers)
-    shard_files = sorted(str(p) for p in (root / FOLDER).glob("shard=*.parquet"))  # not train/'s checkpoints
-    table = pq.read_table(shard_files, schema=SHARD_SCHEMA).to_pandas()
+    table = evaluation_rows(root)
     table = table[table["gates"].isin([g.name for g in gate_sets])]
     write_parquet(pa.Table.from_pandas(summarise(table, resamples, seed), schema=SUMMARY_SCHEMA,
                                        preserve_index=False), root / SUMMARY)
     return {"shards": done.shards, "computed": done.computed, "skipped": done.skipped, "seconds": done.seconds,
             "trained": trained, "summary": root / SUMMARY}
+
+
+def evaluation_rows(root: Path) -> pd.DataFrame:
+    """Every row of the gate evaluation's shard files (`gates/shard=*.parquet`); `gates/train/` beside them
+    holds each gate set's checkpoint and gates.json, which are not rows."""
+    shard_files = sorted(str(p) for p in (root / FOLDER).glob("shard=*.parquet"))
+    return pq.read_table(shard_files, schema=SHARD_SCHEMA).to_pandas()
