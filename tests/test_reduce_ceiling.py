@@ -173,3 +173,19 @@ def test_report_keeps_a_fresh_reduction_of_a_run_with_samples(tmp_path: Path):
     assert "sample" in present and result.out_dir == run / "oracle" / "rougeL"
     assert stale_reason(run, "rougeL", None, present) is None
     assert reduce_run(run, families=["uls"], resamples=0, null_draws=0).out_dir == run / "oracle" / "rougeL"
+
+
+def test_a_stale_reduction_redone_by_report_keeps_its_requested_budgets(tmp_path: Path):
+    """A copied run (its files newer than the oracle's) is re-reduced by `report` with the budgets asked for."""
+    import os
+
+    from handmade_run import make_run
+    from pipeline.report.figures import build_report
+
+    run = make_run(tmp_path / "run", num_sequences=12)
+    reduce_run(run, budgets=[2.0, 3.0], resamples=0, null_draws=0)
+    shard = sorted((run / "generations").glob("*.parquet"))[0]
+    later = shard.stat().st_mtime + 60
+    os.utime(shard, (later, later))
+    summary = build_report(run).summary
+    assert [b["budget"] for b in summary["budgets"]] == [2.0, 3.0]

@@ -90,9 +90,9 @@ def build_report(run_dir: str | RunPath, metric: str | None = None, families: li
     finally:
         db.connection.close()
     reason = stale_reason(run_dir, metric, families, present, db.table)
-    if reason is not None:
-        reduce_run(run_dir, metric, families, match_full=True, partial=partial)
     out = run_dir / "oracle" / oracle_name(metric, families, present)
+    if reason is not None:  # keep the budgets the stale reduction was asked for
+        reduce_run(run_dir, metric, families, requested_budgets(out), match_full=True, partial=partial)
     summary = json.loads((out / "summary.json").read_text())
     frontier = read_parquet(out / "frontier.parquet").to_pandas()
     intervals = read_parquet(out / "config_means.parquet", columns=["config_id", "mean_lo", "mean_hi"]).to_pandas()
@@ -134,6 +134,15 @@ def build_report(run_dir: str | RunPath, metric: str | None = None, families: li
     text = markdown(summary, frontier, per_config, title, shown, extra)
     write_atomic(run_dir / "report.md", lambda tmp: tmp.write_text(text))
     return Report(run_dir / "report.md", paths, summary, reason)
+
+
+def requested_budgets(out: RunPath) -> list[float]:
+    """The budgets `reduce --budget` asked for in the oracle folder `out` (none when it has no readable summary)."""
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    return [float(b["budget"]) for b in summary.get("budgets") or []]
 
 
 def stale_reason(run_dir: RunPath, metric: str, families: list[str] | None, present: list[str],
