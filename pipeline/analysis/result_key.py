@@ -51,13 +51,18 @@ def chosen_or_all(chosen: Iterable[Any] | None, every: Iterable[Any]) -> list[An
     return None if chosen == every else chosen
 
 
+def choice_families(present: Iterable[str]) -> list[str]:
+    """The families of `present` an oracle chooses among by default: all but `full` (always in) and `sample`
+    (the full model's samples, the noise ceiling, never a choice)."""
+    return [f for f in present if f not in (FULL_ID, SAMPLE)]
+
+
 def oracle_name(metric: str, families: Iterable[str] | None, present: Iterable[str], cost: str = "nominal",
                 degenerate: str = DEFAULT_MODE) -> str:
     """The folder under oracle/ of a reduction over `families` (None: all of the run's `present` ones; `full`
     is always in and not named), with `cost` and `degenerate` as `reduce` took them."""
     wanted = None if families is None else [f for f in families if f != FULL_ID]
-    choices = [f for f in present if f not in (FULL_ID, SAMPLE)]  # the full model's samples are never a choice
-    return result_name(metric, {"families": chosen_or_all(wanted, choices),
+    return result_name(metric, {"families": chosen_or_all(wanted, choice_families(present)),
                                 "cost": cost, "degenerate": degenerate}, ORACLE_OPTIONS)
 
 

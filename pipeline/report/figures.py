@@ -20,8 +20,8 @@ from matplotlib.ticker import PercentFormatter
 from pipeline.analysis.gate_curves import read_gates
 from pipeline.analysis.reduce import reduce_run
 from pipeline.analysis.token_oracle import read_token_oracle
-from pipeline.analysis.result_key import oracle_name
-from pipeline.generation.configs import CUSTOM, FULL_ID, KNOWN_FAMILIES, LOOP, SAMPLE
+from pipeline.analysis.result_key import choice_families, oracle_name
+from pipeline.generation.configs import CUSTOM, FULL_ID, KNOWN_FAMILIES, LOOP
 from pipeline.report.accuracy import cola_section
 from pipeline.report.oracle_checks import checks_section, draw_null_and_ceiling, picks_section, read_null
 from pipeline.report.paper import (
@@ -173,7 +173,7 @@ def stale_reason(run_dir: RunPath, metric: str, families: list[str] | None, pres
         return "the oracle files lack the minimal matching budget"
     if "degenerate" not in summary:
         return "the oracle files predate the null, the noise ceiling and the degenerate rule"
-    wanted = set([f for f in present if f != SAMPLE] if families is None else [FULL_ID, *families])
+    wanted = set([FULL_ID, *(choice_families(present) if families is None else families)])
     if set(summary.get("families", ())) != wanted | {FULL_ID}:
         return "the oracle files cover other families"
     return None
