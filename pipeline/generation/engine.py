@@ -38,6 +38,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from pipeline.generation.configs import SkipConfig, check_program, is_subset
 from pipeline.generation.models import LoadedModel, cache_argument, decoder_layers
+from pipeline.generation.packed_linear import packed_linears
 from pipeline.generation.sampling import RowSampler, pick_tokens
 
 PREFILL_POLICIES = ("full", "skip")
@@ -292,15 +293,21 @@ def _take_rows(value, rows: torch.Tensor, batch: int):
 
 
 @contextmanager
-def wrapped_layers(model: nn.Module, wrap: Callable[[nn.Module], nn.Module]) -> Iterator[list[nn.Module]]:
-    """Temporarily replace every decoder layer of `model` by `wrap(layer)` (same modules, no weight copies)."""
+def wrapped_layers(model: nn.Module, wrap: Callable[[nn.Module], nn.Module], pack: bool = True) -> Iterator[list[nn.Module]]:
+    """Temporarily replace every decoder layer of `model` by `wrap(layer)` (same modules, no weight copies).
+
+    With `pack` (the engine's passes) the layers' bfloat16 linears on a CPU run oneDNN's packed kernel
+    meanwhile (`packed_linear.packed_linears`: the same numbers, less fixed cost per call); the slow
+    references pass False, so they stay an independent implementation.
+    """
     stack = decoder_layers(model)
     originals = list(stack)
     wrappers = [wrap(layer) for layer in originals]
     for i, wrapper in enumerate(wrappers):
         stack[i] = wrapper
     try:
-        yield wrappers
+        with packed_linears(originals) if pack else nullcontext():
+            yield wrappers
     finally:
         for i, layer in enumerate(originals):
             stack[i] = layer
