@@ -559,7 +559,8 @@ def controller(
 def query_command(
     run_dir: str = typer.Argument(..., help="Run folder."),
     sql: str = typer.Argument(..., help="SQL over the views generations (choices for a multiple-choice run), "
-                              "configs, frontier, allocations, config_means, controller_curves, controller_matches, similarity, features."),
+                              "configs, frontier, allocations, config_means, controller_curves, controller_matches, similarity, features, "
+                              "gates, token_oracle (each once the command that writes it has run)."),
     metric: Optional[str] = typer.Option(None, "--metric", help="Which metric's oracle (and controller) the views "
                                          "read. " + METRIC_HELP),
     families: Optional[str] = typer.Option(None, "--families", help="The oracle reduced over these families "

@@ -109,6 +109,10 @@ def test_missing_oracle_view_says_how_to_make_it(run: Path) -> None:
     assert result.exit_code == 2
     assert f"{run}/oracle/fidelity/allocations.parquet is missing" in result.output
     assert f"dynoracle reduce {run} --metric fidelity" in result.output
+    for view, command in (("gates", f"dynoracle gates {run} --lambda"), ("token_oracle", f"dynoracle token-oracle {run}")):
+        result = query(run, f"select count(*) from {view}")
+        assert result.exit_code == 2 and f"view {view} is not available" in result.output
+        assert command in result.output
 
 
 def _tree(root: Path) -> dict[str, bytes]:

@@ -45,8 +45,9 @@ MEMORY_LIMIT = "2GB"
 TIMEOUT_S = 300.0
 MAX_ROWS = 1_000_000
 # Shard tasks' row tables a run may hold: (view name, folder, schema)
-TASK_TABLES = (("gates", gate_curves.FOLDER, gate_curves.SHARD_SCHEMA),
-               ("token_oracle", token_oracle.FOLDER, token_oracle.SHARD_SCHEMA))
+# Per-shard task tables: view name, folder, schema, the command that writes them.
+TASK_TABLES = (("gates", gate_curves.FOLDER, gate_curves.SHARD_SCHEMA, "dynoracle gates {run} --lambda 0.1"),
+               ("token_oracle", token_oracle.FOLDER, token_oracle.SHARD_SCHEMA, "dynoracle token-oracle {run}"))
 # DuckDB settings of a query connection: bounded memory, no file system, no extensions, nothing changeable afterwards.
 LOCKED_DOWN = (("memory_limit", f"'{MEMORY_LIMIT}'"), ("enable_external_access", "false"), ("lock_configuration", "true"))
 
@@ -194,8 +195,8 @@ def open_run(run_dir: str | RunPath, metric: str | None = None, partial: bool = 
                 raise RunFolderError(f"{path} is damaged ({str(exc).splitlines()[0][:120]}); "
                                      f"{hints[kind].replace('first', 'again')}") from None
         sources[name] = paths
-    for name, folder, schema in TASK_TABLES:
-        paths, problem = _task_shards(run, folder, schema)
+    for name, folder, schema, command in TASK_TABLES:
+        paths, problem = _task_shards(run, folder, schema, command.format(run=run.root))
         if problem:
             missing[name] = problem
         elif paths:
@@ -209,11 +210,11 @@ def open_run(run_dir: str | RunPath, metric: str | None = None, partial: bool = 
     return RunDatabase(connection, missing, run.table, metric)
 
 
-def _task_shards(run: VerifiedRun, folder: str, schema: pa.Schema) -> tuple[list[RunPath], str | None]:
+def _task_shards(run: VerifiedRun, folder: str, schema: pa.Schema, command: str) -> tuple[list[RunPath], str | None]:
     """A shard task's files (one per shard of the run, each verified against the run's job), or why not."""
     root = run.root / folder
     if not root.is_dir():
-        return [], None
+        return [], f"{root} is missing; run `{command}` first"
     paths = [root / f"shard={i:05d}.parquet" for i in range(int(run.record["shards"]))]
     absent = [p for p in paths if not p.is_file()]
     if absent:
