@@ -46,7 +46,7 @@ TIMEOUT_S = 300.0
 MAX_ROWS = 1_000_000
 # Shard tasks' row tables a run may hold: (view name, folder, schema)
 # Per-shard task tables: view name, folder, schema, the command that writes them.
-TASK_TABLES = (("gates", gate_curves.FOLDER, gate_curves.SHARD_SCHEMA, "dynoracle gates {run} --lambda 0.1"),
+TASK_TABLES = (("gates", gate_curves.FOLDER, gate_curves.SHARD_SCHEMA, "dynoracle gates {run} --lambda <cost weight>"),
                ("token_oracle", token_oracle.FOLDER, token_oracle.SHARD_SCHEMA, "dynoracle token-oracle {run}"))
 # DuckDB settings of a query connection: bounded memory, no file system, no extensions, nothing changeable afterwards.
 LOCKED_DOWN = (("memory_limit", f"'{MEMORY_LIMIT}'"), ("enable_external_access", "false"), ("lock_configuration", "true"))
@@ -218,12 +218,12 @@ def _task_shards(run: VerifiedRun, folder: str, schema: pa.Schema, command: str)
     paths = [root / f"shard={i:05d}.parquet" for i in range(int(run.record["shards"]))]
     absent = [p for p in paths if not p.is_file()]
     if absent:
-        return [], f"{absent[0]} is missing: finish the command that writes {folder}/"
+        return [], f"{absent[0]} is missing: finish `{command}`"
     for i, path in enumerate(paths):
         try:
             read_shard(path, i, job_identity(run.record), schema)
         except ShardProblem as problem:
-            raise RunFolderError(f"shard file {path}: {problem.reason}; rerun the command that writes {folder}/") from None
+            raise RunFolderError(f"shard file {path}: {problem.reason}; rerun `{command}`") from None
     return paths, None
 
 
