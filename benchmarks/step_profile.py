@@ -3,8 +3,7 @@
 The engine decodes every ULS configuration of a prompt batch together (as `benchmarks/sweep.py` does);
 one decode step (model forward, greedy pick, EOS check, routing of the next step) is recorded after a
 few warm-up steps, and its time is split by kind:
-- decoder-layer matmuls (projections and MLP; `mm`/`addmm`/`bmm`/`linear`, or oneDNN's packed linear,
-  inside a decoder layer),
+- decoder-layer matmuls (projections and MLP; `mm`/`addmm`/`bmm`/`linear` inside a decoder layer),
 - LM head (everything inside the output embedding),
 - attention over the shared prompt and over the rows' own generated tokens (the two parts of the
   engine's shared-prompt attention; an engine without the split reports them as one, "both parts"),
@@ -45,9 +44,7 @@ KINDS = ("decoder-layer matmuls", "LM head", "attention: shared prompt", "attent
          "gathers/scatters", "element-wise", "greedy pick", "idle (host, gaps)")
 LABEL = "dynoracle::"  # prefix of the profiler ranges this module opens
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero")
-MATMULS = ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "_scaled_mm", "dot",
-           "_linear_pointwise")  # the last: oneDNN's packed bfloat16 linear (pipeline/generation/packed_linear.py)
-NAMESPACES = ("aten::", "mkldnn::")  # the profiled ops' namespaces
+MATMULS = ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "_scaled_mm", "dot")
 GATHERS = ("index", "index_select", "index_copy", "index_copy_", "index_put", "index_put_", "_index_put_impl_",
            "gather", "scatter", "scatter_", "take", "masked_select", "nonzero", "index_add_", "index_add")
 ATTENTION_PARTS = {"_prompt_attention": "attention: shared prompt", "_own_attention": "attention: own tokens"}
@@ -119,7 +116,7 @@ def _labels(event) -> list[str]:
 
 
 def kind_of(op: str, labels: list[str]) -> str:
-    """The kind of work of op `op` (without its namespace) under the ranges `labels` (innermost first)."""
+    """The kind of work of aten op `op` (without its `aten::`) under the ranges `labels` (innermost first)."""
     for label in labels:
         if label.startswith("attention") or label == "LM head":
             return label
@@ -189,11 +186,10 @@ def profile_step(lm: LoadedModel, prompts: list[list[int]], step: int) -> dict:
     kinds = dict.fromkeys(KINDS, 0.0)
     counted = {"in_forward": 0, "between_forwards": 0}
     for event in events:
-        namespace = next((n for n in NAMESPACES if event.name.startswith(n)), None)
-        if namespace is None:
+        if not event.name.startswith("aten::"):
             continue
         labels = _labels(event)
-        kinds[kind_of(event.name[len(namespace):], labels)] += event.self_device_time_total if cuda \
+        kinds[kind_of(event.name[len("aten::"):], labels)] += event.self_device_time_total if cuda \
             else event.self_cpu_time_total
         if event.name in SYNC_OPS:
             counted["in_forward" if "forward" in labels else "between_forwards"] += 1

@@ -38,7 +38,6 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from pipeline.generation.configs import SkipConfig, check_program, is_subset
 from pipeline.generation.models import LoadedModel, cache_argument, decoder_layers
-from pipeline.generation.packed_linear import packed_linears
 from pipeline.generation.sampling import RowSampler, pick_tokens
 
 PREFILL_POLICIES = ("full", "skip")
@@ -298,21 +297,15 @@ def _take_rows(value, rows: torch.Tensor, batch: int):
 
 
 @contextmanager
-def wrapped_layers(model: nn.Module, wrap: Callable[[nn.Module], nn.Module], pack: bool = True) -> Iterator[list[nn.Module]]:
-    """Temporarily replace every decoder layer of `model` by `wrap(layer)` (same modules, no weight copies).
-
-    With `pack` (the engine's passes) the layers' bfloat16 linears on a CPU run oneDNN's packed kernel
-    meanwhile (`packed_linear.packed_linears`: the same numbers, less fixed cost per call); the slow
-    references pass False, so they stay an independent implementation.
-    """
+def wrapped_layers(model: nn.Module, wrap: Callable[[nn.Module], nn.Module]) -> Iterator[list[nn.Module]]:
+    """Temporarily replace every decoder layer of `model` by `wrap(layer)` (same modules, no weight copies)."""
     stack = decoder_layers(model)
     originals = list(stack)
     wrappers = [wrap(layer) for layer in originals]
     for i, wrapper in enumerate(wrappers):
         stack[i] = wrapper
     try:
-        with packed_linears(originals) if pack else nullcontext():
-            yield wrappers
+        yield wrappers
     finally:
         for i, layer in enumerate(originals):
             stack[i] = layer
@@ -322,8 +315,8 @@ def layer_schedule(programs: list[tuple[int, ...]], num_layers: int) -> tuple[in
     """The physical layer run at each slot of a batch: 0..L-1 when every program is increasing (today's
     routed stack), else a common supersequence of the programs.
 
-    Every slot is one call of a layer on the rows that run it, and a call's cost is mostly fixed (the layer's
-    weights are read whatever the rows), so the schedule should be short. Programs are mostly increasing
+    Every slot is one call of a layer on the rows that run it, and a call costs about as much for 4 rows as
+    for 40 on a CPU (its fixed part dominates small batches), so the schedule should be short. Programs are mostly increasing
     runs with a few back-steps (a repeat, a swap), so the merge starts from the depth order of every layer
     used and folds the programs in, longest first, by the exact two-sequence shortest-common-supersequence
     recurrence: each increasing run then lines up with the depth order and every back-step adds about one

@@ -62,7 +62,7 @@ def masked_generate(lm: LoadedModel, prompts: list[list[int]], config: SkipConfi
     kept = set(config.layers)
     cache = DynamicCache(config=model.config) if use_cache else None
     generated = input_ids.new_empty(num_prompts, 0)
-    with wrapped_layers(model, _MaskedLayer, pack=False) as wrappers:
+    with wrapped_layers(model, _MaskedLayer) as wrappers:
         for step in range(max_new_tokens):
             if use_cache and step > 0:
                 ids, first_index = generated[:, -1:], prompt_len + step - 1
@@ -234,7 +234,7 @@ def gated_reference_generate(lm: LoadedModel, prompt: list[int], gate, max_new_t
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
     tokens, layers_run = [], 0
     index = iter(range(lm.num_layers))
-    with wrapped_layers(model, lambda layer: _GatedReferenceLayer(layer, next(index), gate, kv), pack=False) as wrappers, \
+    with wrapped_layers(model, lambda layer: _GatedReferenceLayer(layer, next(index), gate, kv)) as wrappers, \
             attention_implementation(model, "eager"):
         for wrapper in wrappers:
             wrapper.start = len(prompt)
