@@ -13,7 +13,7 @@ A program batch runs a longer schedule of slots (`engine.layer_schedule`) with f
 slots; a slot's call costs nearly the same for few rows as for tens (the layer's weights are read and
 its kernels launched whatever the rows), so the ratio falls as rows per slot grow. The two batches
 alternate `--repeats` times; the figure is the median of the paired ratios of time per executed layer
-(the issue asks for at most 1.15 on this CPU), with each arm's minimum time beside it.
+(the target is at most 1.15 on this CPU), with each arm's minimum time beside it.
 
     python benchmarks/programs.py [--model embedded:smollm2-135m-instruct] [--dtype auto] [--prompts 4,16,64]
                                   [--programs 16] [--pairs-prompts 64] [--new-tokens 16] [--prefill full]
