@@ -101,9 +101,10 @@ def main() -> None:
     decode(prompts(2), subsets[:2])  # warm-up
     for count in (int(x) for x in args.prompts.split(",") if x.strip()):
         batch = prompts(count)
-        figures["cross"][f"{count} prompts x {args.programs} = {count * args.programs} rows"] = paired(
-            {"subsets": subsets, "programs": programs}, lambda configs: decode(batch, configs), args.repeats)
-        print(json.dumps(figures["cross"]), flush=True)
+        name = f"{count} prompts x {args.programs} = {count * args.programs} rows"
+        figures["cross"][name] = paired({"subsets": subsets, "programs": programs},
+                                        lambda configs: decode(batch, configs), args.repeats)
+        print(json.dumps({name: figures["cross"][name]}), flush=True)  # progress: each size as it finishes
     if args.pairs_prompts:
         batch = prompts(args.pairs_prompts)
         arms = {"subsets": [], "programs": []}

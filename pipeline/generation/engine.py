@@ -316,15 +316,15 @@ def layer_schedule(programs: list[tuple[int, ...]], num_layers: int) -> tuple[in
     routed stack), else a common supersequence of the programs.
 
     Every slot is one call of a layer on the rows that run it, and a call costs about as much for 4 rows as
-    for 40 on a CPU (its fixed part dominates small batches), so the schedule should be short. Programs are mostly increasing
-    runs with a few back-steps (a repeat, a swap), so the merge starts from the depth order of every layer
-    used and folds the programs in, longest first, by the exact two-sequence shortest-common-supersequence
-    recurrence: each increasing run then lines up with the depth order and every back-step adds about one
-    slot (each program adds at most its length minus its longest strictly increasing subsequence), where
-    folding them in given order could stack misaligned runs (63 slots instead of 44 on the programs
-    benchmark; over random batches of search moves 2.3 slots shorter on average, longer in about 1 in 9).
-    A heuristic: the shortest common supersequence of many sequences is NP-hard. Slots that no program's
-    leftmost embedding uses are dropped.
+    for 40 on a CPU (its fixed part dominates small batches), so the schedule should be short. Programs are
+    mostly increasing runs with a few back-steps (a repeat, a swap), so the merge starts from the depth order
+    of every layer used and folds the programs in, longest first, by the exact two-sequence
+    shortest-common-supersequence recurrence: each increasing run then lines up with the depth order and
+    every back-step adds about one slot (each program adds at most its length minus its longest strictly
+    increasing subsequence), where folding them in given order could stack misaligned runs (63 slots instead
+    of 44 on the programs benchmark; over random batches of search moves 2.3 slots shorter on average,
+    longer in about 1 in 9). A heuristic: the shortest common supersequence of many sequences is NP-hard.
+    Slots that no program's leftmost embedding uses are dropped.
     """
     programs = [tuple(p) for p in programs]
     if all(is_subset(p) for p in programs):
@@ -332,7 +332,7 @@ def layer_schedule(programs: list[tuple[int, ...]], num_layers: int) -> tuple[in
     schedule = tuple(sorted(set().union(*programs)))
     for program in sorted(set(programs), key=lambda p: (-len(p), p)):
         schedule = _supersequence(schedule, program)
-    used = program_membership(list(programs), schedule, torch.device("cpu")).any(0).tolist()
+    used = program_membership(programs, schedule, torch.device("cpu")).any(0).tolist()
     return tuple(layer for layer, keep in zip(schedule, used) if keep)
 
 

@@ -44,8 +44,7 @@ READ_STATEMENTS = (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
 MEMORY_LIMIT = "2GB"
 TIMEOUT_S = 300.0
 MAX_ROWS = 1_000_000
-# Shard tasks' row tables a run may hold: (view name, folder, schema)
-# Per-shard task tables: view name, folder, schema, the command that writes them.
+# Shard tasks' row tables a run may hold: (view name, folder, schema, the command that writes them)
 TASK_TABLES = (("gates", gate_curves.FOLDER, gate_curves.SHARD_SCHEMA, "dynoracle gates {run} --lambda <cost weight>"),
                ("token_oracle", token_oracle.FOLDER, token_oracle.SHARD_SCHEMA, "dynoracle token-oracle {run}"))
 # DuckDB settings of a query connection: bounded memory, no file system, no extensions, nothing changeable afterwards.
