@@ -7,8 +7,16 @@ random-skip (RLS) subset of the same length as one program, so both batches exec
 layers. Two shapes:
 - `cross` (`engine.generate`, a run's shape): every prompt under every one of `--programs` configurations,
   for each count of prompts in `--prompts` (rows per program);
-- `pairs` (`engine.generate_pairs`, the search's shape): each prompt under its own `--programs` candidates,
-  every row a different program.
+- `pairs` (`engine.generate_pairs`): each prompt under its own `--programs` random walks, every row a
+  different program (a stress case: 1,000 distinct programs, most with several back-steps);
+- `round` (what `dynoracle search` batches): `--round-sequences` sequences (a shard) x both arms x the
+  width, the children `policy.propose` makes from the enumerated configurations (scored at random in
+  place of a run's scores) over the rounds of a budget-8 / width-4 search, each round one batch, scored
+  as the two evaluators score: decoded (`generate_pairs`) and, where the data directory has
+  `--round-dataset`, multiple choice by log-likelihood (`choice_task.pair_choice_logliks`, `skip`
+  prefill, as the ARC-Easy study). The subsets arm gives every child an RLS subset of its cost. Scoring
+  runs a layer once per distinct (context, layers so far) in a pass, so the two arms' executed work differs
+  by their shared prefixes: the multiple-choice figure counts the layer-tokens actually executed.
 A program batch runs a longer schedule of slots (`engine.layer_schedule`) with fewer rows in the extra
 slots; a slot's call costs nearly the same for few rows as for tens (the layer's weights are read and
 its kernels launched whatever the rows), so the ratio falls as rows per slot grow. The two batches
@@ -17,7 +25,7 @@ alternate `--repeats` times; the figure is the median of the paired ratios of ti
 
     python benchmarks/programs.py [--model embedded:smollm2-135m-instruct] [--dtype auto] [--prompts 4,16,64]
                                   [--programs 16] [--pairs-prompts 64] [--new-tokens 16] [--prefill full]
-                                  [--repeats 5]
+                                  [--round-sequences 10] [--round-dataset arc_easy] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -29,10 +37,12 @@ import time
 
 import numpy as np
 
-from pipeline.generation.configs import CUSTOM, SkipConfig, rls_layers
+from pipeline.data.adapters import DataError, DatasetSpec, load_examples
+from pipeline.generation.choice_task import context_groups, pair_choice_logliks
+from pipeline.generation.configs import CUSTOM, SkipConfig, build_configs, rls_layers
 from pipeline.generation.engine import generate, generate_pairs, layer_schedule
 from pipeline.generation.models import EMBEDDED_MODEL, load_model
-from pipeline.search.policy import mutate
+from pipeline.search.policy import ARMS, SearchSpec, mutate, propose, slot_costs, slot_id
 
 WORDS = ["brick", "river", "violin", "ladder", "cloud", "lamp", "spoon", "map"]
 
@@ -46,22 +56,52 @@ def matched_batches(num_layers: int, count: int, seed: int = 0) -> tuple[list[Sk
         while all(a < b for a, b in zip(program, program[1:])):  # keep only true programs (a repeat or a reorder)
             program = mutate(tuple(range(num_layers)), int(cost), num_layers, rng)
         programs.append(SkipConfig(f"program-{k}", CUSTOM, len(program), program))
-        layers = rls_layers(num_layers, int(cost), seed * 100_000 + k) if cost < num_layers else tuple(range(num_layers))
+        layers = subset_of_cost(num_layers, int(cost), seed * 100_000 + k)
         subsets.append(SkipConfig(f"subset-{k}", CUSTOM, len(layers), layers))
     return programs, subsets
 
 
+def subset_of_cost(num_layers: int, cost: int, seed: int) -> tuple[int, ...]:
+    return rls_layers(num_layers, cost, seed) if cost < num_layers else tuple(range(num_layers))
+
+
+def search_rounds(num_layers: int, sequences: int, seed: int = 0) -> list[tuple[list, list]]:
+    """Per round of a budget-8, width-4 search over `sequences` sequences: (programs, subsets), each a list of
+    (sequence, SkipConfig), every sequence's children for both arms as `pipeline.search.task` batches them
+    (parents: the 88 enumerated configurations, scored at random in place of a run's scores, and the
+    children evaluated in earlier rounds), and per child an RLS subset of the same cost."""
+    spec, rng = SearchSpec(budget=8, width=4, cost_cap=num_layers, seed=seed), np.random.default_rng(seed)
+    costs, enumerated = slot_costs(spec), [c.layers for c in build_configs(num_layers)]
+    scored = {i: [(p, float(rng.random())) for p in enumerated] for i in range(sequences)}
+    evaluated = {(i, arm): [] for i in range(sequences) for arm in ARMS}
+    rounds = []
+    for r in range(spec.rounds):
+        slots = range(r * spec.width, (r + 1) * spec.width)
+        programs, subsets = [], []
+        for i in range(sequences):
+            for arm in ARMS:
+                children = propose(spec, arm, f"seq-{i}", r, [costs[j] for j in slots], num_layers, scored[i],
+                                   evaluated[i, arm])
+                for j, child in zip(slots, children):
+                    evaluated[i, arm].append((child, float(rng.random())))
+                    programs.append((i, SkipConfig(slot_id(arm, j), CUSTOM, len(child), child)))
+                    layers = subset_of_cost(num_layers, len(child), 1_000 * i + 10 * j + ARMS.index(arm))
+                    subsets.append((i, SkipConfig(f"subset-{arm}-{j}", CUSTOM, len(layers), layers)))
+        rounds.append((programs, subsets))
+    return rounds
+
+
 def paired(arms: dict, run, repeats: int) -> dict:
     """Alternate the arms `repeats` times (a burst of load on a shared machine hits both); per arm its
-    minimum seconds and executed layer-tokens, and the median paired ratio of time per executed layer."""
+    minimum seconds and executed layer-tokens (`run(arm)` returns them), and the median paired ratio of
+    time per executed layer."""
     seconds = {name: [] for name in arms}
     executed = {}
     for r in range(repeats):
         for name in (list(arms) if r % 2 == 0 else list(arms)[::-1]):
             start = time.perf_counter()
-            gens = run(arms[name])
+            executed[name] = run(arms[name])
             seconds[name].append(time.perf_counter() - start)
-            executed[name] = int(round(sum(g.layers_per_token * g.gen_tokens for g in gens)))
     per_layer = {name: [s / executed[name] for s in seconds[name]] for name in arms}
     ratios = [p / s for p, s in zip(per_layer["programs"], per_layer["subsets"])]
     out = {f"{name}_{key}": value for name in arms
@@ -78,6 +118,9 @@ def main() -> None:
     parser.add_argument("--prompts", default="4,16,64", help="comma-separated prompt counts for the cross shape")
     parser.add_argument("--programs", type=int, default=16)
     parser.add_argument("--pairs-prompts", type=int, default=64, help="prompts of the pairs shape (0: skip it)")
+    parser.add_argument("--round-sequences", type=int, default=10,
+                        help="sequences of a search round (a study shard; 0: skip the round shape)")
+    parser.add_argument("--round-dataset", default="arc_easy", help="multiple-choice questions of the round shape")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--prefill", default="full")
     parser.add_argument("--repeats", type=int, default=5)
@@ -90,9 +133,15 @@ def main() -> None:
         return [lm.tokenizer(f"Question {i}: name three uses of a {WORDS[i % len(WORDS)]}.")["input_ids"]
                 for i in range(count)]
 
+    def executed(gens) -> int:
+        return int(round(sum(g.layers_per_token * g.gen_tokens for g in gens)))
+
     def decode(batch, configs):
-        return [g for row in generate(lm, batch, configs, args.new_tokens, prefill=args.prefill, ignore_eos=True)
-                for g in row]
+        return executed([g for row in generate(lm, batch, configs, args.new_tokens, prefill=args.prefill,
+                                               ignore_eos=True) for g in row])
+
+    def decode_pairs(batch, pairs):
+        return executed(generate_pairs(lm, batch, pairs, args.new_tokens, prefill=args.prefill, ignore_eos=True))
 
     programs, subsets = matched_batches(L, args.programs)
     figures = {"model": lm.name, "dtype": lm.dtype, "layers": L, "programs": args.programs,
@@ -113,9 +162,43 @@ def main() -> None:
             arms["programs"] += [(i, c) for c in own_programs]
             arms["subsets"] += [(i, c) for c in own_subsets]
         figures["pairs_schedule_slots"] = len(layer_schedule([c.layers for _, c in arms["programs"]], L))
-        figures[f"pairs: {len(batch)} prompts x {args.programs} own programs"] = paired(
-            arms, lambda pairs: generate_pairs(lm, batch, pairs, args.new_tokens, prefill=args.prefill,
-                                               ignore_eos=True), args.repeats)
+        name = f"pairs: {len(batch)} prompts x {args.programs} own programs"
+        figures[name] = paired(arms, lambda pairs: decode_pairs(batch, pairs), args.repeats)
+        print(json.dumps({name: figures[name]}), flush=True)
+    if args.round_sequences:
+        rounds = search_rounds(L, args.round_sequences)
+        arms = {"programs": [p for p, _ in rounds], "subsets": [s for _, s in rounds]}
+        figures["round_schedule_slots"] = [len(layer_schedule([c.layers for _, c in p], L)) for p, _ in rounds]
+        batch = prompts(args.round_sequences)
+        name = f"round, decoded: {args.round_sequences} sequences x 2 arms x 4 children, {len(rounds)} rounds"
+        figures[name] = paired(arms, lambda per_round: sum(decode_pairs(batch, pairs) for pairs in per_round),
+                               args.repeats)
+        print(json.dumps({name: figures[name]}), flush=True)
+        try:
+            questions = load_examples(DatasetSpec(args.round_dataset, split="test", limit=args.round_sequences),
+                                      lm.tokenizer)
+        except (DataError, OSError) as exc:
+            print(f"round, multiple choice: skipped ({exc})")
+            questions = []
+        if questions:
+            contexts = [context_groups(q) for q in questions]
+
+            def score(per_round) -> int:
+                """Score the rounds; the layer-tokens executed. Scoring shares exactly (`loglik`): within a pass
+                of `batch_size` questions a layer runs once per distinct (context, layers run so far), on the
+                context and its packed continuations, so that is what is counted."""
+                executed = 0
+                for pairs in per_round:
+                    pair_choice_logliks(lm, questions, pairs, "skip", batch_size=8)
+                    runs = {(i, g, c.layers[: k + 1]) for i, c in pairs for g in range(len(contexts[i]))
+                            for k in range(len(c.layers))}
+                    executed += sum(len(ctx) + sum(len(t) - 1 for t in conts)
+                                    for i, g, _ in runs for ctx, conts, _ in [contexts[i][g]])
+                return executed
+
+            name = f"round, multiple choice ({args.round_dataset}, skip prefill): same shape"
+            figures[name] = paired(arms, score, args.repeats)
+            print(json.dumps({name: figures[name]}), flush=True)
     print(json.dumps(figures, indent=1))
 
 

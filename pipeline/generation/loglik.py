@@ -10,7 +10,10 @@ every (program, context) is a row of one batch, and each decoder layer runs only
 Programs (`configs.check_program`: a layer skipped, repeated or out of order) run as the engine's decode runs
 them: a chunk of rows that are all subsets uses the model's own L-layer stack; a chunk holding another program
 runs a schedule of routed slots (`engine.layer_schedule`, `program_stack`), each row executing the slots its
-program embeds into, each slot with its own KV cache layer. Subsets and other programs never share a chunk.
+program embeds into, each slot with its own KV cache layer. A run's configurations (`continuation_logliks`)
+chunk their subsets apart from other programs, so adding a program to a job leaves the subsets' rows as they
+were; a search's candidates (`pair_logliks`) share chunks whatever their kind, since every chunk is a pass of
+L or more layer calls (each subset rides along in the slots it embeds into; the schedule is no longer).
 
 Sharing, all exact:
 - One row per (program, context), not per choice: the context is followed by every continuation of that
@@ -163,7 +166,7 @@ def continuation_logliks(lm: LoadedModel, groups: list[tuple[list[int], list[lis
     """
     distinct = sorted(set(programs), key=lambda p: (not is_subset(p), p))  # subsets first, shared prefixes together
     rows = [(g, p) for p in distinct for g in range(len(groups))]
-    values = _row_logliks(lm, groups, rows, prefill, row_tokens, len(groups))
+    values = _row_logliks(lm, groups, rows, prefill, row_tokens, len(groups), subsets_apart=True)
     where = {p: u for u, p in enumerate(distinct)}
     out = [np.empty((len(distinct), len(conts))) for _, conts in groups]
     for (g, p), value in zip(rows, values):
@@ -179,8 +182,8 @@ def pair_logliks(lm: LoadedModel, groups: list[tuple[list[int], list[list[int]]]
     product: result[r] is the (n_continuations of its group,) float64 array of pair r, in nats. Per-sequence
     search needs this (every question its own programs, all scored in one routed batch); equal to
     `continuation_logliks` of each pair alone. Raises ValueError as `continuation_logliks`."""
-    order = sorted(range(len(pairs)), key=lambda r: (not is_subset(pairs[r][1]), pairs[r][1], pairs[r][0]))
-    values = _row_logliks(lm, groups, [pairs[r] for r in order], prefill, row_tokens, 1)
+    order = sorted(range(len(pairs)), key=lambda r: (pairs[r][1], pairs[r][0]))  # shared prefixes together
+    values = _row_logliks(lm, groups, [pairs[r] for r in order], prefill, row_tokens, 1, subsets_apart=False)
     out: list[np.ndarray] = [np.empty(0)] * len(pairs)
     for r, value in zip(order, values):
         out[r] = value
@@ -188,11 +191,12 @@ def pair_logliks(lm: LoadedModel, groups: list[tuple[list[int], list[list[int]]]
 
 
 def _row_logliks(lm: LoadedModel, groups: list[tuple[list[int], list[list[int]]]],
-                 rows: list[tuple[int, tuple[int, ...]]], prefill: str, row_tokens: int, unit: int) -> list[np.ndarray]:
+                 rows: list[tuple[int, tuple[int, ...]]], prefill: str, row_tokens: int, unit: int,
+                 subsets_apart: bool) -> list[np.ndarray]:
     """Per (group, program) row, its group's continuations' summed log-probabilities (float64, nats). Rows go
     through the model in chunks of a multiple of `unit` rows bounded by `row_tokens`; a chunk of subsets runs
-    the model's own L-layer stack, a chunk holding another program a schedule of slots (`engine.program_stack`);
-    subsets and other programs never share a chunk when `rows` lists the subsets first."""
+    the model's own L-layer stack, a chunk holding another program a schedule of slots (`engine.program_stack`).
+    `subsets_apart`: `rows` lists the subsets first and no chunk mixes them with other programs."""
     if prefill not in PREFILL_POLICIES:
         raise ValueError(f"unknown prefill policy {prefill!r}; choose from {', '.join(PREFILL_POLICIES)}")
     if not groups or any(not ctx or not conts or any(not c for c in conts) for ctx, conts in groups):
@@ -219,7 +223,7 @@ def _row_logliks(lm: LoadedModel, groups: list[tuple[list[int], list[list[int]]]
 
     length = packed + (width if prefill == "skip" else 0)
     per_chunk = max(1, row_tokens // (unit * length)) * unit
-    subsets = sum(is_subset(p) for _, p in rows)
+    subsets = sum(is_subset(p) for _, p in rows) if subsets_apart else len(rows)
     chunks = [rows[a : min(a + per_chunk, end)] for begin, end in ((0, subsets), (subsets, len(rows)))
               for a in range(begin, end, per_chunk)]
     out: list[np.ndarray] = []
