@@ -94,6 +94,9 @@ def test_csv_and_table_formats(run: Path) -> None:
         (["{run}", "select 1", "--metric", "bleu"], "unknown metric 'bleu'"),
         (["{run}", "select * from frontier", "--metric", "rouge2"], "view frontier is not available"),
         (["{missing}", "select 1"], "does not exist"),
+        # refused on any view, not only an oracle's (it named a reduce command with the bad option)
+        (["{run}", "select 1 from configs", "--degenerate", "drop"], "unknown degenerate mode 'drop'"),
+        (["{run}", "select 1 from configs", "--cost", "wall"], "unknown cost mode 'wall'"),
     ],
 )
 def test_errors_are_one_line_exit_2(run: Path, tmp_path: Path, args: list[str], message: str) -> None:

@@ -28,7 +28,7 @@ from pipeline.analysis.degenerate import DEFAULT_MODE, apply_mode, degenerate_fl
 from pipeline.analysis.noise_ceiling import best_of_k, ceiling_summary
 from pipeline.analysis.oracle import Frontier, allocate, build_frontier, min_budget_to_match
 from pipeline.analysis.oracle_null import DEFAULT_DRAWS, NullDraws, oracle_null
-from pipeline.analysis.result_key import oracle_name
+from pipeline.analysis.result_key import check_oracle_options, oracle_name
 from pipeline.analysis.shares import cola_shares, null_shares
 from pipeline.analysis.small_sample import reduce_warning
 from pipeline.generation.configs import FULL_ID, KNOWN_FAMILIES, SAMPLE
@@ -37,7 +37,6 @@ from pipeline.run.location import RunPath, locate, read_parquet
 from pipeline.run.rundir import RunDir
 from pipeline.run.verify import verify_run
 
-COST_MODES = ("nominal", "measured", "total")
 GRID_STEP = 0.25  # layers between grid budgets: fine enough to plot the frontier
 
 SHARES_TYPE = pa.list_(pa.struct([("config_id", pa.string()), ("share", pa.float64())]))
@@ -133,8 +132,7 @@ def reduce_run(
     """
     run_dir = locate(run_dir)
     metric = check_metric(RunDir(run_dir).read_run_json(), metric, run_dir)
-    if cost not in COST_MODES:
-        raise ValueError(f"unknown cost mode '{cost}'; choose from {', '.join(COST_MODES)}")
+    check_oracle_options(cost, degenerate)
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance}")
     if resamples < 0:

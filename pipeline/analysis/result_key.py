@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
-from pipeline.analysis.degenerate import DEFAULT_MODE
+from pipeline.analysis.degenerate import DEFAULT_MODE, MODES
 from pipeline.generation.configs import FULL_ID, SAMPLE
 from pipeline.run.location import RunPath
 
+COST_MODES = ("nominal", "measured", "total")  # reduce --cost (pipeline.analysis.reduce)
 # option -> default; None stands for "every one the run has" (families, learners, feature layers)
 ORACLE_OPTIONS: dict[str, Any] = {"families": None, "cost": "nominal", "degenerate": DEFAULT_MODE}
 CONTROLLER_OPTIONS: dict[str, Any] = {"families": None, "learners": None, "layers": None}
@@ -57,10 +58,20 @@ def choice_families(present: Iterable[str]) -> list[str]:
     return [f for f in present if f not in (FULL_ID, SAMPLE)]
 
 
+def check_oracle_options(cost: str, degenerate: str) -> None:
+    """Raises ValueError (one line) for a `--cost` or `--degenerate` that `reduce` does not know."""
+    if cost not in COST_MODES:
+        raise ValueError(f"unknown cost mode '{cost}'; choose from {', '.join(COST_MODES)}")
+    if degenerate not in MODES:
+        raise ValueError(f"unknown degenerate mode '{degenerate}'; choose from {', '.join(MODES)}")
+
+
 def oracle_name(metric: str, families: Iterable[str] | None, present: Iterable[str], cost: str = "nominal",
                 degenerate: str = DEFAULT_MODE) -> str:
     """The folder under oracle/ of a reduction over `families` (None: all of the run's `present` ones; `full`
-    is always in and not named), with `cost` and `degenerate` as `reduce` took them."""
+    is always in and not named), with `cost` and `degenerate` as `reduce` took them. Raises ValueError (one
+    line) for a cost or degenerate mode `reduce` does not know, so no reader points at a folder none can write."""
+    check_oracle_options(cost, degenerate)
     wanted = None if families is None else [f for f in families if f != FULL_ID]
     return result_name(metric, {"families": chosen_or_all(wanted, choice_families(present)),
                                 "cost": cost, "degenerate": degenerate}, ORACLE_OPTIONS)
