@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 from pipeline.data.adapters import CHOICE_DATASETS, load_examples, shard_examples
 from pipeline.generation.choice_task import ChoiceTask

@@ -38,6 +38,7 @@ from pipeline.generation import engine
 from pipeline.generation.configs import build_configs
 from pipeline.generation.engine import generate
 from pipeline.generation.models import LoadedModel, decoder_layers, load_model
+from prompts import alpaca_prompts  # noqa: E402 (this script's folder)
 
 KINDS = ("decoder-layer matmuls", "LM head", "attention: shared prompt", "attention: own tokens",
          "attention (both parts)",
@@ -228,8 +229,6 @@ def profile_batches(lm: LoadedModel, encoded: list[list[int]], counts: list[int]
 
 
 def main() -> None:
-    from sweep import alpaca_prompts  # noqa: PLC0415 (benchmarks/ is this script's folder, not a package)
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="random:tiny-opt", help="a model name for load_model")
     parser.add_argument("--device", default="cpu")

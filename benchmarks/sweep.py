@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -35,20 +34,8 @@ from pipeline.generation.configs import build_configs
 from pipeline.generation.engine import generate
 from pipeline.generation.models import EMBEDDED_MODEL, LoadedModel, load_model
 from pipeline.generation.reference import masked_generate, subset_generate
-from step_profile import profile_batches, table as profile_table  # noqa: E402 (this script's folder)
-
-ALPACA = "alpaca/alpaca_sample.jsonl"
-TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
-            "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-
-
-def alpaca_prompts(count: int) -> list[str]:
-    """The first `count` input-free Alpaca prompts of the local slice, repeated if the slice has fewer."""
-    data_dir = Path(os.environ.get("DYNORACLE_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-    rows = [json.loads(line) for line in (data_dir / ALPACA).read_text().splitlines()]
-    texts = [TEMPLATE.format(**r) for r in rows if not r["input"]]
-    return [texts[i % len(texts)] for i in range(count)]
-
+from prompts import alpaca_prompts  # noqa: E402 (this script's folder)
+from step_profile import profile_batches, table as profile_table  # noqa: E402
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:
     """Wall seconds of `fn()`, with the device's queued work finished on both sides."""

@@ -25,15 +25,12 @@ tokens and sequences with a paired-bootstrap percentile interval over sequences 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.analysis.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, resample_indices
 from pipeline.generation.configs import FULL_ID
-from pipeline.run.atomic import write_parquet
 from pipeline.run.location import RunPath, locate
 
 RESPONSES = ("reference", "full")

@@ -34,6 +34,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.data import gsm8k
+from pipeline.data.choice_tasks import CHOICE_TASKS, load_choice_examples
+from pipeline.data.lm_eval_tasks import lm_eval_records
+from pipeline.data.records import DatasetSpec, Example, Record
 from pipeline.data.sources import DATA_DIR_ENV, DataError, Table, _first_line, data_dir, read_file, read_files, read_hub
 
 if TYPE_CHECKING:
@@ -42,7 +45,7 @@ if TYPE_CHECKING:
 __all__ = ["DATASETS", "DataError", "DatasetSpec", "Example", "Record", "data_source", "load_examples", "load_records",
            "load_split", "shard_examples", "split_indices"]
 
-CHOICE_DATASETS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq", "winogrande", "mmlu")  # choice_tasks.py
+CHOICE_DATASETS = tuple(CHOICE_TASKS)  # multiple-choice benchmarks scored by log-likelihood (choice_tasks.py)
 DATASETS = ("alpaca", "cnn_dailymail", "samsum", "gsm8k", "file", "hub", "lm_eval", *CHOICE_DATASETS)
 PROMPT_FORMATS = ("plain", "chat")
 SPLITS = ("train", "validation", "test")
@@ -60,72 +63,6 @@ ALPACA_HEADER_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
 )
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """Which rows to read and how to turn them into prompts (see the module docstring for the conventions)."""
-
-    name: str
-    split: str = "test"
-    path: str | None = None
-    data_dir: str | None = None
-    prompt_column: str | None = None
-    reference_column: str | None = None
-    prompt_format: str = "plain"
-    prompt_budget: int | None = 1024
-    limit: int | None = None
-    empty_references: str = "refuse"
-    num_fewshot: int | None = None  # gsm8k, lm_eval: exemplars before each question (None: the task's own number)
-    task: str | None = None  # lm_eval: the lm-evaluation-harness task name (`--task lm_eval:NAME`)
-    fewshot_path: str | None = None  # lm_eval: a local file of the task's few-shot split
-
-
-@dataclass(frozen=True)
-class Record:
-    """A row before tokenization: the prompt as `head + body + tail`, where only `body` may be cut."""
-
-    seq_id: str
-    head: str
-    body: str
-    tail: str
-    references: tuple[str, ...]
-    summary: bool
-    row: str = ""  # the source row as JSON, for scorers that read other columns (user scorers, lm_eval metrics)
-
-    @property
-    def plain_prompt(self) -> str:
-        return self.head + self.body + self.tail
-
-    @property
-    def reference(self) -> str:
-        return reference_text(self.references)
-
-
-@dataclass(frozen=True)
-class Example:
-    """One sequence to generate for: the final prompt and its token ids, the reference, and how to score it."""
-
-    seq_id: str
-    prompt: str
-    prompt_ids: tuple[int, ...]
-    references: tuple[str, ...]
-    prompt_truncated: bool
-    summary: bool
-    row: str = ""  # the source row as JSON (Record.row)
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
-
-    @property
-    def reference(self) -> str:
-        return reference_text(self.references)
-
-
-def reference_text(references: tuple[str, ...]) -> str:
-    """How a reference is stored (Parquet `reference`): the text itself, or a JSON list when there are several."""
-    return references[0] if len(references) == 1 else json.dumps(list(references), ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -319,8 +256,6 @@ def load_split(spec: DatasetSpec) -> list[dict]:
 def load_records(spec: DatasetSpec) -> list[Record]:
     """The split's rows as prompt parts with seq ids, before tokenization (no tokenizer needed)."""
     if spec.name == "lm_eval":
-        from pipeline.data.lm_eval_tasks import lm_eval_records
-
         return lm_eval_records(spec)
     adapter, table, indices = _split(spec)
     prefix = _id_prefix(spec)
@@ -333,8 +268,6 @@ def load_examples(spec: DatasetSpec, tokenizer: PreTrainedTokenizerBase) -> list
 
     A multiple-choice task (CHOICE_DATASETS) gives its questions as `choice_tasks.ChoiceExample`s instead."""
     if spec.name in CHOICE_DATASETS:
-        from pipeline.data.choice_tasks import load_choice_examples  # it builds on this module
-
         return load_choice_examples(spec, tokenizer)
     records = load_records(spec)
     chat = spec.prompt_format == "chat"

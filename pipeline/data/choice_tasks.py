@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.data.adapters import DatasetSpec, Example
+from pipeline.data.records import DatasetSpec, Example
 from pipeline.data.sources import DATA_DIR_ENV, DataError, data_dir, read_files, read_hub
 
 if TYPE_CHECKING:

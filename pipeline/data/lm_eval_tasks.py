@@ -24,18 +24,21 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from pipeline.data.records import DatasetSpec, Record
 from pipeline.data.sources import DataError, data_dir, read_file
-from pipeline.generation.exact_match import metric_column
 
-if TYPE_CHECKING:
-    from pipeline.data.adapters import DatasetSpec, Record
 
 _HINT = "install the extra: pip install 'dynoracle[lm-eval]'"
 
 
 @functools.cache
+def metric_column(metric: str, filter_name: str) -> str:
+    """The Parquet column of lm-eval's `<metric>,<filter>`: `exact_match,strict-match` -> `exact_match_strict_match`."""
+    return re.sub(r"\W", "_", f"{metric}_{filter_name}")
+
+
 def _manager(name: str) -> Any:
     """A TaskManager that knows `name`: indexing all of lm-eval's ~10,000 YAML files takes a minute, so only
     the folder of a file that says `task: <name>` is indexed, and everything only when none does."""
@@ -103,8 +106,6 @@ def _num_fewshot(spec: DatasetSpec) -> int:
 
 def lm_eval_records(spec: DatasetSpec) -> list[Record]:
     """The task's prompts (few-shot context included) and targets, in document order, within `limit`."""
-    from pipeline.data.adapters import Record
-
     if not spec.task:
         raise DataError("dataset lm_eval needs a task name (--task lm_eval:NAME)")
     config = _config(spec.task)

@@ -24,6 +24,8 @@ import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pipeline.data.lm_eval_tasks import metric_column
+
 FALLBACK = "[invalid]"
 GSM8K_UNTIL = ("Question:", "</s>", "<|im_end|>")  # gsm8k.yaml generation_kwargs.until
 GSM8K_IGNORE = (",", r"\$", r"(?s).*#### ", r"\.$")  # gsm8k.yaml metric_list exact_match.regexes_to_ignore
@@ -53,11 +55,6 @@ GSM8K_FILTERS = (
     AnswerFilter("strict-match", r"#### (\-?[0-9\.\,]+)"),
     AnswerFilter("flexible-extract", r"(-?[$0-9.,]{2,})|(-?[0-9]+)", group_select=-1),
 )
-
-
-def metric_column(metric: str, filter_name: str) -> str:
-    """The Parquet column of lm-eval's `<metric>,<filter>`: `exact_match,strict-match` -> `exact_match_strict_match`."""
-    return re.sub(r"\W", "_", f"{metric}_{filter_name}")
 
 
 # The generation-row columns a gsm8k run adds beside ROUGE (until the metric registry holds them).
