@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from pipeline.run.rundir import run_task_name
+
 TASKS = ("generate", "choice")
 
 
@@ -49,11 +51,6 @@ register("acc_norm", "choice", "1 when the choice of highest log-likelihood per 
 register("acc_bytes", "choice", "1 when the choice of highest log-likelihood per UTF-8 byte is right "
                                 "(lm-eval's acc_bytes)", binary=True)
 register("prob_gold", "choice", "softmax probability of the right choice over the choices' log-likelihoods")
-
-
-def run_task_name(record: Mapping[str, Any] | None) -> str:
-    """The task whose rows a run holds (run.json `task`; runs from before it are generation runs)."""
-    return (record or {}).get("task") or "generate"
 
 
 def run_metrics(record: Mapping[str, Any] | None) -> list[str]:

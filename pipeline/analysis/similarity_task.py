@@ -14,7 +14,6 @@ import torch
 from transformers.cache_utils import Cache
 
 from pipeline.analysis.bootstrap import DEFAULT_RESAMPLES
-from pipeline.analysis.metrics import run_task_name
 from pipeline.analysis.similarity import SHARD_SCHEMA, folder_name, summarise, summary_path
 from pipeline.data.adapters import Example
 from pipeline.generation.configs import FULL_ID, LOOP, SkipConfig, build_configs
@@ -29,6 +28,7 @@ from pipeline.generation.engine import (
 )
 from pipeline.generation.models import LoadedModel, cache_argument
 from pipeline.run.atomic import write_parquet
+from pipeline.run.rundir import run_task_name
 from pipeline.run.runner import run_task
 from pipeline.run.shard_task import ShardTask
 

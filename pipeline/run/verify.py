@@ -18,8 +18,8 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.run.location import RunPath, read_parquet
-from pipeline.analysis.metrics import run_task_name
-from pipeline.run.rundir import OWN_SHARD_TEMP, SCORED_TABLES, RunDir, ShardProblem, configs_fingerprint, generations_schema, job_identity, read_shard
+from pipeline.run.rundir import (OWN_SHARD_TEMP, SCORED_TABLES, RunDir, ShardProblem, configs_fingerprint, generations_schema,
+                                 job_identity, read_shard, run_task_name)
 
 REGENERATE = "rerun the run's `dynoracle run` command to regenerate it"
 RERUN = "rerun the run's `dynoracle run` command"

@@ -16,7 +16,7 @@ from typing import Any, Callable, ClassVar, Mapping
 
 import pyarrow as pa
 
-from pipeline.analysis.metrics import check_metric, run_task_name
+from pipeline.analysis.metrics import check_metric
 from pipeline.data.adapters import Example
 from pipeline.data.choice_tasks import ChoiceExample
 from pipeline.generation.choice_task import choice_row, pair_choice_logliks, scored_tokens
@@ -24,7 +24,7 @@ from pipeline.generation.configs import FULL_ID, SkipConfig
 from pipeline.generation.engine import generate_pairs
 from pipeline.generation.models import LoadedModel
 from pipeline.generation.scoring import ScoringOptions, score
-from pipeline.run.rundir import CHOICES_SCHEMA, GENERATIONS_SCHEMA, shard_table
+from pipeline.run.rundir import CHOICES_SCHEMA, GENERATIONS_SCHEMA, run_task_name, shard_table
 
 
 class Evaluator(ABC):

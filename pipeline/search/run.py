@@ -15,7 +15,6 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.analysis.metrics import run_task_name
 from pipeline.data.adapters import Example, load_examples, shard_examples
 from pipeline.generation.models import load_tokenizer
 from pipeline.run.atomic import write_json, write_parquet
@@ -23,7 +22,7 @@ from pipeline.run.cluster import ray_session
 from pipeline.run.executor import RunError, execute, log, shards_to_compute, start_workers
 from pipeline.run.job import JobSpec, job_from_dict
 from pipeline.run.location import RunPath, read_parquet
-from pipeline.run.rundir import CONFIGS_SCHEMA, RunDir, configs_fingerprint, job_identity
+from pipeline.run.rundir import CONFIGS_SCHEMA, RunDir, configs_fingerprint, job_identity, run_task_name
 from pipeline.run.runner import dataset_fingerprint
 from pipeline.run.shard_task import ExecSummary
 from pipeline.search.evaluate import ChoiceEvaluator, Evaluator, GenerationEvaluator, search_metric
