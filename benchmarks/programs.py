@@ -1,5 +1,7 @@
-"""Benchmark: a batch of mixed layer programs (repeats, reorderings) against a batch of plain subsets of
-exactly the same costs, on the engine, per executed layer.
+"""Benchmark: batches of layer programs against batches of subsets of the same costs, time per executed layer.
+
+A batch of mixed programs (repeats, reorderings) against a batch of plain subsets of exactly the same
+costs, on the engine.
 
 Both batches decode the same prompts with EOS ignored in one routed batch each; the programs are random
 walks of the search's moves (`pipeline.search.policy.mutate`) from the full model, and each subset is a
@@ -11,12 +13,15 @@ layers. Two shapes:
   different program (a stress case: 1,000 distinct programs, most with several back-steps);
 - `round` (what `dynoracle search` batches): `--round-sequences` sequences (a shard) x both arms x the
   width, the children `policy.propose` makes from the enumerated configurations (scored at random in
-  place of a run's scores) over the rounds of a budget-8 / width-4 search, each round one batch, scored
-  as the two evaluators score: decoded (`generate_pairs`) and, where the data directory has
-  `--round-dataset`, multiple choice by log-likelihood (`choice_task.pair_choice_logliks`, `skip`
-  prefill, as the ARC-Easy study). The subsets arm gives every child an RLS subset of its cost. Scoring
-  runs a layer once per distinct (context, layers so far) in a pass, so the two arms' executed work differs
-  by their shared prefixes: the multiple-choice figure counts the layer-tokens actually executed.
+  place of a run's scores) over the 2 rounds of a budget-8 / width-4 search (the studies' settings;
+  `dynoracle search` defaults to budget 16, 4 rounds), each round one batch, scored as the two evaluators
+  score: decoded (`generate_pairs`) and multiple choice by log-likelihood (`choice_task.pair_choice_logliks`,
+  `skip` prefill, as the ARC-Easy study) on the first questions of `--round-dataset` (its lm-eval split,
+  read as `dynoracle run` reads it: the data directory, else the hub; skipped with a line when neither
+  has it). The subsets arm gives every child an RLS subset of its cost. Scoring runs a layer once per
+  distinct (context, layers so far) in a pass, so the two arms' work differs by their shared prefixes: the
+  multiple-choice figure divides by the real (unpadded) tokens of the rows each layer runs on, as the
+  engine shares them while a pass of 8 questions fits one chunk (`loglik.ROW_TOKENS`).
 A program batch runs a longer schedule of slots (`engine.layer_schedule`) with fewer rows in the extra
 slots; a slot's call costs nearly the same for few rows as for tens (the layer's weights are read and
 its kernels launched whatever the rows), so the ratio falls as rows per slot grow. The two batches
@@ -37,7 +42,8 @@ import time
 
 import numpy as np
 
-from pipeline.data.adapters import DataError, DatasetSpec, load_examples
+from pipeline.data.adapters import CHOICE_DATASETS, DataError, DatasetSpec, load_examples
+from pipeline.data.choice_tasks import CHOICE_TASKS
 from pipeline.generation.choice_task import context_groups, pair_choice_logliks
 from pipeline.generation.configs import CUSTOM, SkipConfig, build_configs, rls_layers
 from pipeline.generation.engine import generate, generate_pairs, layer_schedule
@@ -120,11 +126,16 @@ def main() -> None:
     parser.add_argument("--pairs-prompts", type=int, default=64, help="prompts of the pairs shape (0: skip it)")
     parser.add_argument("--round-sequences", type=int, default=10,
                         help="sequences of a search round (a study shard; 0: skip the round shape)")
-    parser.add_argument("--round-dataset", default="arc_easy", help="multiple-choice questions of the round shape")
+    parser.add_argument("--round-dataset", default="arc_easy", choices=CHOICE_DATASETS,
+                        help="the multiple-choice benchmark of the round shape (its lm-eval split)")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--prefill", default="full")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    for name, least in (("programs", 1), ("pairs_prompts", 0), ("round_sequences", 0), ("new_tokens", 1),
+                        ("repeats", 1)):
+        if getattr(args, name) < least:
+            parser.error(f"--{name.replace('_', '-')} must be at least {least}")
 
     lm = load_model(args.model, args.dtype, "cpu")
     L = lm.num_layers
@@ -175,8 +186,9 @@ def main() -> None:
                                args.repeats)
         print(json.dumps({name: figures[name]}), flush=True)
         try:
-            questions = load_examples(DatasetSpec(args.round_dataset, split="test", limit=args.round_sequences),
-                                      lm.tokenizer)
+            spec = DatasetSpec(args.round_dataset, split=CHOICE_TASKS[args.round_dataset].split,
+                               limit=args.round_sequences)
+            questions = load_examples(spec, lm.tokenizer)
         except (DataError, OSError) as exc:
             print(f"round, multiple choice: skipped ({exc})")
             questions = []
