@@ -37,6 +37,7 @@ from pipeline.generation.reference import masked_generate, subset_generate
 from prompts import alpaca_prompts  # noqa: E402 (this script's folder)
 from step_profile import profile_batches, table as profile_table  # noqa: E402
 
+
 def timed(fn: Callable[[], object], device: torch.device) -> float:
     """Wall seconds of `fn()`, with the device's queued work finished on both sides."""
     if device.type == "cuda":

@@ -55,8 +55,9 @@ def test_stop_strings_end_rows_where_their_text_first_holds_one(tiny) -> None:
     assert cut_at_stops("no stop", ["Question:", ""]) == ("no stop", False)
 
 
-def test_lm_eval_gsm8k_gives_the_named_jobs_prompts_targets_and_scores() -> None:
-    pytest.importorskip("lm_eval")
+def test_lm_eval_gsm8k_gives_the_named_jobs_prompts_targets_and_scores(monkeypatch) -> None:
+    lm_eval = pytest.importorskip("lm_eval.tasks")
+    from pipeline.data import lm_eval_tasks
     from pipeline.data.lm_eval_tasks import lm_eval_columns, lm_eval_scores, lm_eval_until
 
     ours = load_records(DatasetSpec("gsm8k", limit=6, data_dir=str(DATA)))
@@ -71,6 +72,21 @@ def test_lm_eval_gsm8k_gives_the_named_jobs_prompts_targets_and_scores() -> None
     flat = [out for per in outputs for out in per]
     assert lm_eval_scores("gsm8k", [r.row for r in ours], outputs) == gsm8k_exact_match(
         flat, [r.reference for r in ours for _ in range(3)])
+
+    # Every shard scores its own rows: the task's index (lm-eval's TaskManager) is built once per process.
+    built = []
+
+    class Counting(lm_eval.TaskManager):
+        def __init__(self, *args, **kwargs):
+            built.append(args)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(lm_eval, "TaskManager", Counting)
+    lm_eval_tasks._manager.cache_clear()
+    for _ in range(2):
+        lm_eval_scores("gsm8k", [r.row for r in ours], outputs)
+    lm_eval_tasks._manager.cache_clear()
+    assert len(built) == 1
 
 
 SCORERS = """

@@ -16,9 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from pipeline.run.rundir import run_task_name
-
-TASKS = ("generate", "choice")
+from pipeline.run.tasks import TASKS, run_task_name
 
 
 @dataclass(frozen=True)

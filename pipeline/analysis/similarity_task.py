@@ -28,9 +28,9 @@ from pipeline.generation.engine import (
 )
 from pipeline.generation.models import LoadedModel, cache_argument
 from pipeline.run.atomic import write_parquet
-from pipeline.run.rundir import run_task_name
 from pipeline.run.runner import run_task
 from pipeline.run.shard_task import ShardTask
+from pipeline.run.tasks import run_task_name
 
 ROW_TOKENS = 1 << 15  # (row, position) pairs per forward: bounds the activations of one group of rows
 

@@ -33,12 +33,12 @@ from pipeline.data.sources import DataError, data_dir, read_file
 _HINT = "install the extra: pip install 'dynoracle[lm-eval]'"
 
 
-@functools.cache
 def metric_column(metric: str, filter_name: str) -> str:
     """The Parquet column of lm-eval's `<metric>,<filter>`: `exact_match,strict-match` -> `exact_match_strict_match`."""
     return re.sub(r"\W", "_", f"{metric}_{filter_name}")
 
 
+@functools.cache
 def _manager(name: str) -> Any:
     """A TaskManager that knows `name`: indexing all of lm-eval's ~10,000 YAML files takes a minute, so only
     the folder of a file that says `task: <name>` is indexed, and everything only when none does."""

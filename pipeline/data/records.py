@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """Which rows to read and how to turn them into prompts (see the module docstring for the conventions)."""
+    """Which rows to read and how to turn them into prompts (the conventions: `pipeline.data.adapters`' docstring)."""
 
     name: str
     split: str = "test"

@@ -80,13 +80,8 @@ CHOICES_SCHEMA = pa.schema([
     ("prob_gold", pa.float64()),
     ("layers_per_token", pa.float64()),
 ])
-# The scored rows of each task (pipeline.analysis.metrics.TASKS): the folder of its shard files and their schema.
+# The scored rows of each task (tasks.TASKS): the folder of its shard files and their schema.
 SCORED_TABLES = {"generate": ("generations", GENERATIONS_SCHEMA), "choice": ("choices", CHOICES_SCHEMA)}
-
-
-def run_task_name(record: Mapping[str, Any] | None) -> str:
-    """The task whose rows a run holds (run.json `task`; runs from before it are generation runs)."""
-    return (record or {}).get("task") or "generate"
 CONFIGS_SCHEMA = pa.schema([
     ("config_id", pa.string()),
     ("family", pa.string()),

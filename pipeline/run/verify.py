@@ -19,7 +19,8 @@ import pyarrow as pa
 
 from pipeline.run.location import RunPath, read_parquet
 from pipeline.run.rundir import (OWN_SHARD_TEMP, SCORED_TABLES, RunDir, ShardProblem, configs_fingerprint, generations_schema,
-                                 job_identity, read_shard, run_task_name)
+                                 job_identity, read_shard)
+from pipeline.run.tasks import run_task_name
 
 REGENERATE = "rerun the run's `dynoracle run` command to regenerate it"
 RERUN = "rerun the run's `dynoracle run` command"

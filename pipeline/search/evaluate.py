@@ -24,7 +24,8 @@ from pipeline.generation.configs import FULL_ID, SkipConfig
 from pipeline.generation.engine import generate_pairs
 from pipeline.generation.models import LoadedModel
 from pipeline.generation.scoring import ScoringOptions, score
-from pipeline.run.rundir import CHOICES_SCHEMA, GENERATIONS_SCHEMA, run_task_name, shard_table
+from pipeline.run.rundir import CHOICES_SCHEMA, GENERATIONS_SCHEMA, shard_table
+from pipeline.run.tasks import run_task_name
 
 
 class Evaluator(ABC):

@@ -22,9 +22,10 @@ from pipeline.run.cluster import ray_session
 from pipeline.run.executor import RunError, execute, log, shards_to_compute, start_workers
 from pipeline.run.job import JobSpec, job_from_dict
 from pipeline.run.location import RunPath, read_parquet
-from pipeline.run.rundir import CONFIGS_SCHEMA, RunDir, configs_fingerprint, job_identity, run_task_name
+from pipeline.run.rundir import CONFIGS_SCHEMA, RunDir, configs_fingerprint, job_identity
 from pipeline.run.runner import dataset_fingerprint
 from pipeline.run.shard_task import ExecSummary
+from pipeline.run.tasks import run_task_name
 from pipeline.search.evaluate import ChoiceEvaluator, Evaluator, GenerationEvaluator, search_metric
 from pipeline.search.policy import ARMS, SearchSpec, slot_costs, slot_id
 from pipeline.search.task import SearchTask
