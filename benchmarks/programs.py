@@ -97,17 +97,18 @@ def search_rounds(num_layers: int, sequences: int, seed: int = 0) -> list[tuple[
     return rounds
 
 
-def paired(arms: dict, run, repeats: int) -> dict:
+def paired(arms: dict, run, repeats: int, executed: dict[str, int] | None = None) -> dict:
     """Alternate the arms `repeats` times (a burst of load on a shared machine hits both); per arm its
-    minimum seconds and executed layer-tokens (`run(arm)` returns them), and the median paired ratio of
-    time per executed layer."""
+    minimum seconds and executed layer-tokens (`executed[name]`, else what `run(arm)` returns), and the
+    median paired ratio of time per executed layer."""
     seconds = {name: [] for name in arms}
-    executed = {}
+    executed = dict(executed or {})
     for r in range(repeats):
         for name in (list(arms) if r % 2 == 0 else list(arms)[::-1]):
             start = time.perf_counter()
-            executed[name] = run(arms[name])
+            returned = run(arms[name])
             seconds[name].append(time.perf_counter() - start)
+            executed.setdefault(name, returned)
     per_layer = {name: [s / executed[name] for s in seconds[name]] for name in arms}
     ratios = [p / s for p, s in zip(per_layer["programs"], per_layer["subsets"])]
     out = {f"{name}_{key}": value for name in arms
@@ -195,21 +196,25 @@ def main() -> None:
         if questions:
             contexts = [context_groups(q) for q in questions]
 
-            def score(per_round) -> int:
-                """Score the rounds; the layer-tokens executed. Scoring shares exactly (`loglik`): within a pass
+            def layer_tokens(per_round) -> int:
+                """The layer-tokens scoring the rounds executes. Scoring shares exactly (`loglik`): within a pass
                 of `batch_size` questions a layer runs once per distinct (context, layers run so far), on the
                 context and its packed continuations, so that is what is counted."""
-                executed = 0
+                total = 0
                 for pairs in per_round:
-                    pair_choice_logliks(lm, questions, pairs, "skip", batch_size=8)
                     runs = {(i, g, c.layers[: k + 1]) for i, c in pairs for g in range(len(contexts[i]))
                             for k in range(len(c.layers))}
-                    executed += sum(len(ctx) + sum(len(t) - 1 for t in conts)
-                                    for i, g, _ in runs for ctx, conts, _ in [contexts[i][g]])
-                return executed
+                    total += sum(len(ctx) + sum(len(t) - 1 for t in conts)
+                                 for i, g, _ in runs for ctx, conts, _ in [contexts[i][g]])
+                return total
+
+            def score(per_round) -> None:
+                for pairs in per_round:
+                    pair_choice_logliks(lm, questions, pairs, "skip", batch_size=8)
 
             name = f"round, multiple choice ({args.round_dataset}, skip prefill): same shape"
-            figures[name] = paired(arms, score, args.repeats)
+            figures[name] = paired(arms, score, args.repeats,
+                                   executed={arm: layer_tokens(per_round) for arm, per_round in arms.items()})
             print(json.dumps({name: figures[name]}), flush=True)
     print(json.dumps(figures, indent=1))
 

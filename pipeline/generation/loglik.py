@@ -225,8 +225,8 @@ def _row_logliks(lm: LoadedModel, groups: list[tuple[list[int], list[list[int]]]
 
     length = packed + (width if prefill == "skip" else 0)
     per_chunk = max(1, row_tokens // (unit * length)) * unit
-    subsets = sum(is_subset(p) for _, p in rows) if subsets_apart else len(rows)
-    chunks = [rows[a : min(a + per_chunk, end)] for begin, end in ((0, subsets), (subsets, len(rows)))
+    split = sum(is_subset(p) for _, p in rows) if subsets_apart else len(rows)  # chunks never straddle it
+    chunks = [rows[a : min(a + per_chunk, end)] for begin, end in ((0, split), (split, len(rows)))
               for a in range(begin, end, per_chunk)]
     out: list[np.ndarray] = []
     with wrapped_layers(model, _SharedPrefixLayer) as wrappers:
